@@ -28,12 +28,13 @@ def ray_local():
 
     from workflows.ray_session import connect_ray
 
-    info = connect_ray(num_cpus=2, include_dashboard=False)
+    # 4 logical CPUs on a 2-core machine: room for two 1-CPU workers beside a test engine.
+    info = connect_ray(num_cpus=4, include_dashboard=False)
     yield info
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_engine(ray_local, tiny_model):
     """A real vLLM CPU engine serving the tiny model inside a named Ray actor."""
     import ray

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from constitutions.importers import ConstitutionImportError, import_anthropic, import_llm_swarm
 from constitutions.loader import ConstitutionError, dump_constitution, load_constitution, save_constitution
+from workflows.config import ConfigError, add_config_arguments, load_config
+from workflows.manifest import RunMismatchError
 from workflows.models import ModelNotFoundError, build_tiny_model, materialize_default_model
 from workflows.prompt_data import PromptDataError, load_prompts
 
@@ -22,7 +24,7 @@ class UsageError(ValueError):
     """A flag combination argparse cannot check on its own."""
 
 
-USER_ERRORS = (UsageError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
+USER_ERRORS = (UsageError, ConfigError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
 
 
 def _print_json(data) -> None:
@@ -184,6 +186,27 @@ def _register_prompts(commands) -> None:
     check.set_defaults(run=cmd_prompts_check)
 
 
+# -- cai generate -------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workflows.generate import GenerateConfig, run_generate
+
+    _print_json(run_generate(load_config(GenerateConfig, args)))
+    return 0
+
+
+def _register_generate(commands) -> None:
+    from workflows.generate import GenerateConfig
+
+    parser = commands.add_parser(
+        "generate", help="SL-CAI: answer, critique and revise prompts under a constitution, on vLLM actors",
+        description="Run critique/revision chains over a prompt set; rerun the same command to resume.",
+    )
+    add_config_arguments(parser, GenerateConfig)
+    parser.set_defaults(run=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -192,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_models(commands)
     _register_constitution(commands)
+    _register_generate(commands)
     _register_prompts(commands)
     return parser
 

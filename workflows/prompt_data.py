@@ -9,6 +9,7 @@ used are returned as :class:`Reject` with their row number and a reason, never d
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,45 +57,53 @@ class PromptSet:
         return len(self.rows) + len(self.rejects)
 
 
-def _read_records(path: Path) -> tuple[list[Any], list[Reject]]:
-    """Raw records in file order; lines of JSONL that don't parse become rejects."""
+_INVALID = object()  # placeholder for a JSONL line that does not parse
+
+
+def iter_records(path: Path) -> Iterator[tuple[Any, str]]:
+    """Raw records in file order, streamed: ``(record, "")``, or ``(_INVALID, reason)`` for a
+    JSONL line that does not parse. Only .json files are read whole."""
     suffix = path.suffix.lower()
     if path.is_dir():
-        return _read_directory(path), []
-    if suffix == ".jsonl":
-        records: list[Any] = []
-        rejects: list[Reject] = []
+        yield from ((r, "") for r in _iter_directory(path))
+    elif suffix == ".jsonl":
         with path.open(encoding="utf-8") as handle:
             for line in handle:
                 if not line.strip():
                     continue  # blank lines are layout, not rows
                 try:
-                    records.append(json.loads(line))
+                    yield json.loads(line), ""
                 except json.JSONDecodeError as exc:
-                    rejects.append(Reject(len(records), f"invalid JSON: {exc.msg}", line[:500]))
-                    records.append(None)  # keeps row numbers aligned with the file
-        return records, rejects
-    if suffix == ".json":
+                    yield _INVALID, f"invalid JSON: {exc.msg}: {line[:200]}"
+    elif suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise PromptDataError(f"{path}: a .json prompt file must hold a list of objects")
-        return data, []
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist(), []
-    if suffix == ".csv":
+        yield from ((r, "") for r in data)
+    elif suffix == ".parquet":
+        yield from ((r, "") for r in _iter_parquet([path]))
+    elif suffix == ".csv":
         import csv
 
         with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle)), []
-    raise PromptDataError(f"{path}: unsupported prompt file type {suffix!r}; use {SUPPORTED}")
+            yield from ((r, "") for r in csv.DictReader(handle))
+    else:
+        raise PromptDataError(f"{path}: unsupported prompt file type {suffix!r}; use {SUPPORTED}")
 
 
-def _read_directory(path: Path) -> list[Any]:
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+def _iter_parquet(files: list[Path]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+
+
+def _iter_directory(path: Path) -> Iterator[dict]:
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if any((path / m).exists() for m in markers):
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
@@ -102,13 +111,12 @@ def _read_directory(path: Path) -> list[Any]:
             if len(loaded) != 1:
                 raise PromptDataError(f"{path}: a dataset with splits {list(loaded)}; point at one split's directory")
             loaded = next(iter(loaded.values()))
-        return loaded.to_list()
+        yield from loaded  # memory-mapped Arrow, row by row
+        return
     parquet_files = sorted(path.rglob("*.parquet"))
     if not parquet_files:
         raise PromptDataError(f"{path}: directory holds neither a saved dataset nor *.parquet files")
-    import pyarrow.parquet as pq
-
-    return [record for file in parquet_files for record in pq.read_table(file).to_pylist()]
+    yield from _iter_parquet(parquet_files)
 
 
 def _messages(value: Any) -> tuple[tuple[dict[str, str], ...] | None, str]:
@@ -150,41 +158,70 @@ def _row(index: int, record: Any) -> PromptRow | Reject:
     return Reject(index, "missing column 'prompt' (string) or 'messages' (chat list)", raw)
 
 
-def load_prompts(path: str | Path, *, limit: int | None = None) -> PromptSet:
-    """Read a prompt file; see the module docstring for formats and the reject rules."""
+COLUMN_PROBE_ROWS = 1000
+
+
+def iter_prompts(path: str | Path, *, limit: int | None = None) -> Iterator[PromptRow | Reject]:
+    """Validated rows in file order, streamed, each a :class:`PromptRow` or a :class:`Reject`.
+
+    Raises :class:`PromptDataError` for a missing or unreadable file, an unknown format, no
+    rows, or when none of the first rows has a ``prompt``/``messages`` column (a wrong file,
+    not bad rows).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise PromptDataError(f"prompt file {str(path)!r} does not exist")
+    seen_ids: dict[str, int] = {}
+    probe: list[tuple[int, Any, str]] = []
+    column_found = False
+    count = 0
     try:
-        records, rejects = _read_records(path)
+        for index, (record, problem) in enumerate(iter_records(path)):
+            if limit is not None and index >= limit:
+                break
+            count += 1
+            if not column_found:
+                column_found = isinstance(record, dict) and ("prompt" in record or "messages" in record)
+                probe.append((index, record, problem))
+                if not column_found and len(probe) < COLUMN_PROBE_ROWS:
+                    continue
+                if not column_found:
+                    _raise_no_column(path, probe)
+                for item in probe:
+                    yield _validated(*item, seen_ids)
+                probe = []
+                continue
+            yield _validated(index, record, problem, seen_ids)
     except PromptDataError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise PromptDataError(f"cannot read prompt file {path}: {exc}") from exc
-    if limit is not None:
-        records = records[:limit]
-        rejects = [r for r in rejects if r.index < limit]
-    if not records:
+    if count == 0:
         raise PromptDataError(f"prompt file {path} has no rows")
-    has_column = any(isinstance(r, dict) and ("prompt" in r or "messages" in r) for r in records)
-    if not has_column:
-        columns = sorted({k for r in records if isinstance(r, dict) for k in r})
-        raise PromptDataError(
-            f"prompt file {path} has no 'prompt' or 'messages' column (columns found: {columns})"
-        )
-    prompt_set = PromptSet(source=str(path), rejects=list(rejects))
-    rejected = {r.index for r in rejects}
-    seen_ids: dict[str, int] = {}
-    for index, record in enumerate(records):
-        if index in rejected:
-            continue
-        result = _row(index, record)
-        if isinstance(result, PromptRow) and result.id in seen_ids:
-            result = Reject(index, f"duplicate id {result.id!r} (first at row {seen_ids[result.id]})")
-        if isinstance(result, PromptRow):
-            seen_ids[result.id] = index
-            prompt_set.rows.append(result)
-        else:
-            prompt_set.rejects.append(result)
-    prompt_set.rejects.sort(key=lambda r: r.index)
+    if probe:
+        _raise_no_column(path, probe)
+
+
+def _raise_no_column(path: Path, probe: list[tuple[int, Any, str]]) -> None:
+    columns = sorted({k for _, r, _ in probe if isinstance(r, dict) for k in r})
+    raise PromptDataError(f"prompt file {path} has no 'prompt' or 'messages' column (columns found: {columns})")
+
+
+def _validated(index: int, record: Any, problem: str, seen_ids: dict[str, int]) -> PromptRow | Reject:
+    if problem:
+        return Reject(index, problem)
+    result = _row(index, record)
+    explicit_id = isinstance(record, dict) and record.get("id") not in (None, "")
+    if isinstance(result, PromptRow) and explicit_id:  # row-number ids cannot collide
+        if result.id in seen_ids:
+            return Reject(index, f"duplicate id {result.id!r} (first at row {seen_ids[result.id]})")
+        seen_ids[result.id] = index
+    return result
+
+
+def load_prompts(path: str | Path, *, limit: int | None = None) -> PromptSet:
+    """Read a whole prompt file into memory; see :func:`iter_prompts`."""
+    prompt_set = PromptSet(source=str(Path(path).expanduser()))
+    for item in iter_prompts(path, limit=limit):
+        (prompt_set.rows if isinstance(item, PromptRow) else prompt_set.rejects).append(item)
     return prompt_set

@@ -6,7 +6,7 @@ from workflows.ray_session import NAMESPACE, connect_ray
 def test_connect_starts_local_ray_once_in_the_cai_namespace(ray_local):
     assert ray.is_initialized()
     assert ray_local["namespace"] == NAMESPACE
-    assert ray_local["nodes"] == 1 and ray_local["cpus"] == 2
+    assert ray_local["nodes"] == 1 and ray_local["cpus"] == 4
     again = connect_ray()
     assert again["address"] == ray_local["address"], "a second call reuses the running instance"
 

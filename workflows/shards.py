@@ -1,0 +1,191 @@
+"""Shard bookkeeping for a run directory: stage inputs, write outputs, account for every row.
+
+Layout of a run directory::
+
+    manifest.json
+    inputs/shard-00000.parquet   validated input rows (index, id, messages), shard_size each
+    data/shard-00000.parquet     output rows of that shard
+    rejects/input.jsonl          input rows that could not be used, with reasons
+    rejects/shard-00000.jsonl    rows of that shard that failed during generation
+
+Every file is written to a temporary name and renamed, so a file that exists is complete.
+A shard's data file is written first (only when it has rows: ``datasets`` cannot read an
+empty Parquet file) and its rejects file last, so the rejects file, empty or not, marks the
+shard done. A crash between the two redoes the shard and overwrites the same data file. The driver holds
+:class:`ShardSpec` descriptors, never the rows of shards that are not in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflows.prompt_data import Reject, iter_prompts
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+INPUT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("messages", pa.list_(MESSAGE))])
+INPUT_REJECTS = "input.jsonl"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A shard by reference: its number and how many input rows it holds."""
+
+    index: int
+    rows: int
+
+
+class RowAccountingError(RuntimeError):
+    """Rows in != rows out + rows rejected, or a row appears twice."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    _atomic_write_bytes(path, write)
+
+
+def plan_shards(total_rows: int, shard_size: int) -> list[ShardSpec]:
+    """Consecutive shards of ``shard_size`` rows (the last may be shorter)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [ShardSpec(i, min(shard_size, total_rows - start)) for i, start in enumerate(range(0, total_rows, shard_size))]
+
+
+@dataclass(frozen=True)
+class StagedInputs:
+    shards: list[ShardSpec]
+    total_rows: int
+    rejected: int
+
+
+def stage_inputs(source: str | Path, run_dir: Path, shard_size: int, *, limit: int | None = None) -> StagedInputs:
+    """Stream the prompt file once: usable rows into ``inputs/`` shards, the rest into
+    ``rejects/input.jsonl``. Memory holds one shard of rows at a time."""
+    inputs_dir = run_dir / "inputs"
+    shards: list[ShardSpec] = []
+    buffer: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    total = 0
+
+    def flush() -> None:
+        write_parquet(inputs_dir / f"{shard_name(len(shards))}.parquet", buffer, INPUT_SCHEMA)
+        shards.append(ShardSpec(len(shards), len(buffer)))
+        buffer.clear()
+
+    for item in iter_prompts(source, limit=limit):
+        total += 1
+        if isinstance(item, Reject):
+            rejects.append({**item.to_dict(), "stage": "input"})
+            continue
+        buffer.append({"index": item.index, "id": item.id, "messages": list(item.messages)})
+        if len(buffer) == shard_size:
+            flush()
+    if buffer:
+        flush()
+    write_jsonl(run_dir / "rejects" / INPUT_REJECTS, rejects)
+    return StagedInputs(shards, total, len(rejects))
+
+
+def read_shard_inputs(run_dir: Path, index: int) -> list[dict[str, Any]]:
+    return pq.read_table(run_dir / "inputs" / f"{shard_name(index)}.parquet").to_pylist()
+
+
+def shard_output_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "data" / f"{shard_name(index)}.parquet"
+
+
+def shard_rejects_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "rejects" / f"{shard_name(index)}.jsonl"
+
+
+def write_shard_output(
+    run_dir: Path, index: int, rows: list[dict[str, Any]], rejects: list[dict[str, Any]], schema: pa.Schema
+) -> None:
+    """The data file (if any rows), then the rejects file, whose rename commits the shard."""
+    data = shard_output_path(run_dir, index)
+    if rows:
+        write_parquet(data, rows, schema)
+    else:
+        data.unlink(missing_ok=True)  # left by an earlier attempt that crashed before committing
+    write_jsonl(shard_rejects_path(run_dir, index), rejects)
+
+
+def completed_shards(run_dir: Path) -> set[int]:
+    rejects_dir = run_dir / "rejects"
+    if not rejects_dir.is_dir():
+        return set()
+    return {int(p.stem.split("-")[1]) for p in rejects_dir.glob("shard-*.jsonl")}
+
+
+def _reject_indices(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line)["index"] for line in handle if line.strip()]
+
+
+@dataclass(frozen=True)
+class Accounting:
+    rows_in: int
+    rows_out: int
+    rejected: int
+
+
+def verify_run(run_dir: Path, total_rows: int, shard_count: int) -> Accounting:
+    """Check that every input row index ``0..total_rows-1`` appears exactly once, either in
+    a data shard or in a rejects file. Reads only the ``index`` column of the data."""
+    import numpy as np
+
+    pieces: list[np.ndarray] = []
+    rows_out = rejected = 0
+    for index in range(shard_count):
+        rejects_path, path = shard_rejects_path(run_dir, index), shard_output_path(run_dir, index)
+        if not rejects_path.exists():
+            raise RowAccountingError(f"shard {index} is not complete (no {rejects_path})")
+        column = (
+            pq.read_table(path, columns=["index"]).column("index").to_numpy()
+            if path.exists() else np.zeros(0, dtype=np.int64)
+        )
+        shard_rejects = np.asarray(_reject_indices(rejects_path), dtype=np.int64)
+        pieces += [column, shard_rejects]
+        rows_out += len(column)
+        rejected += len(shard_rejects)
+    input_rejects = np.asarray(_reject_indices(run_dir / "rejects" / INPUT_REJECTS), dtype=np.int64)
+    pieces.append(input_rejects)
+    rejected += len(input_rejects)
+    seen = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.int64)
+    if len(seen) != total_rows or (len(seen) and not np.array_equal(seen, np.arange(total_rows))):
+        duplicates = seen[1:][seen[1:] == seen[:-1]][:5].tolist()
+        missing = np.setdiff1d(np.arange(total_rows), seen)[:5].tolist()
+        raise RowAccountingError(
+            f"rows in {total_rows} != rows out {rows_out} + rejected {rejected} "
+            f"(duplicated indices {duplicates}, missing indices {missing})"
+        )
+    return Accounting(total_rows, rows_out, rejected)
