@@ -118,6 +118,10 @@ class VLLMEngineHost:
             "startup_seconds": round(self.startup_seconds, 2),
         }
 
+    def running_requests(self) -> int:
+        """Requests the engine holds now (running or waiting): batch occupancy when sampled."""
+        return self.engine.get_num_unfinished_requests()
+
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation under the model's chat template."""
         rendered = self.tokenizer.apply_chat_template(
@@ -144,6 +148,7 @@ class VLLMEngineHost:
         n: int = 1,
         logprobs: int | None = None,
         stop: list[str] | None = None,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
         from vllm import SamplingParams, TokensPrompt
@@ -157,6 +162,7 @@ class VLLMEngineHost:
             top_p=top_p,
             logprobs=logprobs,
             stop=stop,
+            ignore_eos=ignore_eos,
         )
         request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
         final = None

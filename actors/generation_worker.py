@@ -30,6 +30,10 @@ class ChainSettings:
     top_p: float
     few_shot: int
     seed: int
+    ignore_eos: bool = False
+
+
+OCCUPANCY_SAMPLE_SECONDS = 0.05
 
 
 class GenerationWorker:
@@ -48,6 +52,22 @@ class GenerationWorker:
         self.model_name = model_name or engine.model
         self.metrics = StageMetrics("generate", run_name)
         self.host = VLLMEngineHost(engine)
+        self._occupancy = [0, 0]  # sum of sampled running requests, number of samples
+        self._sampler: asyncio.Task | None = None
+
+    async def _sample_occupancy(self) -> None:
+        """Sample the engine's request count for the whole life of the actor, idle gaps
+        included: the mean shows how full the batch is kept (the figure that matters on GPUs,
+        where decode is memory-bound and a fuller batch is faster)."""
+        while True:
+            self._occupancy[0] += self.host.running_requests()
+            self._occupancy[1] += 1
+            await asyncio.sleep(OCCUPANCY_SAMPLE_SECONDS)
+
+    def _take_occupancy(self) -> tuple[int, int]:
+        taken = tuple(self._occupancy)
+        self._occupancy = [0, 0]
+        return taken
 
     def ready(self) -> dict[str, Any]:
         return self.host.info()
@@ -58,6 +78,7 @@ class GenerationWorker:
             max_new_tokens=max_new_tokens,
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
+            ignore_eos=self.settings.ignore_eos,
         )
         self.metrics.tokens(len(completion.token_ids))
         return Reply(completion.text, completion.prompt_tokens, len(completion.token_ids))
@@ -104,6 +125,8 @@ class GenerationWorker:
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Run every row's chain; return output rows (input order), rejects and counters."""
         started = time.monotonic()
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(self._sample_occupancy())
         try:
             results = await asyncio.gather(*(self._row(row) for row in rows))
         except Exception as exc:
@@ -116,7 +139,10 @@ class GenerationWorker:
         rejects = [j for _, j in results if j is not None]
         seconds = time.monotonic() - started
         self.metrics.shard_seconds(seconds)
+        occupancy_sum, occupancy_samples = self._take_occupancy()
         return {
+            "occupancy_sum": occupancy_sum,
+            "occupancy_samples": occupancy_samples,
             "shard": shard_index,
             "rows": out,
             "rejects": rejects,
