@@ -149,6 +149,7 @@ class VLLMEngineHost:
         logprobs: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
+        repetition_penalty: float = 1.0,
     ) -> list[Completion]:
         """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
         from vllm import SamplingParams, TokensPrompt
@@ -163,6 +164,7 @@ class VLLMEngineHost:
             logprobs=logprobs,
             stop=stop,
             ignore_eos=ignore_eos,
+            repetition_penalty=repetition_penalty,
         )
         request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
         final = None

@@ -31,6 +31,7 @@ class ChainSettings:
     few_shot: int
     seed: int
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
 
 
 OCCUPANCY_SAMPLE_SECONDS = 0.05
@@ -79,6 +80,7 @@ class GenerationWorker:
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
             ignore_eos=self.settings.ignore_eos,
+            repetition_penalty=self.settings.repetition_penalty,
         )
         self.metrics.tokens(len(completion.token_ids))
         return Reply(completion.text, completion.prompt_tokens, len(completion.token_ids))
@@ -124,7 +126,7 @@ class GenerationWorker:
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Run every row's chain; return output rows (input order), rejects and counters."""
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         if self._sampler is None:
             self._sampler = asyncio.create_task(self._sample_occupancy())
         try:
@@ -148,6 +150,8 @@ class GenerationWorker:
             "rejects": rejects,
             "tokens": sum(r["generated_tokens"] for r in out),
             "seconds": seconds,
+            "started_at": started_at,
+            "finished_at": time.time(),
             "worker": f"{os.uname().nodename}:{os.getpid()}",
         }
 

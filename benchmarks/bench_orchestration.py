@@ -216,8 +216,10 @@ def child(size: int, shard_size: int, workdir: Path, trace: bool) -> dict:
 
 
 def run_child(size: int, shard_size: int, workdir: Path, trace: bool) -> dict:
-    command = [sys.executable, __file__, "--child", str(size), "--shard-size", str(shard_size), "--workdir", str(workdir)]
-    result = subprocess.run(command + (["--trace"] if trace else []), capture_output=True, text=True, check=False)
+    """A fresh interpreter per measurement, so peak RSS belongs to this size alone."""
+    command = [sys.executable, __file__, "--child", str(size), "--shard-size", str(shard_size),
+               "--workdir", str(workdir), *(["--trace"] if trace else [])]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"child for {size} prompts failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -232,8 +234,17 @@ def print_table(reports: list[dict]) -> None:
         print(f"| {r['size']:,} | {r['shards']:,} | {r['planning_s']:.2f} | {r['queue_s'] + r['manifest_s']:.3f} "
               f"| {r['read_inputs_s'] + r['write_output_s']:.2f} | {r['fake_engine_s']:.2f} | {r['merge_s']:.2f} "
               f"| {r['bookkeeping_s']:.2f} | {r['driver_s']:.2f} | {r['input_bytes'] / MB:.1f} "
-              f"| {r['output_bytes'] / MB:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
+              f"| {r['output_bytes'] / MB:.1f} | {r['peak_rss_mb']:.0f} "
+              f"| {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
               f"| {r['tracemalloc_peak_mb']:.1f} | {r['arrow_pool_peak_mb']:.1f} |")
+
+
+def print_phase_memory(reports: list[dict]) -> None:
+    print("| prompts | tracemalloc peak MB: planning | shards | merge |")
+    print("| ---: | ---: | ---: | ---: |")
+    for r in reports:
+        print(f"| {r['size']:,} | {r['planning_traced_peak_mb']:.1f} | {r['shards_traced_peak_mb']:.1f} "
+              f"| {r['merge_traced_peak_mb']:.1f} |")
 
 
 def print_growth(reports: list[dict]) -> None:
@@ -274,6 +285,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(reports)
+    print()
+    print_phase_memory(reports)
     print()
     print_growth(reports)
     largest = reports[-1]

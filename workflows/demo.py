@@ -1,50 +1,49 @@
 """`make demo`: the pipeline on the embedded default model, on this machine.
 
-Stages run in order and each prints what it produced. Stages that later issues add
-(generation, labelling, training) join here as they land.
+Stages run in order, each as its own `cai` command would, and each prints what it made.
+Stages that later issues add (labelling, training, evaluation) join here as they land.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
-from constitutions.loader import load_constitution
-from workflows.chat import chat
+from workflows.config import load_config
+from workflows.generate import GenerateConfig, run_generate
 from workflows.models import materialize_default_model
-from workflows.prompt_data import load_prompts
-from workflows.ray_session import connect_ray
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "demo_prompts.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def show_examples(run_dir: Path, count: int) -> None:
+    import pyarrow.parquet as pq
+
+    rows = [r for p in sorted((run_dir / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    for row in rows[:count]:
+        print(f"\n### {row['prompt'][-1]['content']}")
+        print("initial:  " + textwrap.shorten(row["initial_response"], 300))
+        for revision in row["revisions"]:
+            print(f"critique [{revision['principle_id']}]: " + textwrap.shorten(revision["critique"], 300))
+            print("revision: " + textwrap.shorten(revision["revision"], 300))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.demo", description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="run directory")
-    parser.add_argument("--prompts", type=int, default=4, help="how many demo prompts to answer")
+    parser.add_argument("--out", default="runs/demo", help="directory for the demo's runs")
+    parser.add_argument("--show", type=int, default=3, help="examples to print")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    print("== model")
-    model = materialize_default_model()
-    print(model)
-    print("== constitution")
-    constitution = load_constitution("harmless")
-    print(json.dumps(constitution.summary()))
-    print("== prompts")
-    prompt_set = load_prompts(DATA)
-    print(f"{len(prompt_set.rows)} usable, {len(prompt_set.rejects)} rejected from {DATA.name}")
-    print("== ray")
-    print(json.dumps(connect_ray()))
-    print("== initial responses (vLLM on Ray)")
-    results = chat(str(model), [row.prompt for row in prompt_set.rows[: args.prompts]], max_new_tokens=96)
-    with (out / "initial_responses.jsonl").open("w") as handle:
-        for result in results:
-            print(f"### {result.prompt}\n{result.response.strip()}\n")
-            handle.write(json.dumps(result.__dict__) + "\n")
-    print(f"wrote {out / 'initial_responses.jsonl'}")
+    print(f"== model: {materialize_default_model()}")
+    print("== SL-CAI generation (cai generate --config configs/demo.yaml)")
+    config = load_config(GenerateConfig, config_file=str(ROOT / "configs" / "demo.yaml"),
+                         overrides={"out": str(out / "sl-cai"), "prompts": str(ROOT / "data" / "demo_prompts.jsonl")})
+    summary = run_generate(config)
+    print(json.dumps(summary, indent=2))
+    show_examples(Path(summary["out"]), args.show)
     return 0
 
 

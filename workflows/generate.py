@@ -59,6 +59,7 @@ class GenerateConfig:
     max_new_tokens: int = option(256, "token limit for each answer, critique and revision")
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling probability")
+    repetition_penalty: float = option(1.0, "vLLM repetition penalty (>1 discourages repeats; small models loop)")
     ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)")
     seed: int = option(0, "seed for principle sampling (per row id) and the engines")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
@@ -71,6 +72,7 @@ class GenerateConfig:
             "max_new_tokens": self.max_new_tokens >= 1,
             "temperature": self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
         }
         bad = [name for name, ok in checks.items() if not ok] + self.pool.problems() + self.engine.problems()
         if bad:
@@ -87,7 +89,8 @@ class GenerateConfig:
             "shard_size": self.pool.shard_size,
             "limit": self.pool.limit,
             **{k: getattr(self, k) for k in
-               ("revisions", "few_shot", "max_new_tokens", "temperature", "top_p", "ignore_eos", "seed")},
+               ("revisions", "few_shot", "max_new_tokens", "temperature", "top_p", "repetition_penalty",
+                "ignore_eos", "seed")},
         }
 
 
@@ -99,7 +102,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     if config.few_shot > len(constitution.few_shot):
         raise ConfigError(f"--few-shot {config.few_shot}: the constitution has {len(constitution.few_shot)} examples")
     settings = ChainSettings(config.revisions, config.max_new_tokens, config.temperature, config.top_p,
-                             config.few_shot, config.seed, config.ignore_eos)
+                             config.few_shot, config.seed, config.ignore_eos, config.repetition_penalty)
     job = StageJob(
         stage="generate",
         out=Path(config.out).expanduser(),

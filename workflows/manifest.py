@@ -47,6 +47,8 @@ class ShardState:
     rejected: int = 0
     attempts: int = 0
     seconds: float = 0.0
+    started_at: float = 0.0  # wall clock (time.time) of the last attempt's start and end
+    finished_at: float = 0.0
     tokens: int = 0
     worker: str = ""
     last_error: str = ""

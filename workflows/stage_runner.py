@@ -150,6 +150,7 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
         state = manifest.shards[shard]
         state.status, state.rows_out, state.rejected = "done", len(result["rows"]), len(result["rejects"])
         state.seconds, state.tokens, state.worker = round(result["seconds"], 3), result["tokens"], result["worker"]
+        state.started_at, state.finished_at = result["started_at"], result["finished_at"]
         occupancy[0] += result["occupancy_sum"]
         occupancy[1] += result["occupancy_samples"]
         progress.shard_done(state.rows, result["tokens"])
