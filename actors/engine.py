@@ -153,6 +153,7 @@ class VLLMEngineHost:
     ) -> list[Completion]:
         """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
         from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         prompt_ids = prompt if prompt and isinstance(prompt[0], int) else self.render(prompt)
         self.check_fits(prompt_ids, max_new_tokens)
@@ -165,6 +166,8 @@ class VLLMEngineHost:
             stop=stop,
             ignore_eos=ignore_eos,
             repetition_penalty=repetition_penalty,
+            # one output holding all n samples when the request finishes: no per-token streaming
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
         final = None
