@@ -122,12 +122,21 @@ class VLLMEngineHost:
         """Requests the engine holds now (running or waiting): batch occupancy when sampled."""
         return self.engine.get_num_unfinished_requests()
 
-    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation under the model's chat template."""
+    def render(
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> list[int]:
+        """Token ids of a conversation under the model's chat template. With ``continue_final``
+        the last (assistant) message is left open, so generation continues its text."""
         rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages,
+            add_generation_prompt=add_generation_prompt and not continue_final,
+            continue_final_message=continue_final,
+            tokenize=False,
         )
-        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return self.tokenize(rendered)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -192,6 +201,28 @@ class VLLMEngineHost:
         """The top-``k`` next-token log-probs after the prompt: one engine step, greedy."""
         (completion,) = await self.complete(prompt, max_new_tokens=1, temperature=0.0, logprobs=k)
         return completion.top_logprobs[0]
+
+    async def prompt_logprobs(self, prompt_ids: list[int]) -> list[float | None]:
+        """Log-prob of each prompt token given the tokens before it (None for the first): exact
+        scores for fixed continuations such as multiple-choice options."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check_fits(prompt_ids, 1)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
+        final = None
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            final = output
+        return [None if step is None else step[token].logprob for token, step in zip(prompt_ids, final.prompt_logprobs)]
+
+    async def continuation_logprob(self, prefix_ids: list[int], continuation_ids: list[int]) -> float:
+        """Summed log-prob of ``continuation_ids`` right after ``prefix_ids``."""
+        if not continuation_ids:
+            raise ValueError("empty continuation")
+        scores = await self.prompt_logprobs([*prefix_ids, *continuation_ids])
+        return float(sum(scores[len(prefix_ids):]))
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from constitutions.importers import ConstitutionImportError, import_anthropic, import_llm_swarm
 from constitutions.loader import ConstitutionError, dump_constitution, load_constitution, save_constitution
 from workflows.config import ConfigError, add_config_arguments, load_config
+from workflows.eval_feedback import EvalDataError
 from workflows.manifest import RunMismatchError
 from workflows.models import ModelNotFoundError, build_tiny_model, materialize_default_model
 from workflows.prompt_data import PromptDataError, load_prompts
@@ -24,7 +25,7 @@ class UsageError(ValueError):
     """A flag combination argparse cannot check on its own."""
 
 
-USER_ERRORS = (UsageError, ConfigError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
+USER_ERRORS = (UsageError, ConfigError, EvalDataError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
 
 
 def _print_json(data) -> None:
@@ -207,6 +208,52 @@ def _register_generate(commands) -> None:
     parser.set_defaults(run=cmd_generate)
 
 
+# -- cai label ----------------------------------------------------------------------------
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from workflows.label import LabelConfig, run_label
+
+    _print_json(run_label(load_config(LabelConfig, args)))
+    return 0
+
+
+def _register_label(commands) -> None:
+    from workflows.label import LabelConfig
+
+    parser = commands.add_parser(
+        "label", help="RL-CAI: sample answers and label preference pairs with AI feedback, on vLLM actors",
+        description="Sample K answers per prompt, compare pairs under constitutional principles, write soft "
+        "labels; rerun the same command to resume.",
+    )
+    add_config_arguments(parser, LabelConfig)
+    parser.set_defaults(run=cmd_label)
+
+
+# -- cai eval -----------------------------------------------------------------------------
+
+
+def cmd_eval_feedback(args: argparse.Namespace) -> int:
+    from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
+
+    _print_json(run_eval_feedback(load_config(EvalFeedbackConfig, args)))
+    return 0
+
+
+def _register_eval(commands) -> None:
+    from workflows.eval_feedback import EvalFeedbackConfig
+
+    group = commands.add_parser("eval", help="evaluate feedback models and policies")
+    sub = group.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    feedback = sub.add_parser(
+        "feedback", help="accuracy of a feedback model on multiple-choice items (HHH-eval layout)",
+        description="Score each option of each item; print accuracy, mean probability on the correct option "
+        "and the count as JSON.",
+    )
+    add_config_arguments(feedback, EvalFeedbackConfig)
+    feedback.set_defaults(run=cmd_eval_feedback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -216,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _register_models(commands)
     _register_constitution(commands)
     _register_generate(commands)
+    _register_label(commands)
+    _register_eval(commands)
     _register_prompts(commands)
     return parser
 

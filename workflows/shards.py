@@ -158,9 +158,29 @@ class Accounting:
     rejected: int
 
 
-def verify_run(run_dir: Path, total_rows: int, shard_count: int) -> Accounting:
+def _output_indices(path: Path, many_per_input: bool):
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if not path.exists():
+        return np.zeros(0, dtype=np.int64), 0
+    if not many_per_input:
+        column = pq.read_table(path, columns=["index"]).column("index").to_numpy()
+        return column, len(column)
+    table = pq.read_table(path, columns=["index", "id"])
+    if pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+        raise RowAccountingError(f"{path} holds duplicate row ids")
+    return np.unique(table.column("index").to_numpy()), table.num_rows
+
+
+def verify_run(run_dir: Path, total_rows: int, shard_count: int, *, many_per_input: bool = False) -> Accounting:
     """Check that every input row index ``0..total_rows-1`` appears exactly once, either in
-    a data shard or in a rejects file. Reads only the ``index`` column of the data."""
+    a data shard or in a rejects file. Reads only the ``index`` (and ``id``) columns.
+
+    With ``many_per_input`` (labelling: one output row per pair of a prompt) an input row
+    may give several output rows, all in one shard with distinct ids; ``rows_out`` counts
+    the input rows that produced output.
+    """
     import numpy as np
 
     pieces: list[np.ndarray] = []
@@ -169,10 +189,7 @@ def verify_run(run_dir: Path, total_rows: int, shard_count: int) -> Accounting:
         rejects_path, path = shard_rejects_path(run_dir, index), shard_output_path(run_dir, index)
         if not rejects_path.exists():
             raise RowAccountingError(f"shard {index} is not complete (no {rejects_path})")
-        column = (
-            pq.read_table(path, columns=["index"]).column("index").to_numpy()
-            if path.exists() else np.zeros(0, dtype=np.int64)
-        )
+        column, _ = _output_indices(path, many_per_input)
         shard_rejects = np.asarray(_reject_indices(rejects_path), dtype=np.int64)
         pieces += [column, shard_rejects]
         rows_out += len(column)

@@ -69,6 +69,7 @@ class StageJob:
     worker_args: tuple = ()
     worker_kwargs: dict[str, Any] = field(default_factory=dict)
     max_num_seqs: int = 0
+    many_per_input: bool = False  # an input row may give several output rows (labelled pairs)
 
 
 def _run_name(out: Path) -> str:
@@ -107,7 +108,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         _run_pool(job, manifest, pending, run_name, cluster, progress, occupancy)
     progress.close()
 
-    accounting = verify_run(job.out, manifest.input["total_rows"], shard_count)
+    accounting = verify_run(job.out, manifest.input["total_rows"], shard_count, many_per_input=job.many_per_input)
     summary = {
         "rows_in": accounting.rows_in, "rows_out": accounting.rows_out, "rejected": accounting.rejected,
         "tokens": sum(s.tokens for s in manifest.shards.values()),

@@ -1,0 +1,141 @@
+"""The RL-CAI labelling worker: sample K answers per prompt, label pairs with AI feedback.
+
+One actor hosts the policy engine and, when ``--feedback-model`` differs, the feedback
+engine too. For each prompt the policy samples K answers in one request (``n=K``); every
+pair is compared under M sampled feedback principles, each with its own random option
+order, and the soft labels are averaged (Bai et al. 2022, section 4.1). Output rows, one
+per pair, are in TRL's explicit-prompt preference format plus the label's provenance.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
+from actors.feedback_scorer import FeedbackScorer
+from actors.metrics import StageMetrics
+from actors.preference import label_pair, pair_indices
+from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
+from constitutions.loader import parse_constitution
+from constitutions.sampling import sample_feedback_ids
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    samples: int
+    pairs: str
+    max_pairs: int
+    principles: int
+    cot: bool
+    cot_max_new_tokens: int
+    feedback_few_shot: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    seed: int
+
+
+class LabelWorker:
+    def __init__(
+        self,
+        policy: EngineOptions,
+        feedback: EngineOptions | None,
+        constitution: dict[str, Any],
+        settings: LabelSettings,
+        *,
+        run_name: str = "",
+        policy_name: str = "",
+        feedback_name: str = "",
+    ):
+        self.settings = settings
+        self.constitution = parse_constitution(constitution, source="<run constitution>")
+        self.policy_name = policy_name or policy.model
+        self.feedback_name = feedback_name or (feedback or policy).model
+        self.metrics = StageMetrics("label", run_name)
+        self.policy = VLLMEngineHost(policy)
+        feedback_host = VLLMEngineHost(feedback) if feedback else self.policy
+        self.scorer = FeedbackScorer(feedback_host, cot_max_new_tokens=settings.cot_max_new_tokens)
+        hosts = {id(self.policy): self.policy, id(feedback_host): feedback_host}.values()
+        self.sampler = OccupancySampler(lambda: sum(h.running_requests() for h in hosts))
+        self.few_shot = self.constitution.feedback_few_shot if settings.feedback_few_shot else ()
+
+    def ready(self) -> dict[str, Any]:
+        return {"policy": self.policy.info(), "feedback": self.scorer.host.info()}
+
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+
+    async def _row(self, row: dict[str, Any]) -> RowResult:
+        try:
+            return await self._label_row(row), None
+        except (PromptTooLongError, ValueError) as exc:
+            return [], reject(row, str(exc), "label")
+        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
+            if engine_dead(exc):
+                raise
+            return [], reject(row, f"labelling error: {type(exc).__name__}: {exc}", "label")
+
+    async def _label_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        import asyncio
+
+        settings = self.settings
+        prompt = [dict(m) for m in row["messages"]]
+        completions = await self.policy.complete(
+            prompt, n=settings.samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+        )
+        samples = [c.text.strip() for c in completions]
+        sample_tokens = sum(len(c.token_ids) for c in completions)
+        self.metrics.tokens(sample_tokens)
+        if sum(1 for s in samples if s) < 2:
+            raise ValueError(f"fewer than 2 non-empty samples out of {len(samples)}")
+        pair_rng = random.Random(f"{settings.seed}:pairs:{row['id']}")
+        pairs = pair_indices(len(samples), settings.pairs, pair_rng, settings.max_pairs or None)
+        labels = await asyncio.gather(*(self._label(row, prompt, samples, i, j) for i, j in pairs))
+        self.metrics.prompt_done()
+        return [
+            self._output(row, prompt, samples, pair, label, sample_tokens if n == 0 else 0)
+            for n, (pair, label) in enumerate(zip(pairs, labels))
+        ]
+
+    async def _label(self, row, prompt, samples, i: int, j: int):
+        key = f"{row['id']}:{i}-{j}"
+        ids = sample_feedback_ids(self.constitution, self.settings.principles, seed=self.settings.seed, key=key)
+        principles = [self.constitution.feedback_principle(pid) for pid in ids]
+        return await label_pair(
+            prompt, (samples[i], samples[j]), principles, self.scorer.score,
+            rng=random.Random(f"{self.settings.seed}:order:{key}"), cot=self.settings.cot, few_shot=self.few_shot,
+        )
+
+    def _output(self, row, prompt, samples, pair, label, generated_tokens: int) -> dict[str, Any]:
+        i, j = pair
+        texts = (samples[i], samples[j])
+        chosen, rejected = texts[label.chosen], texts[1 - label.chosen]
+        return {
+            "index": row["index"],
+            "id": f"{row['id']}/{i}-{j}",
+            "prompt_id": row["id"],
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "chosen_prob": label.chosen_prob,
+            "response_a": texts[0],
+            "response_b": texts[1],
+            "sample_indices": [i, j],
+            "prob_a": label.probs[0],
+            "principle_ids": list(label.principle_ids),
+            "principle_probs": [p[0] for p in label.per_principle],
+            "option_orders": [list(o) for o in label.orders],
+            "reasoning": list(label.reasonings),
+            "identical": texts[0] == texts[1],
+            "cot": self.settings.cot,
+            "scoring_fallbacks": label.fallbacks,
+            "policy_model": self.policy_name,
+            "feedback_model": self.feedback_name,
+            "constitution_sha256": self.constitution.sha256,
+            "seed": self.settings.seed,
+            "generated_tokens": generated_tokens,
+        }

@@ -1,0 +1,93 @@
+"""What every shard-processing worker shares: run a shard's rows concurrently on an async
+engine, turn row failures into rejects, measure batch occupancy, report the shard.
+
+A worker's ``run_shard(shard, rows)`` is ``await run_rows(shard, rows, self._row, ...)``
+where ``_row(row)`` returns ``(output rows, reject or None)`` and raises only for failures
+that must sink the shard (a dead engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from actors.metrics import StageMetrics
+
+SAMPLE_SECONDS = 0.05
+RowResult = tuple[list[dict[str, Any]], dict[str, Any] | None]
+
+
+def reject(row: dict[str, Any], reason: str, stage: str) -> dict[str, Any]:
+    return {"index": row["index"], "id": row["id"], "reason": reason, "stage": stage}
+
+
+def engine_dead(exc: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError)
+
+
+class OccupancySampler:
+    """Samples how many requests the engines hold, for the actor's whole life, idle gaps
+    included: the mean shows how full the batch is kept (what matters on GPUs, where decode
+    is memory-bound and a fuller batch is faster)."""
+
+    def __init__(self, count_requests: Callable[[], int]):
+        self._count = count_requests
+        self._sum = self._samples = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._sum += self._count()
+            self._samples += 1
+            await asyncio.sleep(SAMPLE_SECONDS)
+
+    def take(self) -> tuple[int, int]:
+        taken = (self._sum, self._samples)
+        self._sum = self._samples = 0
+        return taken
+
+
+async def run_rows(
+    shard: int,
+    rows: list[dict[str, Any]],
+    process_row: Callable[[dict[str, Any]], Awaitable[RowResult]],
+    sampler: OccupancySampler,
+    metrics: StageMetrics,
+) -> dict[str, Any]:
+    """Every row's work at once; output rows in input order, rejects, counters."""
+    started, started_at = time.monotonic(), time.time()
+    sampler.start()
+    try:
+        results = await asyncio.gather(*(process_row(row) for row in rows))
+    except Exception as exc:
+        if engine_dead(exc):
+            # The engine cannot recover in this process: exit so Ray reports the actor dead
+            # and the pool reruns this shard on a fresh one.
+            os._exit(1)
+        raise
+    out = [r for rows_out, _ in results for r in rows_out]
+    rejects = [j for _, j in results if j is not None]
+    seconds = time.monotonic() - started
+    metrics.shard_seconds(seconds)
+    occupancy_sum, occupancy_samples = sampler.take()
+    return {
+        "shard": shard,
+        "rows": out,
+        "rejects": rejects,
+        "tokens": sum(r.get("generated_tokens", 0) for r in out),
+        "seconds": seconds,
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+        "occupancy_sum": occupancy_sum,
+        "occupancy_samples": occupancy_samples,
+    }

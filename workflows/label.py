@@ -1,0 +1,152 @@
+"""`cai label`: RL-CAI preference data, AI feedback under constitutional principles.
+
+Reads top to bottom: config → check the models and constitution → describe the run →
+hand it to the shared sharded-stage runner (manifest, input shards, Ray placement, actor
+pool, writing, row accounting). One output row per compared pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from actors.label_worker import LabelSettings, LabelWorker
+from constitutions.loader import load_constitution
+from workflows.config import REQUIRED, ConfigError, config_to_dict, option
+from workflows.engine_config import EngineConfig
+from workflows.manifest import file_fingerprint
+from workflows.models import resolve_model
+from workflows.shards import MESSAGE
+from workflows.stage_runner import PoolConfig, StageJob, run_stage
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.list_(MESSAGE)),
+        ("chosen", pa.list_(MESSAGE)),
+        ("rejected", pa.list_(MESSAGE)),
+        ("chosen_prob", pa.float64()),
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("sample_indices", pa.list_(pa.int64())),
+        ("prob_a", pa.float64()),
+        ("principle_ids", pa.list_(pa.string())),
+        ("principle_probs", pa.list_(pa.float64())),
+        ("option_orders", pa.list_(pa.list_(pa.int64()))),
+        ("reasoning", pa.list_(pa.string())),
+        ("identical", pa.bool_()),
+        ("cot", pa.bool_()),
+        ("scoring_fallbacks", pa.int64()),
+        ("policy_model", pa.string()),
+        ("feedback_model", pa.string()),
+        ("constitution_sha256", pa.string()),
+        ("seed", pa.int64()),
+        ("generated_tokens", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    policy: str = option(REQUIRED, "policy model that samples the answers (typically the SL-CAI model)")
+    feedback_model: str = option("", "model that compares answers; default: the policy")
+    constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
+    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    out: str = option(REQUIRED, "run directory; rerunning into it resumes")
+    samples: int = option(2, "answers sampled per prompt (K >= 2)")
+    pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare")
+    max_pairs: int = option(0, "with --pairs random: pairs per prompt")
+    principles: int = option(1, "feedback principles sampled per pair and averaged (M)")
+    cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]")
+    cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning")
+    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question")
+    max_new_tokens: int = option(256, "token limit for each sampled answer")
+    temperature: float = option(1.0, "sampling temperature for the answers (diversity matters here)")
+    top_p: float = option(1.0, "nucleus sampling probability for the answers")
+    repetition_penalty: float = option(1.0, "vLLM repetition penalty for the answers")
+    seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines")
+    pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
+    engine: EngineConfig = option(EngineConfig(), "the vLLM engines in each worker")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "samples": self.samples >= 2,
+            "max_pairs": self.max_pairs >= 0 and (self.pairs == "random") == (self.max_pairs > 0),
+            "principles": self.principles >= 1,
+            "cot_max_new_tokens": self.cot_max_new_tokens >= 1,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok] + self.pool.problems() + self.engine.problems()
+        if bad:
+            hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
+            raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}{hint}")
+
+    def identity(self, policy: str, feedback: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
+        """The settings that change the output; a rerun must match them to resume."""
+        names = ("samples", "pairs", "max_pairs", "principles", "cot", "cot_max_new_tokens", "feedback_few_shot",
+                 "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+        return {
+            "policy": policy, "feedback_model": feedback, "constitution_sha256": constitution_sha,
+            "prompts": prompts_fingerprint, "shard_size": self.pool.shard_size, "limit": self.pool.limit,
+            **{k: getattr(self, k) for k in names},
+        }
+
+
+def run_label(config: LabelConfig) -> dict[str, Any]:
+    policy = resolve_model(config.policy)
+    feedback = resolve_model(config.feedback_model) if config.feedback_model else policy
+    constitution = load_constitution(config.constitution)
+    if not constitution.feedback:
+        raise ConfigError(f"--constitution {config.constitution!r} has no feedback principles; cai label needs them")
+    settings = LabelSettings(
+        samples=config.samples, pairs=config.pairs, max_pairs=config.max_pairs, principles=config.principles,
+        cot=config.cot, cot_max_new_tokens=config.cot_max_new_tokens, feedback_few_shot=config.feedback_few_shot,
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        repetition_penalty=config.repetition_penalty, seed=config.seed,
+    )
+    feedback_options = config.engine.options(feedback, config.seed) if feedback != policy else None
+    job = StageJob(
+        stage="label",
+        out=Path(config.out).expanduser(),
+        prompts=config.prompts,
+        pool=config.pool,
+        identity=config.identity(policy, feedback, constitution.sha256, file_fingerprint(config.prompts)),
+        config=config_to_dict(config),
+        output_schema=OUTPUT_SCHEMA,
+        worker_cls=LabelWorker,
+        worker_args=(config.engine.options(policy, config.seed), feedback_options, constitution.to_dict(), settings),
+        worker_kwargs={"policy_name": config.policy, "feedback_name": config.feedback_model or config.policy},
+        max_num_seqs=config.engine.max_num_seqs,
+        many_per_input=True,
+    )
+    summary = run_stage(job)
+    summary.update(label_statistics(job.out))
+    return summary
+
+
+def label_statistics(out: Path) -> dict[str, Any]:
+    """How decided the labels are, how many pairs were identical, how many needed the
+    exact-scoring fallback: reported, never hidden."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted((out / "data").glob("*.parquet"))
+    if not files:
+        return {"pairs": 0}
+    table = pa.concat_tables(
+        pq.read_table(f, columns=["chosen_prob", "identical", "scoring_fallbacks"]) for f in files
+    )
+    return {
+        "pairs": table.num_rows,
+        "mean_chosen_prob": round(pc.mean(table.column("chosen_prob")).as_py(), 4),
+        "identical_pairs": pc.sum(table.column("identical")).as_py() or 0,
+        "scoring_fallbacks": pc.sum(table.column("scoring_fallbacks")).as_py() or 0,
+    }
