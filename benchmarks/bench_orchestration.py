@@ -4,8 +4,9 @@ Produces the results with::
 
     .venv/bin/python benchmarks/bench_orchestration.py --sizes 10000 100000 1000000 --shard-size 512
 
-Each size runs in a fresh child process (so its peak RSS is its own) that walks the same
-driver path as ``run_generate``, with a fake engine in place of the Ray actors:
+Each size runs in a fresh child process (so its peak RSS is its own) that walks the driver
+path of ``workflows/stage_runner.py`` (``run_stage``, which ``cai generate`` uses), with a
+fake engine in place of the Ray actors:
 
 1. data: a synthetic prompts JSONL of N rows (not counted);
 2. planning: fingerprint the prompt file, ``stage_inputs``, one ``ShardState`` per shard,
@@ -93,7 +94,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def plan(prompts: Path, run_dir: Path, shard_size: int) -> tuple[RunManifest, int, int, dict[str, float]]:
-    """What ``run_generate`` does before Ray starts; returns the manifest, rows, shards, timings."""
+    """What ``run_stage`` does before Ray starts; returns the manifest, rows, shards, timings."""
     times = {}
     t0 = time.perf_counter()
     identity = {"prompts": file_fingerprint(prompts), "shard_size": shard_size}
@@ -126,6 +127,7 @@ def run_shards(run_dir: Path, manifest: RunManifest, shard_count: int) -> dict[s
             times["queue_s"] += clock() - t
             break
         shard = queue.take()
+        manifest.shards[shard].attempts += 1  # as run_stage's submit
         t1 = clock()
         inputs = read_shard_inputs(run_dir, shard)
         t2 = clock()
@@ -136,7 +138,8 @@ def run_shards(run_dir: Path, manifest: RunManifest, shard_count: int) -> dict[s
         state = manifest.shards[shard]
         state.status, state.rows_out, state.rejected = "done", len(rows), 0
         state.seconds, state.tokens, state.worker = round(t3 - t2, 3), 36 * len(rows), "bench:0"
-        before = manifest._last_save
+        state.started_at, state.finished_at = time.time() - (t3 - t2), time.time()
+        before = manifest._last_save  # to count the saves the throttle let through
         manifest.save(force=False)
         saves += manifest._last_save != before
         t5 = clock()
@@ -146,9 +149,7 @@ def run_shards(run_dir: Path, manifest: RunManifest, shard_count: int) -> dict[s
         times["write_output_s"] += t4 - t3
         times["manifest_s"] += t5 - t4
     t = clock()
-    for index, attempts in queue.attempts.items():  # as run_generate's `finally`
-        manifest.shards[index].attempts = max(manifest.shards[index].attempts, attempts)
-    manifest.save()
+    manifest.save()  # as run_stage's `finally`
     times["manifest_s"] += clock() - t
     times["manifest_saves"] = saves + 1
     return times
@@ -218,7 +219,7 @@ def child(size: int, shard_size: int, workdir: Path, trace: bool) -> dict:
 def run_child(size: int, shard_size: int, workdir: Path, trace: bool) -> dict:
     """A fresh interpreter per measurement, so peak RSS belongs to this size alone."""
     command = [sys.executable, __file__, "--child", str(size), "--shard-size", str(shard_size),
-               "--workdir", str(workdir), *(["--trace"] if trace else [])]
+               "--workdir", str(workdir), "--trace" if trace else "--no-trace"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"child for {size} prompts failed:\n{result.stderr}")
@@ -236,15 +237,22 @@ def print_table(reports: list[dict]) -> None:
               f"| {r['bookkeeping_s']:.2f} | {r['driver_s']:.2f} | {r['input_bytes'] / MB:.1f} "
               f"| {r['output_bytes'] / MB:.1f} | {r['peak_rss_mb']:.0f} "
               f"| {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
-              f"| {r['tracemalloc_peak_mb']:.1f} | {r['arrow_pool_peak_mb']:.1f} |")
+              f"| {_mb(r.get('tracemalloc_peak_mb'))} | {r['arrow_pool_peak_mb']:.1f} |")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def print_phase_memory(reports: list[dict]) -> None:
+    if not any(r.get("tracemalloc_peak_mb") for r in reports):
+        return
     print("| prompts | tracemalloc peak MB: planning | shards | merge |")
     print("| ---: | ---: | ---: | ---: |")
     for r in reports:
-        print(f"| {r['size']:,} | {r['planning_traced_peak_mb']:.1f} | {r['shards_traced_peak_mb']:.1f} "
-              f"| {r['merge_traced_peak_mb']:.1f} |")
+        print(f"| {r['size']:,} | {_mb(r.get('planning_traced_peak_mb'))} | {_mb(r.get('shards_traced_peak_mb'))} "
+              f"| {_mb(r.get('merge_traced_peak_mb'))} |")
+    print()
 
 
 def print_growth(reports: list[dict]) -> None:
@@ -252,10 +260,10 @@ def print_growth(reports: list[dict]) -> None:
         data = big["input_bytes"] / small["input_bytes"]
         over = max(big["peak_rss_mb"] - big["baseline_rss_mb"], 1e-9) / max(
             small["peak_rss_mb"] - small["baseline_rss_mb"], 1e-9)
-        traced = big["tracemalloc_peak_mb"] / small["tracemalloc_peak_mb"]
+        traced = (f", tracemalloc peak x{big['tracemalloc_peak_mb'] / small['tracemalloc_peak_mb']:.2f}"
+                  if small["tracemalloc_peak_mb"] else "")
         print(f"{small['size']:,} -> {big['size']:,} prompts: data x{data:.1f}, peak RSS x"
-              f"{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}, RSS over baseline x{over:.2f}, "
-              f"tracemalloc peak x{traced:.2f}")
+              f"{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}, RSS over baseline x{over:.2f}{traced}")
 
 
 def main() -> None:
@@ -266,10 +274,11 @@ def main() -> None:
                         help="where to make the scratch directory (deleted at the end); default: the system temp dir")
     parser.add_argument("--limit-seconds", type=float, default=60.0, help="driver-total limit at the largest size")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each size under tracemalloc (slow: Python allocations are traced)")
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.shard_size, args.workdir, args.trace)))
+        print(json.dumps(child(args.child, args.shard_size, args.workdir, trace=args.trace)))
         return
 
     if args.workdir:
@@ -278,16 +287,17 @@ def main() -> None:
     reports = []
     try:
         for size in sorted(args.sizes):
-            timed = run_child(size, args.shard_size, workdir, trace=False)
-            traced = run_child(size, args.shard_size, workdir, trace=True)
-            reports.append({**timed, **{k: v for k, v in traced.items() if "traced_peak" in k or "tracemalloc" in k}})
-            print(json.dumps(reports[-1]), file=sys.stderr)
+            reports.append(run_child(size, args.shard_size, workdir, trace=False))
+            print(json.dumps(reports[-1]), file=sys.stderr, flush=True)
+            if args.trace:
+                traced = run_child(size, args.shard_size, workdir, trace=True)
+                reports[-1].update({k: v for k, v in traced.items() if "traced_peak" in k or "tracemalloc" in k})
+                print(json.dumps(traced), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(reports)
     print()
     print_phase_memory(reports)
-    print()
     print_growth(reports)
     largest = reports[-1]
     verdict = "within" if largest["driver_s"] <= args.limit_seconds else "OVER"

@@ -17,6 +17,7 @@ from constitutions.importers import ConstitutionImportError, import_anthropic, i
 from constitutions.loader import ConstitutionError, dump_constitution, load_constitution, save_constitution
 from workflows.config import ConfigError, add_config_arguments, load_config
 from workflows.eval_feedback import EvalDataError
+from workflows.training import TrainingDataError
 from workflows.manifest import RunMismatchError
 from workflows.models import ModelNotFoundError, build_tiny_model, materialize_default_model
 from workflows.prompt_data import PromptDataError, load_prompts
@@ -25,7 +26,7 @@ class UsageError(ValueError):
     """A flag combination argparse cannot check on its own."""
 
 
-USER_ERRORS = (UsageError, ConfigError, EvalDataError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
+USER_ERRORS = (UsageError, ConfigError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError)
 
 
 def _print_json(data) -> None:
@@ -254,6 +255,33 @@ def _register_eval(commands) -> None:
     feedback.set_defaults(run=cmd_eval_feedback)
 
 
+# -- cai train ----------------------------------------------------------------------------
+
+TRAIN_JOBS = {
+    "sft": "supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer) as a Ray Train job",
+    "rm": "a reward model with the soft-label Bradley-Terry loss on RL-CAI pairs, as a Ray Train job",
+    "dpo": "direct preference optimization on chosen/rejected pairs (TRL DPOTrainer) as a Ray Train job",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from workflows.train import TrainConfig, run_train
+
+    _print_json(run_train(args.train_kind, load_config(TrainConfig, args)))
+    return 0
+
+
+def _register_train(commands) -> None:
+    from workflows.train import TrainConfig
+
+    group = commands.add_parser("train", help="train models on Ray Train: sft, rm, dpo")
+    sub = group.add_subparsers(dest="train_kind", required=True, metavar="JOB")
+    for kind, text in TRAIN_JOBS.items():
+        parser = sub.add_parser(kind, help=text, description=text + ". Rerun the same command to resume.")
+        add_config_arguments(parser, TrainConfig)
+        parser.set_defaults(run=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -264,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_constitution(commands)
     _register_generate(commands)
     _register_label(commands)
+    _register_train(commands)
     _register_eval(commands)
     _register_prompts(commands)
     return parser

@@ -1,0 +1,238 @@
+"""`cai train sft|rm|dpo`: Ray Train jobs around TRL trainers.
+
+* sft: TRL's ``SFTTrainer`` on the ``messages`` column of SL-CAI data (and any other chat
+  data given with more ``--data``), as prompt/completion so only the answer is learned;
+* rm: a one-output sequence-classification head trained with the soft-label Bradley–Terry
+  loss on ``prompt/chosen/rejected`` (+ ``chosen_prob``; 1 when absent), extending TRL's
+  ``RewardTrainer``; pairwise accuracy on the held-out split (and the training pairs);
+* dpo: TRL's ``DPOTrainer`` on ``prompt/chosen/rejected``.
+
+Each ``*_loop`` runs on the Ray Train workers; ``run_*`` checks the data on the driver first
+(so bad data fails before any worker starts) and launches the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workflows.config import REQUIRED, option
+from workflows.training import (
+    TrainingDataError,
+    TrainingOptions,
+    TrainJob,
+    hf_train_loop,
+    load_training_data,
+    raise_on_problems,
+    run_training,
+    split,
+)
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = option(REQUIRED, "starting model: a local directory, a hub id, or 'default'")
+    data: list[str] = option(REQUIRED, "training data: cai generate/label run directories, Parquet/JSONL files or saved datasets")
+    out: str = option(REQUIRED, "directory for the trained model and training_summary.json")
+    beta: float = option(0.1, "DPO only: strength of the KL constraint to the reference model")
+    trust_remote_code: bool = option(False, "allow model code from the model directory or hub")
+    training: TrainingOptions = option(TrainingOptions(), "Ray Train and optimization")
+
+    def __post_init__(self) -> None:
+        raise_on_problems(self.training.problems() + ([] if self.beta > 0 else ["beta"]))
+
+
+def _model_dtype(use_gpu: bool):
+    import torch
+
+    return torch.bfloat16 if use_gpu else torch.float32
+
+
+def _common_args(cfg: dict[str, Any], output_dir: str, has_eval: bool) -> dict[str, Any]:
+    opts = cfg["training"]
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=opts["batch_size"],
+        per_device_eval_batch_size=opts["batch_size"],
+        gradient_accumulation_steps=opts["grad_accum"],
+        learning_rate=opts["lr"],
+        num_train_epochs=opts["epochs"],
+        max_steps=opts["max_steps"] or -1,
+        save_strategy="steps",
+        save_steps=opts["save_steps"],
+        save_total_limit=2,
+        logging_steps=opts["logging_steps"],
+        eval_strategy="no",
+        report_to=[] if opts["report_to"] == "none" else [opts["report_to"]],
+        seed=opts["seed"],
+        data_seed=opts["seed"],
+        use_cpu=not opts["use_gpu"],
+        bf16=opts["use_gpu"],
+        ddp_backend="nccl" if opts["use_gpu"] else "gloo",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _tokenizer(cfg: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# -- SFT ----------------------------------------------------------------------------------
+
+
+def _to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def _sft_data(paths):
+    data = load_training_data(paths, ["messages"])
+    bad = [i for i, m in enumerate(data["messages"][:1000]) if not m or m[-1]["role"] != "assistant"]
+    if bad:
+        raise TrainingDataError(f"rows {bad[:5]} of the SFT data do not end with an assistant message")
+    return data
+
+
+def build_sft(cfg: dict[str, Any], output_dir: str):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    opts = cfg["training"]
+    data = _sft_data(cfg["data"]).map(_to_prompt_completion, remove_columns=["messages"])
+    train, evaluation = split(data, opts["eval_split"], opts["seed"])
+    tokenizer = _tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model"], dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+    )
+    args = SFTConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
+                     completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    return trainer, tokenizer, {}
+
+
+def sft_loop(cfg: dict[str, Any]) -> None:
+    hf_train_loop(cfg, build_sft)
+
+
+# -- reward model -------------------------------------------------------------------------
+
+
+def _soft_label_trainer_class():
+    """TRL's RewardTrainer with the soft-label loss. ``chosen_prob`` travels through TRL's
+    collator in its ``margin`` slot (a per-pair float it already batches)."""
+    import torch
+    from trl import RewardTrainer
+
+    from workflows.losses import soft_preference_loss
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            chosen_prob = inputs.pop("margin")
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_preference_loss(rewards_chosen, rewards_rejected, chosen_prob)
+            with torch.no_grad():
+                accuracy = (rewards_chosen > rewards_rejected).float().mean()
+                self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+                margin = (rewards_chosen - rewards_rejected).mean()
+                self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer
+
+
+def _rm_data(paths):
+    data = load_training_data(paths, PREFERENCE_COLUMNS, keep=("chosen_prob",))
+    if "chosen_prob" in data.column_names:
+        probs = data["chosen_prob"]
+        outside = [i for i, p in enumerate(probs) if p is None or not 0.0 <= p <= 1.0]
+        if outside:
+            raise TrainingDataError(f"chosen_prob outside [0, 1] in rows {outside[:5]} (e.g. {probs[outside[0]]!r})")
+        return data.rename_column("chosen_prob", "margin")
+    return data.add_column("margin", [1.0] * len(data))  # hard labels: standard Bradley–Terry
+
+
+def build_rm(cfg: dict[str, Any], output_dir: str):
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig
+
+    opts = cfg["training"]
+    train, evaluation = split(_rm_data(cfg["data"]), opts["eval_split"], opts["seed"])
+    tokenizer = _tokenizer(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg["model"], num_labels=1, dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
+                        center_rewards_coefficient=None)
+    trainer = _soft_label_trainer_class()(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
+    )
+    return trainer, tokenizer, {"train_pairs": trainer.train_dataset}
+
+
+def rm_loop(cfg: dict[str, Any]) -> None:
+    hf_train_loop(cfg, build_rm)
+
+
+# -- DPO ----------------------------------------------------------------------------------
+
+
+def build_dpo(cfg: dict[str, Any], output_dir: str):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    opts = cfg["training"]
+    data = load_training_data(cfg["data"], PREFERENCE_COLUMNS)
+    train, evaluation = split(data, opts["eval_split"], opts["seed"])
+    tokenizer = _tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model"], dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+    )
+    args = DPOConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
+                     beta=cfg["beta"])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    return trainer, tokenizer, {}
+
+
+def dpo_loop(cfg: dict[str, Any]) -> None:
+    hf_train_loop(cfg, build_dpo)
+
+
+# -- driver -------------------------------------------------------------------------------
+
+LOOPS = {"sft": sft_loop, "rm": rm_loop, "dpo": dpo_loop}
+CHECKS = {
+    "sft": _sft_data,
+    "rm": _rm_data,
+    "dpo": lambda paths: load_training_data(paths, PREFERENCE_COLUMNS),
+}
+
+
+def run_train(kind: str, config: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from workflows.models import resolve_model
+
+    model = resolve_model(config.model)
+    CHECKS[kind](config.data)  # bad data fails here, before any worker starts
+    loop_config = {
+        "model": model,
+        "data": [str(Path(p).expanduser().resolve()) for p in config.data],
+        "beta": config.beta,
+        "trust_remote_code": config.trust_remote_code,
+        "training": asdict(config.training),
+    }
+    return run_training(TrainJob(kind=kind, out=Path(config.out), options=config.training, loop=LOOPS[kind],
+                                 loop_config=loop_config, config=config, data=config.data))
