@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class RunManifest:
     summary: dict[str, Any] = field(default_factory=dict)
     save_interval_s: float = 2.0
     _last_save: float = 0.0
+    _interval: float = 2.0
 
     @classmethod
     def open(cls, run_dir: Path, stage: str, identity: dict[str, Any], config: dict[str, Any]) -> RunManifest:
@@ -102,18 +103,21 @@ class RunManifest:
             "created": self.created,
             "updated": time.time(),
             "input": self.input,
-            "shards": {str(k): asdict(v) for k, v in sorted(self.shards.items())},
+            "shards": {str(k): vars(v).copy() for k, v in sorted(self.shards.items())},
             "summary": self.summary,
         }
 
     def save(self, *, force: bool = True) -> None:
         """Write atomically. With ``force=False`` skip if the last write was recent: with
-        thousands of shards, rewriting after every shard would dominate the driver's time."""
-        now = time.monotonic()
-        if not force and now - self._last_save < self.save_interval_s:
+        thousands of shards, rewriting after every shard would dominate the driver's time.
+        The interval stretches to ten times the last write's duration, so a huge manifest
+        never takes more than a tenth of the driver's time."""
+        if not force and time.monotonic() - self._last_save < self._interval:
             return
+        started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")), encoding="utf-8")
         os.replace(tmp, self.path)
-        self._last_save = now
+        self._last_save = time.monotonic()
+        self._interval = max(self.save_interval_s, 10 * (self._last_save - started))

@@ -91,30 +91,35 @@ def stage_inputs(source: str | Path, run_dir: Path, shard_size: int, *, limit: i
     inputs_dir = run_dir / "inputs"
     shards: list[ShardSpec] = []
     buffer: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    total = 0
+    total = rejected = 0
 
     def flush() -> None:
         write_parquet(inputs_dir / f"{shard_name(len(shards))}.parquet", buffer, INPUT_SCHEMA)
         shards.append(ShardSpec(len(shards), len(buffer)))
         buffer.clear()
 
-    for item in iter_prompts(source, limit=limit):
-        total += 1
-        if isinstance(item, Reject):
-            rejects.append({**item.to_dict(), "stage": "input"})
-            continue
-        buffer.append({"index": item.index, "id": item.id, "messages": list(item.messages)})
-        if len(buffer) == shard_size:
+    rejects_path = run_dir / "rejects" / INPUT_REJECTS
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = rejects_path.with_name(f".{rejects_path.name}.tmp-{os.getpid()}")
+    with partial.open("w", encoding="utf-8") as rejects:  # streamed, renamed when complete
+        for item in iter_prompts(source, limit=limit):
+            total += 1
+            if isinstance(item, Reject):
+                rejected += 1
+                rejects.write(json.dumps({**item.to_dict(), "stage": "input"}, ensure_ascii=False) + "\n")
+                continue
+            buffer.append({"index": item.index, "id": item.id, "messages": list(item.messages)})
+            if len(buffer) == shard_size:
+                flush()
+        if buffer:
             flush()
-    if buffer:
-        flush()
-    write_jsonl(run_dir / "rejects" / INPUT_REJECTS, rejects)
-    return StagedInputs(shards, total, len(rejects))
+    os.replace(partial, rejects_path)
+    return StagedInputs(shards, total, rejected)
 
 
 def read_shard_inputs(run_dir: Path, index: int) -> list[dict[str, Any]]:
-    return pq.read_table(run_dir / "inputs" / f"{shard_name(index)}.parquet").to_pylist()
+    # ParquetFile.read is ~3x faster than read_table for small files (no dataset discovery)
+    return pq.ParquetFile(run_dir / "inputs" / f"{shard_name(index)}.parquet").read().to_pylist()
 
 
 def shard_output_path(run_dir: Path, index: int) -> Path:
@@ -163,19 +168,19 @@ def _output_indices(path: Path, many_per_input: bool):
     import pyarrow.compute as pc
 
     if not path.exists():
-        return np.zeros(0, dtype=np.int64), 0
+        return np.zeros(0, dtype=np.int64)
     if not many_per_input:
-        column = pq.read_table(path, columns=["index"]).column("index").to_numpy()
-        return column, len(column)
-    table = pq.read_table(path, columns=["index", "id"])
+        return pq.ParquetFile(path).read(columns=["index"]).column("index").to_numpy()
+    table = pq.ParquetFile(path).read(columns=["index", "id"])
     if pc.count_distinct(table.column("id")).as_py() != table.num_rows:
         raise RowAccountingError(f"{path} holds duplicate row ids")
-    return np.unique(table.column("index").to_numpy()), table.num_rows
+    return np.unique(table.column("index").to_numpy())
 
 
 def verify_run(run_dir: Path, total_rows: int, shard_count: int, *, many_per_input: bool = False) -> Accounting:
     """Check that every input row index ``0..total_rows-1`` appears exactly once, either in
-    a data shard or in a rejects file. Reads only the ``index`` (and ``id``) columns.
+    a data shard or in a rejects file. Reads only the ``index`` (and ``id``) columns, shard
+    by shard, into a one-byte-per-row bitmap.
 
     With ``many_per_input`` (labelling: one output row per pair of a prompt) an input row
     may give several output rows, all in one shard with distinct ids; ``rows_out`` counts
@@ -183,26 +188,35 @@ def verify_run(run_dir: Path, total_rows: int, shard_count: int, *, many_per_inp
     """
     import numpy as np
 
-    pieces: list[np.ndarray] = []
+    seen = np.zeros(total_rows, dtype=bool)
+    duplicates: list[int] = []
+
+    def mark(indices: np.ndarray, where: str) -> None:
+        if len(indices) and (indices.min() < 0 or indices.max() >= total_rows):
+            raise RowAccountingError(f"{where}: row index outside 0..{total_rows - 1}")
+        unique, counts = np.unique(indices, return_counts=True)
+        duplicates.extend(unique[counts > 1][:5].tolist())
+        duplicates.extend(unique[seen[unique]][:5].tolist())
+        seen[unique] = True
+
     rows_out = rejected = 0
     for index in range(shard_count):
         rejects_path, path = shard_rejects_path(run_dir, index), shard_output_path(run_dir, index)
         if not rejects_path.exists():
             raise RowAccountingError(f"shard {index} is not complete (no {rejects_path})")
-        column, _ = _output_indices(path, many_per_input)
+        column = _output_indices(path, many_per_input)
+        mark(column, str(path))
         shard_rejects = np.asarray(_reject_indices(rejects_path), dtype=np.int64)
-        pieces += [column, shard_rejects]
+        mark(shard_rejects, str(rejects_path))
         rows_out += len(column)
         rejected += len(shard_rejects)
     input_rejects = np.asarray(_reject_indices(run_dir / "rejects" / INPUT_REJECTS), dtype=np.int64)
-    pieces.append(input_rejects)
+    mark(input_rejects, INPUT_REJECTS)
     rejected += len(input_rejects)
-    seen = np.sort(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.int64)
-    if len(seen) != total_rows or (len(seen) and not np.array_equal(seen, np.arange(total_rows))):
-        duplicates = seen[1:][seen[1:] == seen[:-1]][:5].tolist()
-        missing = np.setdiff1d(np.arange(total_rows), seen)[:5].tolist()
+    missing = np.flatnonzero(~seen)[:5].tolist()
+    if duplicates or missing:
         raise RowAccountingError(
             f"rows in {total_rows} != rows out {rows_out} + rejected {rejected} "
-            f"(duplicated indices {duplicates}, missing indices {missing})"
+            f"(duplicated indices {sorted(set(duplicates))[:5]}, missing indices {missing})"
         )
     return Accounting(total_rows, rows_out, rejected)

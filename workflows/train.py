@@ -22,6 +22,7 @@ from workflows.training import (
     TrainingDataError,
     TrainingOptions,
     TrainJob,
+    evaluate_split,
     hf_train_loop,
     load_training_data,
     raise_on_problems,
@@ -116,7 +117,7 @@ def build_sft(cfg: dict[str, Any], output_dir: str):
     args = SFTConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
                      completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
-    return trainer, tokenizer, {}
+    return trainer, tokenizer, evaluate_split
 
 
 def sft_loop(cfg: dict[str, Any]) -> None:
@@ -179,7 +180,38 @@ def build_rm(cfg: dict[str, Any], output_dir: str):
     trainer = _soft_label_trainer_class()(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
-    return trainer, tokenizer, {"train_pairs": trainer.train_dataset}
+    return trainer, tokenizer, measure_reward_model
+
+
+def measure_reward_model(trainer) -> dict[str, float]:
+    """Pairwise accuracy (chosen scored above rejected) on the held-out split and on the
+    training pairs, from the model's rewards on each tokenized pair."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from workflows.losses import pairwise_accuracy
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    for name, dataset in (("eval", trainer.eval_dataset), ("train", trainer.train_dataset)):
+        if dataset is None:
+            continue
+        chosen, rejected = [], []
+        loader = DataLoader(dataset.select_columns(["chosen_ids", "rejected_ids", "margin"]),
+                            batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+        with torch.no_grad():
+            for batch in loader:
+                batch.pop("margin")
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                rewards = model(**batch).logits.squeeze(-1).float()
+                c, r = torch.chunk(rewards, 2)
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+        metrics[f"{name}_pairwise_accuracy"] = pairwise_accuracy(torch.cat(chosen), torch.cat(rejected))
+    model.train(was_training)
+    return metrics
 
 
 def rm_loop(cfg: dict[str, Any]) -> None:
@@ -203,7 +235,7 @@ def build_dpo(cfg: dict[str, Any], output_dir: str):
     args = DPOConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
                      beta=cfg["beta"])
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
-    return trainer, tokenizer, {}
+    return trainer, tokenizer, evaluate_split
 
 
 def dpo_loop(cfg: dict[str, Any]) -> None:

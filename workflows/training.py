@@ -169,6 +169,7 @@ def resume_checkpoint() -> tuple[str | None, str | None]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None, None
+    print(f"cai train: resuming from {checkpoint.path}", flush=True)
     local = checkpoint.to_directory()
     final = Path(local) / FINAL_MODEL
     if final.exists():
@@ -266,12 +267,19 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     return summary
 
 
-def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], str], tuple[Any, Any, dict]]) -> None:
+def evaluate_split(trainer) -> dict[str, float]:
+    """The trainer's own evaluation on the held-out split (empty without one)."""
+    if trainer.eval_dataset is None:
+        return {}
+    return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+
+
+def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], str], tuple[Any, Any, Any]]) -> None:
     """The body of every job's train loop, on each worker: resume or start, train a
     Hugging Face / TRL trainer wired to Ray Train, report the final model.
 
-    ``build(loop_config, output_dir)`` returns (trainer, tokenizer, extra evaluation sets by
-    name); the held-out split and the extra sets are evaluated before and after training."""
+    ``build(loop_config, output_dir)`` returns (trainer, tokenizer, measure), where
+    ``measure(trainer) -> metrics`` runs before and after training."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     register_worker(loop_config)
@@ -279,20 +287,12 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], 
     if finished:  # a rerun after the job completed: hand back the same model
         report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
         return
-    trainer, tokenizer, extra_sets = build(loop_config, worker_output_dir(loop_config["name"]))
+    trainer, tokenizer, measure = build(loop_config, worker_output_dir(loop_config["name"]))
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
-
-    def evaluate() -> dict[str, float]:
-        sets = {"eval": trainer.eval_dataset} if trainer.eval_dataset is not None else {}
-        results: dict[str, float] = {}
-        for prefix, dataset in {**sets, **extra_sets}.items():
-            results.update(trainer.evaluate(dataset, metric_key_prefix=prefix))
-        return {k: v for k, v in results.items() if isinstance(v, (int, float))}
-
-    before = evaluate() if not resume else {}
+    before = measure(trainer) if not resume else {}
     trainer.train(resume_from_checkpoint=resume)
-    after = evaluate()
+    after = measure(trainer)
     history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     metrics = {
         "resumed_from_step": step_of(resume),

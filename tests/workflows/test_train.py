@@ -1,0 +1,204 @@
+"""`cai train sft|rm|dpo` as real Ray Train jobs (2 CPU workers, gloo) on the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from workflows.config import load_config
+from workflows.train import TrainConfig, run_train
+from workflows.training import TrainingDataError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sl_cai_data(ray_local, tiny_model, tmp_path_factory) -> str:
+    """SL-CAI data made by `cai generate` in this test session."""
+    from workflows.generate import GenerateConfig, run_generate
+
+    root = tmp_path_factory.mktemp("sl-cai")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"How can I be kind to person {i}?"}) + "\n" for i in range(24)))
+    run_generate(load_config(GenerateConfig, overrides=dict(
+        model=tiny_model, constitution="harmless", prompts=str(prompts), out=str(root / "run"), workers=1,
+        max_new_tokens=24, shard_size=12, enforce_eager=True, max_model_len=2048)))
+    return str(root / "run")
+
+
+@pytest.fixture(scope="module")
+def rl_cai_data(ray_local, tiny_model, tmp_path_factory) -> str:
+    """RL-CAI pairs made by `cai label` in this test session."""
+    from workflows.label import LabelConfig, run_label
+
+    root = tmp_path_factory.mktemp("rl-cai")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(16)))
+    run_label(load_config(LabelConfig, overrides=dict(
+        policy=tiny_model, constitution="harmless", prompts=str(prompts), out=str(root / "run"), samples=3,
+        max_new_tokens=16, workers=1, shard_size=8, enforce_eager=True, max_model_len=2048)))
+    return str(root / "run")
+
+
+def train_config(tiny_model, data, out, **training) -> TrainConfig:
+    values = dict(model=tiny_model, data=[str(d) for d in data], out=str(out), workers=2, batch_size=2,
+                  max_length=192, logging_steps=1, save_steps=4, max_steps=8, lr=1e-3)
+    values.update(training)
+    return load_config(TrainConfig, overrides=values)
+
+
+def weights_digest(directory) -> str:
+    return hashlib.sha256((Path(directory) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path):
+    out = tmp_path / "sft"
+    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=10))
+    losses = [h["loss"] for h in summary["history"]]
+    assert len(losses) >= 5 and all(l == l and abs(l) < 1e4 for l in losses), "finite losses"
+    assert losses[-1] < losses[0]
+    assert weights_digest(out) != weights_digest(tiny_model), "the parameters changed"
+    saved = json.loads((out / "training_summary.json").read_text())
+    assert saved["data"][0]["stage"] == "generate" and saved["config"]["model"] == tiny_model
+
+    from actors.engine import EngineOptions, VLLMEngineHost
+
+    host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
+        EngineOptions(model=str(out), max_model_len=1024, enforce_eager=True))
+    try:
+        (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], max_new_tokens=8))
+        assert len(completion.token_ids) > 0
+    finally:
+        ray.kill(host)
+
+
+def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as handle:
+        for i in range(48):
+            # the same random words; the chosen answer carries the marker where the rejected has another word
+            body = rng.sample(words, 6)
+            position = rng.randrange(7)
+            chosen = " ".join(body[:position] + ["harmless"] + body[position:])
+            rejected = " ".join(body[:position] + [rng.choice(words)] + body[position:])
+            handle.write(json.dumps({
+                "prompt": [{"role": "user", "content": f"Question {i}: is it safe?"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "chosen_prob": 0.9,
+            }) + "\n")
+    out = tmp_path / "rm"
+    summary = run_train("rm", train_config(tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
+                                           batch_size=4))
+    metrics = summary["metrics"]
+    assert metrics["train_pairwise_accuracy"] >= 0.8
+    assert metrics["train_pairwise_accuracy"] > metrics["before_train_pairwise_accuracy"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+
+
+def test_dpo_runs_and_saves(tiny_model, rl_cai_data, tmp_path):
+    out = tmp_path / "dpo"
+    summary = run_train("dpo", train_config(tiny_model, [rl_cai_data], out, max_steps=4))
+    assert summary["metrics"]["global_step"] == 4
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+
+
+def test_bad_data_fails_before_any_worker(tiny_model, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    with pytest.raises(TrainingDataError, match=r"missing column\(s\) \['rejected'\]"):
+        run_train("dpo", train_config(tiny_model, [rows], tmp_path / "x"))
+    rows.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_prob": 1.5}) + "\n")
+    with pytest.raises(TrainingDataError, match=r"chosen_prob outside \[0, 1\]"):
+        run_train("rm", train_config(tiny_model, [rows], tmp_path / "x"))
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        run_train("sft", train_config(tiny_model, [tmp_path / "nothing"], tmp_path / "x"))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def registered_steps(storage: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its snapshot lists them)."""
+    steps = []
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (ValueError, KeyError):  # being rewritten
+            continue
+        steps += [r["metrics"]["step"] for r in results if "step" in r.get("metrics", {})]
+    return steps
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(tiny_model, sl_cai_data, tmp_path):
+    out = tmp_path / "sft-fault"
+    storage = tmp_path / "storage"
+    config = train_config(tiny_model, [sl_cai_data], out, max_steps=60, save_steps=4, max_failures=1,
+                          storage_path=str(storage))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_train("sft", config)))
+    thread.start()
+    wait_for(lambda: registered_steps(storage), 300, "no registered checkpoint")
+    rank1 = json.loads(next(storage.glob("*/workers/rank-1.json")).read_text())
+    os.kill(rank1["pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result, "the job finished after the restart"
+    assert result["metrics"]["global_step"] == 60
+    assert result["metrics"]["resumed_from_step"] >= 4, "the restarted workers resumed from a checkpoint"
+
+
+def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_local, tmp_path):
+    out = tmp_path / "sft-resume"
+    storage = tmp_path / "storage"
+    argv = [sys.executable, "-m", "workflows.cli", "train", "sft", "--model", tiny_model, "--data", sl_cai_data,
+            "--out", str(out), "--workers", "2", "--batch-size", "2", "--max-length", "192", "--max-steps", "300",
+            "--save-steps", "10", "--logging-steps", "1", "--lr", "1e-3", "--storage-path", str(storage)]
+    first = subprocess.Popen(argv, env={**os.environ, "RAY_ADDRESS": ray_local["address"]},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: registered_steps(storage), 300, "no registered checkpoint")
+    finally:
+        # stop the job at once: the driver, and the training workers it owns (which would
+        # otherwise run on for a while after their owner is gone)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        for rank in storage.glob("*/workers/rank-*.json"):
+            try:
+                os.kill(json.loads(rank.read_text())["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(3)
+    saved = [json.loads(state.read_text())["global_step"]
+             for state in storage.glob("*/checkpoint_*/checkpoint/trainer_state.json")]
+    assert saved and max(saved) < 300 and not out.exists(), "stopped part-way"
+    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=300, save_steps=10,
+                                            storage_path=str(storage)))
+    resumed = summary["metrics"]["resumed_from_step"]
+    assert resumed in saved and resumed > 0, "continued from a saved checkpoint's step, not from scratch"
+    assert summary["metrics"]["global_step"] == 300
