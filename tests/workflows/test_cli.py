@@ -27,9 +27,10 @@ def test_every_command_help_describes_each_option_once():
         for action in options:
             assert action.help and action.help.strip(), f"{path}: {action.option_strings} has no help"
             flag = action.option_strings[0]
-            described = re.findall(rf"^  {re.escape(flag)}\b", text, flags=re.MULTILINE)
+            described = re.findall(rf"^  {re.escape(flag)}(?=[ ,=]|$)", text, flags=re.MULTILINE)
             assert len(described) == 1, f"{' '.join(path)} describes {flag} {len(described)} times"
     for expected in ["cai models tiny", "cai models default", "cai models chat", "cai constitution import",
+                     "cai generate", "cai label", "cai train sft", "cai train rm", "cai train dpo", "cai eval feedback",
                      "cai constitution validate", "cai constitution show", "cai prompts check"]:
         assert expected in seen_commands
 
