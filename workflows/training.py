@@ -291,7 +291,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], 
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
     before = measure(trainer) if not resume else {}
-    trainer.train(resume_from_checkpoint=resume)
+    run = trainer.train(resume_from_checkpoint=resume)
     after = measure(trainer)
     history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     metrics = {
@@ -300,6 +300,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], 
         "history": history,
         **{f"before_{k}": v for k, v in before.items()},
         **after,
+        **{k: v for k, v in run.metrics.items() if isinstance(v, (int, float))},  # train_runtime, samples/s
     }
 
     def save(target: str) -> None:
