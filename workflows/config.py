@@ -43,6 +43,18 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or invalid. The message names the field and source."""
 
 
+def failing(checks: dict[str, bool]) -> list[str]:
+    """Names of the fields whose check is False (for a config's ``problems()``)."""
+    return [name for name, ok in checks.items() if not ok]
+
+
+def require_valid(*problem_lists: list[str], hint: str = "") -> None:
+    """Raise one :class:`ConfigError` naming every invalid field as its flag."""
+    bad = [name for problems in problem_lists for name in problems]
+    if bad:
+        raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}{hint}")
+
+
 def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False):
     """Declare a config field: its default (or ``REQUIRED``) and its one help text.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.engine import EngineOptions
-from workflows.config import option
+from workflows.config import failing, option
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class EngineConfig:
             "max_model_len": self.max_model_len >= 0,
             "max_num_seqs": self.max_num_seqs >= 1,
         }
-        return [name for name, ok in checks.items() if not ok]
+        return failing(checks)
 
     def options(self, model: str, seed: int) -> EngineOptions:
         return EngineOptions(

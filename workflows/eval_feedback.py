@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workflows.config import REQUIRED, ConfigError, config_to_dict, option
+from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.models import resolve_model
 from workflows.ray_session import NAMESPACE, connect_ray
@@ -39,10 +39,8 @@ class EvalFeedbackConfig:
     engine: EngineConfig = option(EngineConfig(), "the vLLM engine")
 
     def __post_init__(self) -> None:
-        bad = [n for n, ok in {"limit": self.limit >= 0, "cot_max_new_tokens": self.cot_max_new_tokens >= 1}.items()
-               if not ok] + self.engine.problems()
-        if bad:
-            raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}")
+        require_valid(failing({"limit": self.limit >= 0, "cot_max_new_tokens": self.cot_max_new_tokens >= 1}),
+                      self.engine.problems())
         if self.cot and not self.chat:
             raise ConfigError("--cot needs --chat (the reasoning is the assistant's turn)")
 

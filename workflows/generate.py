@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
-from workflows.config import REQUIRED, ConfigError, config_to_dict, option
+from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.manifest import file_fingerprint
 from workflows.models import resolve_model
@@ -74,9 +74,7 @@ class GenerateConfig:
             "top_p": 0 < self.top_p <= 1,
             "repetition_penalty": self.repetition_penalty > 0,
         }
-        bad = [name for name, ok in checks.items() if not ok] + self.pool.problems() + self.engine.problems()
-        if bad:
-            raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}")
+        require_valid(failing(checks), self.pool.problems(), self.engine.problems())
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
 

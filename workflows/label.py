@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
-from workflows.config import REQUIRED, ConfigError, config_to_dict, option
+from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.manifest import file_fingerprint
 from workflows.models import resolve_model
@@ -84,10 +84,9 @@ class LabelConfig:
             "top_p": 0 < self.top_p <= 1,
             "repetition_penalty": self.repetition_penalty > 0,
         }
-        bad = [name for name, ok in checks.items() if not ok] + self.pool.problems() + self.engine.problems()
-        if bad:
-            hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-            raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}{hint}")
+        bad = failing(checks)
+        hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
+        require_valid(bad, self.pool.problems(), self.engine.problems(), hint=hint)
 
     def identity(self, policy: str, feedback: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
         """The settings that change the output; a rerun must match them to resume."""

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from workflows.config import option
+from workflows.config import failing, option
 from workflows.manifest import RunManifest, ShardState
 from workflows.placement import WorkerResources, bundle_options, release, reserve_workers, workers_that_fit
 from workflows.progress import RunProgress
@@ -53,7 +53,7 @@ class PoolConfig:
             "inflight_shards": self.inflight_shards >= 1,
             "max_attempts": self.max_attempts >= 1,
         }
-        return [name for name, ok in checks.items() if not ok]
+        return failing(checks)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workflows.config import REQUIRED, option
+from workflows.config import REQUIRED, option, require_valid
 from workflows.training import (
     TrainingDataError,
     TrainingOptions,
@@ -25,7 +25,6 @@ from workflows.training import (
     evaluate_split,
     hf_train_loop,
     load_training_data,
-    raise_on_problems,
     run_training,
     split,
 )
@@ -43,7 +42,7 @@ class TrainConfig:
     training: TrainingOptions = option(TrainingOptions(), "Ray Train and optimization")
 
     def __post_init__(self) -> None:
-        raise_on_problems(self.training.problems() + ([] if self.beta > 0 else ["beta"]))
+        require_valid(self.training.problems(), [] if self.beta > 0 else ["beta"])
 
 
 def _model_dtype(use_gpu: bool):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.config import ConfigError, config_to_dict, option
+from workflows.config import config_to_dict, failing, option
 from workflows.manifest import file_fingerprint
 
 FINAL_MODEL = "final_model"
@@ -59,12 +59,7 @@ class TrainingOptions:
             "save_steps": self.save_steps >= 1, "logging_steps": self.logging_steps >= 1,
             "max_failures": self.max_failures >= -1,
         }
-        return [name for name, ok in checks.items() if not ok]
-
-
-def raise_on_problems(problems: Sequence[str]) -> None:
-    if problems:
-        raise ConfigError(f"invalid value for {', '.join('--' + p.replace('_', '-') for p in problems)}")
+        return failing(checks)
 
 
 # -- data ---------------------------------------------------------------------------------
