@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ANSWER = ("A careful, honest answer explains the risks, suggests a safe alternative and stays helpful. " * 12).strip()
+REJECTED = ANSWER.replace("careful, honest", "careless, vague")
 
 
 def write_data(directory: Path) -> tuple[Path, Path]:
@@ -29,7 +30,7 @@ def write_data(directory: Path) -> tuple[Path, Path]:
             prompt = [{"role": "user", "content": f"Question {i}: how should I handle this safely?"}]
             s.write(json.dumps({"messages": prompt + [{"role": "assistant", "content": ANSWER}]}) + "\n")
             r.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": ANSWER}],
-                                "rejected": [{"role": "assistant", "content": ANSWER.upper()}],
+                                "rejected": [{"role": "assistant", "content": REJECTED}],
                                 "chosen_prob": 0.8}) + "\n")
     return sft, rm
 
@@ -43,9 +44,9 @@ def tokens_per_example(model: str, kind: str) -> int:
                                             return_dict=True)["input_ids"])
     if kind == "sft":
         return one
-    upper = len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": ANSWER.upper()}],
+    other = len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": REJECTED}],
                                               tokenize=True, return_dict=True)["input_ids"])
-    return one + upper
+    return one + other
 
 
 def main() -> None:
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=2, help="examples per worker per step")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
+    parser.add_argument("--jobs", nargs="+", default=["sft", "rm"], choices=["sft", "rm"], help="jobs to measure")
     args = parser.parse_args()
 
     from workflows.config import load_config
@@ -65,6 +67,8 @@ def main() -> None:
     sft, rm = write_data(work)
     rows = []
     for kind, data in (("sft", sft), ("rm", rm)):
+        if kind not in args.jobs:
+            continue
         per_example = tokens_per_example(model, kind)
         for workers in args.workers:
             config = load_config(TrainConfig, overrides=dict(

@@ -179,6 +179,8 @@ def build_rm(cfg: dict[str, Any], output_dir: str):
     trainer = _soft_label_trainer_class()(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
+    if len(trainer.train_dataset) == 0:  # TRL drops pairs longer than max_length
+        raise TrainingDataError(f"every training pair is longer than --max-length {opts['max_length']} tokens")
     return trainer, tokenizer, measure_reward_model
 
 
@@ -195,7 +197,7 @@ def measure_reward_model(trainer) -> dict[str, float]:
     model.eval()
     metrics = {}
     for name, dataset in (("eval", trainer.eval_dataset), ("train", trainer.train_dataset)):
-        if dataset is None:
+        if dataset is None or len(dataset) == 0:
             continue
         chosen, rejected = [], []
         loader = DataLoader(dataset.select_columns(["chosen_ids", "rejected_ids", "margin"]),
