@@ -9,6 +9,7 @@ CAI := $(VENV)/bin/cai
 STAMP := $(VENV)/.ray-cai-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup model test test-fast demo clean-demo help
 
@@ -42,7 +43,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/python -m workflows.demo --out $(DEMO_OUT)
+	$(VENV)/bin/python -m workflows.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

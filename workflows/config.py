@@ -292,7 +292,7 @@ def _flatten(cls, data, where: str) -> dict:
     return flat
 
 
-def _read_yaml(path) -> Any:
+def read_yaml(path) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
             return yaml.safe_load(handle) or {}
@@ -326,7 +326,7 @@ def load_config(cls, args: argparse.Namespace | None = None, *, config_file: str
     values = _default_values(cls)
     path = getattr(args, "config", None) or config_file
     if path:
-        values.update(_checked(cls, _flatten(cls, _read_yaml(path), f"in {path}"), f"in {path}"))
+        values.update(_checked(cls, _flatten(cls, read_yaml(path), f"in {path}"), f"in {path}"))
     if args is not None:
         given = {name: getattr(args, name) for name in _leaves(cls) if hasattr(args, name)}
         values.update(_checked(cls, given, "on the command line"))

@@ -1,20 +1,19 @@
-"""`make demo`: the pipeline on the embedded default model, on this machine.
+"""`make demo`: the whole method on the embedded default model, on this machine.
 
-Stages run in order, each as its own `cai` command would, and each prints what it made.
-Stages that later issues add (labelling, training, evaluation) join here as they land.
+Runs ``cai run --config configs/demo.yaml`` (every stage, with progress), then shows a few
+revisions and AI-labelled pairs and ends with where the evaluation report is. A rerun skips
+the stages already done.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from pathlib import Path
 
-from workflows.config import load_config
-from workflows.generate import GenerateConfig, run_generate
-from workflows.label import LabelConfig, run_label
+from workflows.config import read_yaml, load_config
 from workflows.models import materialize_default_model
+from workflows.pipeline import PipelineConfig, merge, parse_overrides, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,25 +43,26 @@ def show_labels(run_dir: Path, count: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.demo", description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="directory for the demo's runs")
+    parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--show", type=int, default=3, help="examples to print")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for cai run")
     args = parser.parse_args(argv)
-    out = Path(args.out)
 
     print(f"== model: {materialize_default_model()}")
-    print("== SL-CAI generation (cai generate --config configs/demo.yaml)")
-    config = load_config(GenerateConfig, config_file=str(ROOT / "configs" / "demo.yaml"),
-                         overrides={"out": str(out / "sl-cai"), "prompts": str(ROOT / "data" / "demo_prompts.jsonl")})
-    summary = run_generate(config)
-    print(json.dumps(summary, indent=2))
-    show_examples(Path(summary["out"]), args.show)
-
-    print("\n== RL-CAI labelling (cai label --config configs/demo_label.yaml)")
-    config = load_config(LabelConfig, config_file=str(ROOT / "configs" / "demo_label.yaml"),
-                         overrides={"out": str(out / "rl-cai"), "prompts": str(ROOT / "data" / "demo_prompts.jsonl")})
-    summary = run_label(config)
-    print(json.dumps(summary, indent=2))
-    show_labels(Path(summary["out"]), args.show)
+    print(f"== cai run --config configs/demo.yaml out={args.out}")
+    data = merge(read_yaml(ROOT / "configs" / "demo.yaml"), parse_overrides([f"out={args.out}", *args.overrides]))
+    data = {**data, "prompts": str(ROOT / data["prompts"]), "eval_prompts": str(ROOT / data["eval_prompts"])}
+    record = run_pipeline(load_config(PipelineConfig, overrides=data))
+    stages = record["stages"]
+    print("\n== SL-CAI: answers, critiques and revisions")
+    show_examples(Path(stages["generate"]["out"]), args.show)
+    print("\n== RL-CAI: pairs labelled by AI feedback")
+    show_labels(Path(stages["label"]["out"]), args.show)
+    print("\n== stages")
+    for name, stage in stages.items():
+        print(f"  {name:<9} {'skipped (done before)' if stage.get('skipped') else stage['status']:<22} {stage['out']}")
+    if record.get("report"):
+        print(f"\nreport: {record['report']}")
     return 0
 
 

@@ -25,6 +25,12 @@ from workflows.manifest import file_fingerprint
 
 FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"
+HOLD_ENV = "RAY_CAI_HOLD_AT_STEP"
+"""Fault drills: with ``RAY_CAI_HOLD_AT_STEP=N`` in the driver's environment, every worker
+stops once, right after the checkpoint of step N is reported, and waits to be killed (up to
+``HOLD_SECONDS``). It leaves ``held-rank-R`` beside the worker records, so a drill (or a test)
+knows when to kill a worker or the driver. A restarted job does not hold again."""
+HOLD_SECONDS = 600
 
 
 class TrainingDataError(ValueError):
@@ -157,6 +163,28 @@ def register_worker(loop_config: dict[str, Any]) -> None:
     (directory / f"rank-{info['rank']}.json").write_text(json.dumps(info))
 
 
+def hold_callback(loop_config: dict[str, Any]):
+    """The fault-drill hold (see ``HOLD_ENV``) as a Hugging Face trainer callback, or None."""
+    from transformers import TrainerCallback
+
+    step = loop_config.get("hold_at_step")
+    if not step:
+        return None
+    import ray.train
+
+    marker = Path(loop_config["workers_dir"]) / f"held-rank-{ray.train.get_context().get_world_rank()}"
+
+    class HoldAfterCheckpoint(TrainerCallback):
+        # on_step_begin of step N+1: checkpoint N has been saved and reported by now
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step and not marker.exists():
+                marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
+                print(f"cai train: holding after step {step} (fault drill)", flush=True)
+                time.sleep(HOLD_SECONDS)
+
+    return HoldAfterCheckpoint()
+
+
 def resume_checkpoint() -> tuple[str | None, str | None]:
     """(HF checkpoint dir to resume from, finished model dir), from Ray Train's latest."""
     import ray.train
@@ -206,6 +234,18 @@ class TrainJob:
     loop_config: dict[str, Any]
     config: Any
     data: Sequence[str]
+    # writes job-specific files (e.g. PPO's metrics.jsonl) into the output before it is published
+    extra_outputs: Callable[[Path, dict[str, Any]], None] | None = None
+
+
+def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
+    """The summary in ``out`` when the same config already trained there, else None."""
+    summary_path = out.expanduser().resolve() / SUMMARY
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("config") == config_to_dict(config):
+            return {**summary, "already_done": True}
+    return None
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
@@ -216,16 +256,21 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     from workflows.ray_session import connect_ray
 
     out = job.out.expanduser().resolve()
-    summary_path = out / SUMMARY
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("config") == config_to_dict(job.config):
-        return {**json.loads(summary_path.read_text()), "already_done": True}
+    done = finished_summary(out, job.config)
+    if done:
+        return done
     storage = job.options.storage_path or str(out.parent / f".{out.name}.ray-train")
     name = f"cai-train-{job.kind}-{out.name}"
     connect_ray()
     started = time.monotonic()
     trainer = TorchTrainer(
         job.loop,
-        train_loop_config={**job.loop_config, "workers_dir": str(Path(storage) / name / "workers"), "name": name},
+        train_loop_config={
+            **job.loop_config,
+            "workers_dir": str(Path(storage) / name / "workers"),
+            "name": name,
+            "hold_at_step": int(os.environ.get(HOLD_ENV, "0") or 0),
+        },
         scaling_config=ScalingConfig(num_workers=job.options.workers, use_gpu=job.options.use_gpu),
         run_config=RunConfig(
             name=name,
@@ -255,6 +300,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "data": data_lineage(job.data),
         "config": config_to_dict(job.config),
     }
+    if job.extra_outputs:
+        job.extra_outputs(staging, summary)
     (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -284,6 +331,9 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], 
         return
     trainer, tokenizer, measure = build(loop_config, worker_output_dir(loop_config["name"]))
     trainer.add_callback(RayTrainReportCallback())
+    hold = hold_callback(loop_config)
+    if hold is not None:
+        trainer.add_callback(hold)
     trainer = prepare_trainer(trainer)
     before = measure(trainer) if not resume else {}
     run = trainer.train(resume_from_checkpoint=resume)

@@ -17,7 +17,7 @@ import ray
 
 from workflows.config import load_config
 from workflows.train import TrainConfig, run_train
-from workflows.training import TrainingDataError
+from workflows.training import HOLD_ENV, TrainingDataError
 
 pytestmark = pytest.mark.slow
 
@@ -144,75 +144,73 @@ def wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(what)
 
 
-def saved_steps(storage: Path) -> list[int]:
-    """Steps of the Hugging Face checkpoints Ray Train has persisted so far."""
-    steps = []
-    for state in storage.glob("*/checkpoint_*/checkpoint/trainer_state.json"):
+def registered_step(storage: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered (its controller rewrites
+    checkpoint_manager_snapshot.json at each registration), or None."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
         try:
-            steps.append(json.loads(state.read_text())["global_step"])
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+            if latest:
+                state = snapshot.parent / latest["checkpoint_dir_name"] / "checkpoint" / "trainer_state.json"
+                return json.loads(state.read_text())["global_step"]
         except (OSError, ValueError, KeyError):  # being written
             continue
-    return steps
+    return None
 
 
-def two_checkpoints(storage: Path) -> bool:
-    """A second checkpoint on disk: the first has been registered by then."""
-    return len(set(saved_steps(storage))) >= 2
+def held_at(storage: Path, step: int, ranks: int = 2) -> bool:
+    """Every rank is holding after ``step`` and the controller has registered that checkpoint."""
+    return len(list(storage.glob("*/workers/held-rank-*"))) == ranks and registered_step(storage) == step
 
 
-FLAKY_TIMING = pytest.mark.xfail(
-    strict=False,
-    reason="timing-dependent on a loaded 2-core machine: the tiny model trains 300 steps in seconds, so the stop "
-    "can land before the first registered checkpoint or after the last (issue 5 note)",
-)
+def kill_workers(storage: Path) -> None:
+    for rank in storage.glob("*/workers/rank-*.json"):
+        try:
+            os.kill(json.loads(rank.read_text())["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-@FLAKY_TIMING
-def test_killed_worker_restarts_from_the_last_checkpoint(tiny_model, sl_cai_data, tmp_path):
+def test_killed_worker_restarts_from_the_last_checkpoint(tiny_model, sl_cai_data, tmp_path, monkeypatch):
     out = tmp_path / "sft-fault"
     storage = tmp_path / "storage"
-    config = train_config(tiny_model, [sl_cai_data], out, max_steps=60, save_steps=4, max_failures=1,
+    # every worker holds once after checkpoint 8 (training.HOLD_ENV): the kill lands at a known step
+    monkeypatch.setenv(HOLD_ENV, "8")
+    config = train_config(tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4, max_failures=1,
                           storage_path=str(storage))
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_train("sft", config)))
     thread.start()
-    wait_for(lambda: two_checkpoints(storage), 300, "no checkpoint")
-    rank1 = json.loads(next(storage.glob("*/workers/rank-1.json")).read_text())
-    os.kill(rank1["pid"], signal.SIGKILL)
-    thread.join(timeout=600)
+    try:
+        wait_for(lambda: held_at(storage, 8), 300, "the workers never held at step 8")
+        rank1 = json.loads(next(storage.glob("*/workers/rank-1.json")).read_text())
+        os.kill(rank1["pid"], signal.SIGKILL)
+        thread.join(timeout=600)
+    finally:
+        if thread.is_alive():
+            kill_workers(storage)
     assert result, "the job finished after the restart"
-    assert result["metrics"]["global_step"] == 60
-    assert result["metrics"]["resumed_from_step"] >= 4, "the restarted workers resumed from a checkpoint"
+    assert result["metrics"]["global_step"] == 16
+    assert result["metrics"]["resumed_from_step"] == 8, "the restarted workers resumed from checkpoint 8"
 
 
-@FLAKY_TIMING
 def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_local, tmp_path):
     out = tmp_path / "sft-resume"
     storage = tmp_path / "storage"
     argv = [sys.executable, "-m", "workflows.cli", "train", "sft", "--model", tiny_model, "--data", sl_cai_data,
-            "--out", str(out), "--workers", "2", "--batch-size", "2", "--max-length", "192", "--max-steps", "300",
-            "--save-steps", "10", "--logging-steps", "1", "--lr", "1e-3", "--storage-path", str(storage)]
-    first = subprocess.Popen(argv, env={**os.environ, "RAY_ADDRESS": ray_local["address"]},
+            "--out", str(out), "--workers", "2", "--batch-size", "2", "--max-length", "192", "--max-steps", "16",
+            "--save-steps", "4", "--logging-steps", "1", "--lr", "1e-3", "--storage-path", str(storage)]
+    first = subprocess.Popen(argv, env={**os.environ, "RAY_ADDRESS": ray_local["address"], HOLD_ENV: "12"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: two_checkpoints(storage), 300, "no checkpoint")
+        wait_for(lambda: held_at(storage, 12), 300, "the workers never held at step 12")
     finally:
-        # stop the job at once: the driver, and the training workers it owns (which would
-        # otherwise run on for a while after their owner is gone)
+        # stop the job: the driver, and the (holding) training workers it owns
         first.send_signal(signal.SIGKILL)
         first.wait()
-        for rank in storage.glob("*/workers/rank-*.json"):
-            try:
-                os.kill(json.loads(rank.read_text())["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    time.sleep(3)
-    saved = saved_steps(storage)
-    assert saved and max(saved) < 300 and not out.exists(), "stopped part-way"
-    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=300, save_steps=10,
+        kill_workers(storage)
+    assert not out.exists(), "stopped part-way"
+    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4,
                                             storage_path=str(storage)))
-    # Ray Train hands back the latest checkpoint it registered; one still being written when the
-    # job stopped is not among them, so the step is one of those saved, not necessarily the last
-    resumed = summary["metrics"]["resumed_from_step"]
-    assert resumed in saved and resumed > 0, "continued from a saved checkpoint's step, not from scratch"
-    assert summary["metrics"]["global_step"] == 300
+    assert summary["metrics"]["resumed_from_step"] == 12, "continued from the checkpoint's step, not from scratch"
+    assert summary["metrics"]["global_step"] == 16

@@ -1,0 +1,192 @@
+"""The two workers of `cai eval compare`: answer prompts with one model, judge answer pairs.
+
+:class:`AnswerWorker` hosts one model's engine and samples S answers per prompt.
+:class:`JudgeWorker` hosts the judge (feedback) model. For each prompt it compares the
+baseline's answer with each challenger's (answer i with answer i) under K feedback
+principles drawn from the constitution of the prompt's category (seeded by the prompt id,
+so every challenger and sample on a prompt is judged under the same principles), each in
+both option orders, with the multiple-choice soft-label machinery of `cai label`
+(:mod:`actors.preference`, :class:`actors.feedback_scorer.FeedbackScorer`).
+Both are plain classes, made Ray actors by the shared stage runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
+from actors.feedback_scorer import FeedbackScorer
+from actors.metrics import StageMetrics
+from actors.preference import comparison_messages
+from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
+from constitutions.loader import parse_constitution
+from constitutions.sampling import sample_feedback_ids
+from workflows.eval_stats import challenger_win_prob
+
+BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class AnswerWorker:
+    """Samples ``samples`` answers per prompt from one model."""
+
+    def __init__(self, engine: EngineOptions, settings: AnswerSettings, *, run_name: str = "", model_name: str = ""):
+        self.settings = settings
+        self.model_name = model_name or engine.model
+        self.metrics = StageMetrics("compare-answers", run_name)
+        self.host = VLLMEngineHost(engine)
+        self.sampler = OccupancySampler(self.host.running_requests)
+
+    def ready(self) -> dict[str, Any]:
+        return self.host.info()
+
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+
+    async def _row(self, row: dict[str, Any]) -> RowResult:
+        settings = self.settings
+        prompt = [dict(m) for m in row["messages"]]
+        try:
+            completions = await self.host.complete(
+                prompt, n=settings.samples, max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature, top_p=settings.top_p,
+            )
+        except PromptTooLongError as exc:
+            return [], reject(row, str(exc), "answer")
+        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
+            if engine_dead(exc):
+                raise
+            return [], reject(row, f"generation error: {type(exc).__name__}: {exc}", "answer")
+        tokens = sum(len(c.token_ids) for c in completions)
+        self.metrics.tokens(tokens)
+        self.metrics.prompt_done()
+        return [{
+            "index": row["index"],
+            "id": row["id"],
+            "prompt": prompt,
+            "answers": [c.text.strip() for c in completions],
+            "finish_reasons": [c.finish_reason or "" for c in completions],
+            "model": self.model_name,
+            "seed": settings.seed,
+            "generated_tokens": tokens,
+        }], None
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    baseline: str  # display names
+    challengers: tuple[str, ...]
+    principles: int
+    feedback_few_shot: bool
+    seed: int
+
+
+class JudgeWorker:
+    """Judges every (baseline, challenger) answer pair of a prompt.
+
+    ``items[prompt_id] = {"category": ..., "answers": {name: [answer per sample]}}`` for
+    prompts every model answered, else ``{"missing": reason}``; ``constitutions`` maps each
+    category to a constitution (as plain data).
+    """
+
+    def __init__(
+        self,
+        judge: EngineOptions,
+        constitutions: dict[str, dict[str, Any]],
+        items: dict[str, dict[str, Any]],
+        settings: JudgeSettings,
+        *,
+        run_name: str = "",
+        judge_name: str = "",
+    ):
+        self.settings = settings
+        self.items = items
+        self.constitutions = {cat: parse_constitution(c, source=f"<{cat} constitution>")
+                              for cat, c in constitutions.items()}
+        self.judge_name = judge_name or judge.model
+        self.metrics = StageMetrics("compare-judge", run_name)
+        self.scorer = FeedbackScorer(VLLMEngineHost(judge))
+        self.sampler = OccupancySampler(self.scorer.host.running_requests)
+
+    def ready(self) -> dict[str, Any]:
+        return self.scorer.host.info()
+
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+
+    async def _row(self, row: dict[str, Any]) -> RowResult:
+        item = self.items.get(row["id"])
+        if item is None or "missing" in item:
+            reason = item["missing"] if item else "no answers for this prompt id"
+            return [], reject(row, reason, "judge")
+        try:
+            return await self._judge_row(row, item), None
+        except (PromptTooLongError, ValueError) as exc:
+            return [], reject(row, f"judge: {exc}", "judge")
+        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
+            if engine_dead(exc):
+                raise
+            return [], reject(row, f"judging error: {type(exc).__name__}: {exc}", "judge")
+
+    async def _judge_row(self, row: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+        settings = self.settings
+        constitution = self.constitutions[item["category"]]
+        ids = sample_feedback_ids(constitution, settings.principles, seed=settings.seed, key=row["id"])
+        principles = [constitution.feedback_principle(pid) for pid in ids]
+        few_shot = constitution.feedback_few_shot if settings.feedback_few_shot else ()
+        prompt = [dict(m) for m in row["messages"]]
+        baseline_answers = item["answers"][settings.baseline]
+        pairs = [(c, i) for c in settings.challengers for i in range(len(baseline_answers))]
+        judged = await asyncio.gather(*(
+            self._judge_pair(prompt, (baseline_answers[i], item["answers"][c][i]), principles, few_shot)
+            for c, i in pairs
+        ))
+        self.metrics.prompt_done()
+        return [
+            {
+                "index": row["index"],
+                "id": f"{row['id']}/{challenger}/{sample}",
+                "prompt_id": row["id"],
+                "category": item["category"],
+                "prompt": prompt,
+                "baseline": settings.baseline,
+                "challenger": challenger,
+                "sample": sample,
+                "answer_a": baseline_answers[sample],
+                "answer_b": item["answers"][challenger][sample],
+                "identical": baseline_answers[sample] == item["answers"][challenger][sample],
+                "principle_ids": ids,
+                **scores,
+                "judge_model": self.judge_name,
+                "constitution_sha256": constitution.sha256,
+                "seed": settings.seed,
+            }
+            for (challenger, sample), scores in zip(pairs, judged)
+        ]
+
+    async def _judge_pair(self, prompt, answers: tuple[str, str], principles, few_shot) -> dict[str, Any]:
+        """P(option A) under each principle in both orders; the challenger's win probability."""
+        questions = [
+            comparison_messages(prompt, [answers[i] for i in order], p.text, few_shot=few_shot)
+            for p in principles for order in BOTH_ORDERS
+        ]
+        results = await asyncio.gather(*(self.scorer.score(q, 2, False) for q in questions))
+        first = [probs[0] for probs, _, _ in results]
+        per_principle = list(zip(first[0::2], first[1::2]))  # (baseline shown first, challenger shown first)
+        return {
+            "challenger_prob": challenger_win_prob(per_principle),
+            "principle_probs": [challenger_win_prob([p]) for p in per_principle],
+            "prob_a_baseline_first": first[0::2],
+            "prob_a_challenger_first": first[1::2],
+            "scoring_fallbacks": sum(1 for _, _, fallback in results if fallback),
+        }

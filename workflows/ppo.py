@@ -1,0 +1,178 @@
+"""`cai train ppo`: RL from AI feedback with PPO (Bai et al. 2022 §4; Ouyang et al. 2022).
+
+Reads top to bottom: config → check models, reward and prompts → render the prompts →
+start the rollout actors (vLLM engines whose weights follow the policy) → the learners as a
+Ray Train job (``workflows.ppo_learner``) → the final policy, ``training_summary.json`` and
+``metrics.jsonl`` (one line per PPO step) in ``--out``. Rerunning the same command resumes
+from the last checkpoint; ``--max-failures`` restarts the learners after one dies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from workflows.config import REQUIRED, ConfigError, failing, option, require_valid
+from workflows.engine_config import EngineConfig
+from workflows.models import resolve_model
+from workflows.ppo_learner import ppo_loop
+from workflows.prompt_data import load_prompts
+from workflows.ray_session import NAMESPACE
+from workflows.training import TrainingOptions, TrainJob, finished_summary, run_training
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    policy: str = option(REQUIRED, "starting policy (typically the SL-CAI SFT model): directory, hub id or 'default'")
+    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    out: str = option(REQUIRED, "directory for the final policy, training_summary.json and metrics.jsonl")
+    reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)")
+    reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)")
+    value_model: str = option("", "value model backbone (a fresh scalar head is added); default: the reward model, else the policy")
+    ref_model: str = option("", "frozen reference for the KL penalty; default: the starting policy")
+    steps: int = option(20, "PPO steps (one rollout batch and its update each)")
+    rollout_batch: int = option(16, "prompts per step, over all learners (one sampled answer each)")
+    minibatch: int = option(8, "answers per gradient step on each learner")
+    ppo_epochs: int = option(2, "passes over each rollout batch")
+    max_new_tokens: int = option(64, "longest sampled answer, in tokens")
+    temperature: float = option(1.0, "rollout sampling temperature (1 samples the policy itself)")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    kl_coef: float = option(0.05, "β: per-token penalty on log π − log π_ref (the starting value when adaptive)")
+    target_kl: float = option(0.0, "adaptive KL controller target (Ziegler et al. 2019); 0 = fixed β")
+    kl_horizon: int = option(10000, "adaptive KL controller horizon, in samples")
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "per-token KL estimator in the reward")
+    clip_range: float = option(0.2, "ε of the clipped policy loss")
+    clip_range_value: float = option(0.2, "clip range of the value loss")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE λ")
+    lr: float = option(1e-5, "learning rate (policy and value)")
+    max_grad_norm: float = option(1.0, "gradient clipping")
+    learners: int = option(1, "Ray Train workers holding policy, value, reference and reward models (DDP)")
+    rollout_workers: int = option(1, "vLLM rollout actors")
+    use_gpu: bool = option(False, "learners on GPUs (NCCL) and one GPU per rollout engine (times --tensor-parallel)")
+    save_steps: int = option(10, "checkpoint every N steps")
+    storage_path: str = option("", "where Ray Train keeps checkpoints; default beside --out")
+    max_failures: int = option(0, "learner restarts from the last checkpoint when one dies")
+    seed: int = option(0, "seed for prompt order, initialization and sampling")
+    engine: EngineConfig = option(EngineConfig(), "rollout engines")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "rollout_batch": self.rollout_batch >= 1, "minibatch": self.minibatch >= 1,
+            "ppo_epochs": self.ppo_epochs >= 1, "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature > 0, "top_p": 0 < self.top_p <= 1, "kl_coef": self.kl_coef >= 0,
+            "target_kl": self.target_kl >= 0, "kl_horizon": self.kl_horizon >= 1, "clip_range": self.clip_range > 0,
+            "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
+            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1, "lr": self.lr > 0,
+            "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
+            "rollout_workers": self.rollout_workers >= 1, "save_steps": self.save_steps >= 1,
+            "max_failures": self.max_failures >= -1,
+        }
+        require_valid(failing(checks), self.engine.problems())
+        if bool(self.reward_model) == bool(self.reward_fn):
+            raise ConfigError("give exactly one of --reward-model and --reward-fn")
+        if self.rollout_batch % self.learners:
+            raise ConfigError(f"--rollout-batch {self.rollout_batch} must divide evenly over --learners {self.learners}")
+        if self.minibatch > self.rollout_batch // self.learners:
+            raise ConfigError(f"--minibatch {self.minibatch} is larger than each learner's share of the rollout "
+                              f"batch ({self.rollout_batch // self.learners})")
+
+
+def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[list[list[int]], list[str], list[dict]]:
+    """Each usable prompt as chat-template token ids (and its text); rejects with reasons."""
+    from transformers import AutoTokenizer
+
+    prompt_set = load_prompts(cfg.prompts)
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.engine.trust_remote_code)
+    ids, texts, rejects = [], [], [r.to_dict() for r in prompt_set.rejects]
+    for row in prompt_set.rows:
+        rendered = tokenizer.apply_chat_template(list(row.messages), add_generation_prompt=True, tokenize=False)
+        tokens = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if len(tokens) + cfg.max_new_tokens > max_model_len:
+            rejects.append({"index": row.index, "id": row.id, "reason": f"prompt of {len(tokens)} tokens + "
+                            f"max_new_tokens {cfg.max_new_tokens} exceeds the context of {max_model_len}"})
+            continue
+        ids.append(tokens)
+        texts.append(row.prompt)
+    if not ids:
+        raise ConfigError(f"{cfg.prompts}: no usable prompts ({len(rejects)} rejected)")
+    return ids, texts, rejects
+
+
+def start_rollout_actors(cfg: PPOConfig, policy: str, run: str) -> dict[str, Any]:
+    """Named rollout actors (``cai-ppo-<run>-rollout-<i>``) by name, restarted by Ray if they
+    die. The caller keeps the handles: Ray ends an actor once no handle to it is left."""
+    import ray
+
+    from actors.rollout_worker import RolloutWorker
+
+    gpus = cfg.engine.tensor_parallel if cfg.use_gpu else 0
+    names = [f"cai-ppo-{run}-rollout-{i}" for i in range(cfg.rollout_workers)]
+    actors = [
+        ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, num_cpus=1, num_gpus=gpus, max_restarts=3,
+                                          max_task_retries=0)
+        .remote(cfg.engine.options(policy, cfg.seed))
+        for name in names
+    ]
+    ray.get([actor.info.remote() for actor in actors])
+    return dict(zip(names, actors))
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    import ray
+
+    from workflows.ray_session import connect_ray
+
+    policy = str(resolve_model(cfg.policy))
+    reward_model = str(resolve_model(cfg.reward_model)) if cfg.reward_model else ""
+    if cfg.reward_fn:
+        from workflows.rewards import load_reward_function
+
+        load_reward_function(cfg.reward_fn)  # fail here, not on the learners
+    settings = {
+        **asdict(cfg), "policy": policy, "reward_model": reward_model,
+        "value_model": str(resolve_model(cfg.value_model)) if cfg.value_model else (reward_model or policy),
+        "ref_model": str(resolve_model(cfg.ref_model)) if cfg.ref_model else policy,
+        "trust_remote_code": cfg.engine.trust_remote_code,  # one switch for the engines and the learners
+    }
+    max_model_len = cfg.engine.max_model_len or _model_context(policy)
+    prompt_ids, prompt_texts, rejects = render_prompts(cfg, policy, max_model_len)
+    out = Path(cfg.out).expanduser().resolve()
+    done = finished_summary(out, cfg)
+    if done:
+        return done
+
+    def write_outputs(staging: Path, summary: dict) -> None:
+        with (staging / METRICS).open("w") as handle:
+            for row in summary["history"]:
+                handle.write(json.dumps(row) + "\n")
+        if rejects:
+            (staging / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+        summary.update(prompts=len(prompt_ids), rejected=len(rejects))
+
+    connect_ray()
+    actors = start_rollout_actors(cfg, policy, out.name)
+    try:
+        return run_training(TrainJob(
+            kind="ppo", out=out,
+            options=TrainingOptions(workers=cfg.learners, use_gpu=cfg.use_gpu, storage_path=cfg.storage_path,
+                                    max_failures=cfg.max_failures, seed=cfg.seed, lr=cfg.lr),
+            loop=ppo_loop,
+            loop_config={"settings": settings, "prompt_ids": prompt_ids, "prompt_texts": prompt_texts,
+                         "rollout_actors": list(actors)},
+            config=cfg, data=[cfg.prompts], extra_outputs=write_outputs,
+        ))
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+
+
+def _model_context(path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 2048))
