@@ -1,0 +1,93 @@
+"""`cai run` and `cai status`: config wiring (fast), then every stage on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workflows.cli import main
+from workflows.config import ConfigError, load_config, read_yaml
+from workflows.pipeline import PipelineConfig, merge, parse_overrides, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_overrides_nest_dotted_keys_and_read_values_as_yaml():
+    assert parse_overrides(["rl=dpo", "generate.revisions=2", "ppo.lr=1e-6", "generate.pool.workers=3"]) == {
+        "rl": "dpo", "generate": {"revisions": 2, "pool": {"workers": 3}}, "ppo": {"lr": 1e-6}}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["generate.revisions"])
+    assert merge({"generate": {"revisions": 1, "seed": 0}}, {"generate": {"revisions": 2}}) == {
+        "generate": {"revisions": 2, "seed": 0}}
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cluster.yaml"])
+def test_shipped_pipeline_configs_plan_every_stage(name):
+    cfg = load_config(PipelineConfig, overrides=read_yaml(ROOT / "configs" / name))
+    stages = plan(cfg)
+    assert [s.name for s in stages] == ["generate", "sft", "label", "rm", "ppo", "eval"]
+    by_name = {s.name: s for s in stages}
+    # the wiring: SFT trains on SL-CAI data, labels come from the SFT policy, PPO uses the RM
+    assert by_name["sft"].config.data == [str(by_name["generate"].out)]
+    assert by_name["label"].config.policy == str(by_name["sft"].out)
+    assert by_name["ppo"].config.reward_model == str(by_name["rm"].out)
+    assert list(by_name["eval"].config.model_b) == [str(by_name["sft"].out), str(by_name["ppo"].out)]
+
+
+def test_a_bad_section_names_the_section(tmp_path):
+    base = dict(model="m", prompts="p.jsonl", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="in section `generate`: unknown key 'revisons'"):
+        plan(load_config(PipelineConfig, overrides={**base, "generate": {"revisons": 2}}))
+    with pytest.raises(ConfigError, match="`sft.model` is set by the pipeline"):
+        plan(load_config(PipelineConfig, overrides={**base, "sft": {"model": "x"}}))
+    assert [s.name for s in plan(load_config(PipelineConfig, overrides={**base, "rl": "dpo"}))][-1] == "dpo"
+
+
+ENGINE = {"enforce_eager": True, "max_model_len": 1024}
+
+
+@pytest.mark.slow
+def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"How do I do task {i}?"}) + "\n" for i in range(8)))
+    eval_prompts = tmp_path / "eval.jsonl"
+    eval_prompts.write_text("".join(
+        json.dumps({"id": f"e{i}", "category": "red_team" if i % 2 else "helpful", "prompt": f"Question {i}?"}) + "\n"
+        for i in range(4)))
+    train = {"workers": 1, "max_steps": 2, "batch_size": 2, "max_length": 256, "eval_split": 0.0, "lr": 1e-3}
+    config = tmp_path / "pipeline.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({
+        "model": tiny_model, "prompts": str(prompts), "eval_prompts": str(eval_prompts), "out": str(tmp_path / "run"),
+        "generate": {"max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
+        "sft": train, "rm": train,
+        "label": {"samples": 2, "max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
+        "ppo": {"steps": 2, "rollout_batch": 4, "minibatch": 4, "max_new_tokens": 12, **ENGINE},
+        "eval": {"principles": 1, "max_new_tokens": 12, "workers": 1, **ENGINE},
+    }))
+    assert main(["run", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    record = json.loads((run / "pipeline.json").read_text())
+    assert list(record["stages"]) == ["generate", "sft", "label", "rm", "ppo", "eval"]
+    assert all(stage["status"] == "done" for stage in record["stages"].values())
+    assert record["stages"]["generate"]["summary"]["rows_out"] == 8
+    for model_dir in ("sft", "rm", "ppo"):
+        assert (run / model_dir / "model.safetensors").stat().st_size > 0
+        assert (run / model_dir / "training_summary.json").exists()
+    assert len((run / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    report, plot = run / "eval" / "report.md", run / "eval" / "report.png"
+    assert report.stat().st_size > 0 and plot.stat().st_size > 0
+    assert "sft" in report.read_text() and "ppo" in report.read_text()
+
+    capsys.readouterr()
+    assert main(["run", "--config", str(config)]) == 0
+    rerun = json.loads((run / "pipeline.json").read_text())
+    assert all(stage.get("skipped") for stage in rerun["stages"].values()), "completed stages were skipped"
+    assert "skipped" in capsys.readouterr().out
+
+    assert main(["status", str(run)]) == 0
+    status = capsys.readouterr().out
+    assert "generate  done" in status and "shards 1/1" in status and "report:" in status
