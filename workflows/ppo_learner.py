@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import tempfile
 import time
@@ -277,6 +278,10 @@ def ppo_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(s["seed"] + rank)
+    if not s["use_gpu"]:
+        # Ray sets OMP_NUM_THREADS to the worker's 1 CPU; but rollouts (engines busy) and
+        # learning (learners busy) take turns, so on CPU nodes the learners use the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(s["policy"], trust_remote_code=s["trust_remote_code"])
     model = load_actor_critic(s["policy"], s["value_model"], trust_remote_code=s["trust_remote_code"])

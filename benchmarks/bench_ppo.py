@@ -1,0 +1,85 @@
+"""Seconds per PPO step of `cai train ppo`, split into rollout, scoring, training and weight sync.
+
+    .venv/bin/python benchmarks/bench_ppo.py --model default --steps 5 --rollout-batch 8 --max-new-tokens 64
+
+Runs the real job (Ray Train learners, vLLM rollout actors) on the given policy with a reward
+model of the same size: the policy's weights under a fresh one-output sequence-classification
+head, so scoring costs what a real reward model of that size costs. The first step (engine
+and allocator warm-up) is reported separately from the mean of the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("rollout_seconds", "scoring_seconds", "training_seconds", "sync_seconds")
+
+
+def reward_model_like(policy: str, out: Path) -> str:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rollout-batch", type=int, default=8)
+    parser.add_argument("--minibatch", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--learners", type=int, default=1)
+    parser.add_argument("--rollout-workers", type=int, default=1)
+    parser.add_argument("--eager", action="store_true", help="skip vLLM's torch.compile warm-up")
+    args = parser.parse_args()
+
+    from workflows.config import load_config
+    from workflows.models import resolve_model
+    from workflows.ppo import PPOConfig, run_ppo
+
+    policy = str(resolve_model(args.model))
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        source = (ROOT / "data" / "prompts" / "train.jsonl").read_text().splitlines()
+        prompts.write_text("\n".join(source[: args.rollout_batch * args.steps]) + "\n")
+        config = load_config(PPOConfig, overrides=dict(
+            policy=policy, reward_model=reward_model_like(policy, Path(tmp) / "rm"), prompts=str(prompts),
+            out=str(Path(tmp) / "ppo"), steps=args.steps, rollout_batch=args.rollout_batch, minibatch=args.minibatch,
+            ppo_epochs=1, max_new_tokens=args.max_new_tokens, learners=args.learners,
+            rollout_workers=args.rollout_workers, save_steps=args.steps + 1, enforce_eager=args.eager,
+            max_model_len=2048, lr=1e-6))
+        run_ppo(config)
+        history = [json.loads(line) for line in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+    rest = history[1:] or history
+    mean = {k: sum(row[k] for row in rest) / len(rest) for k in PHASES}
+    print(f"\nmodel {args.model}, {args.steps} steps of {args.rollout_batch} prompts x {args.max_new_tokens} new "
+          f"tokens, {args.learners} learner(s), {args.rollout_workers} rollout worker(s), eager={args.eager}\n")
+    print("| | rollout s | scoring s | training s | weight sync s | total s | tokens/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    first = history[0]
+    tokens = lambda row: round(row["response_length"] * args.rollout_batch)
+    print(f"| first step | {' | '.join(f'{first[k]:.2f}' for k in PHASES)} | {sum(first[k] for k in PHASES):.2f} "
+          f"| {tokens(first)} |")
+    print(f"| mean of steps 2-{len(history)} | {' | '.join(f'{mean[k]:.2f}' for k in PHASES)} | "
+          f"{sum(mean.values()):.2f} | {sum(tokens(r) for r in rest) / len(rest):.0f} |")
+    print(f"\nweight sync exactness: max |engine - learner| log-prob after sync "
+          f"{max(r['sync_logprob_diff'] for r in history):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
