@@ -6,8 +6,8 @@ Each field is declared once with :func:`option`; its help text feeds both ``--he
     dataclass defaults <- YAML file (--config) <- flags given on the command line <- overrides
 
 A value of the wrong type raises :class:`ConfigError` naming the field and where the value
-came from. Nothing is rewritten silently; the only conversions are int -> float and
-list -> tuple (YAML has no tuples).
+came from. Nothing is rewritten silently; the only conversions are int -> float, list -> tuple
+(YAML has no tuples) and '1e-6' -> float (YAML 1.1 reads exponents without a dot as strings).
 
     @dataclass(frozen=True)
     class ChatConfig:
@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any, Literal, Union
 import yaml
 
 REQUIRED: Any = dataclasses.MISSING
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 """Default for options without one: required on the command line unless the YAML sets it."""
 
 
@@ -237,6 +239,8 @@ def _conform(hint, value):
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; it is the number
     if hint is Path and isinstance(value, str):
         return Path(value)
     try:

@@ -68,18 +68,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is set to a value and used as a section")
-        node[leaf] = _scalar(yaml.safe_load(raw))
+        node[leaf] = yaml.safe_load(raw)
     return overrides
-
-
-def _scalar(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-6`` (no dot) as a string; on a command line it means the number."""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in "eE") and not value.isalpha() else value
-        except ValueError:
-            return value
-    return value
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

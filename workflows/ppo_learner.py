@@ -43,7 +43,7 @@ from workflows.ppo_policy import (
     weights_blob,
 )
 from workflows.ray_session import NAMESPACE
-from workflows.training import register_worker, report_final
+from workflows.training import hold_if_drilled, register_worker, report_final
 
 PPO_STATE = "ppo_state.json"
 
@@ -352,6 +352,8 @@ def ppo_loop(config: dict[str, Any]) -> None:
         save = (lambda d, st=state: save_checkpoint(d, core, tokenizer, optimizer, st)) \
             if state["step"] % s["save_steps"] == 0 and not last else None
         report_step({**state["history"][-1]}, state, save)
+        if save is not None:
+            hold_if_drilled(config, state["step"])
 
     def save_final(target: str) -> None:
         core.policy.save_pretrained(target, safe_serialization=True)

@@ -163,24 +163,32 @@ def register_worker(loop_config: dict[str, Any]) -> None:
     (directory / f"rank-{info['rank']}.json").write_text(json.dumps(info))
 
 
-def hold_callback(loop_config: dict[str, Any]):
-    """The fault-drill hold (see ``HOLD_ENV``) as a Hugging Face trainer callback, or None."""
-    from transformers import TrainerCallback
-
-    step = loop_config.get("hold_at_step")
-    if not step:
-        return None
+def hold_if_drilled(loop_config: dict[str, Any], step: int) -> None:
+    """The fault drill (see ``HOLD_ENV``): call after the checkpoint of ``step`` is reported.
+    Holds once per rank, then never again (a restarted job runs through)."""
+    if not step or loop_config.get("hold_at_step") != step:
+        return
     import ray.train
 
     marker = Path(loop_config["workers_dir"]) / f"held-rank-{ray.train.get_context().get_world_rank()}"
+    if marker.exists():
+        return
+    marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
+    print(f"cai train: holding after step {step} (fault drill)", flush=True)
+    time.sleep(HOLD_SECONDS)
+
+
+def hold_callback(loop_config: dict[str, Any]):
+    """The fault drill as a Hugging Face trainer callback, or None when no drill is asked."""
+    from transformers import TrainerCallback
+
+    if not loop_config.get("hold_at_step"):
+        return None
 
     class HoldAfterCheckpoint(TrainerCallback):
         # on_step_begin of step N+1: checkpoint N has been saved and reported by now
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step and not marker.exists():
-                marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
-                print(f"cai train: holding after step {step} (fault drill)", flush=True)
-                time.sleep(HOLD_SECONDS)
+            hold_if_drilled(loop_config, state.global_step)
 
     return HoldAfterCheckpoint()
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overrides_nest_dotted_keys_and_read_values_as_yaml():
     assert parse_overrides(["rl=dpo", "generate.revisions=2", "ppo.lr=1e-6", "generate.pool.workers=3"]) == {
-        "rl": "dpo", "generate": {"revisions": 2, "pool": {"workers": 3}}, "ppo": {"lr": 1e-6}}
+        "rl": "dpo", "generate": {"revisions": 2, "pool": {"workers": 3}}, "ppo": {"lr": "1e-6"}}
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["generate.revisions"])
     assert merge({"generate": {"revisions": 1, "seed": 0}}, {"generate": {"revisions": 2}}) == {
@@ -43,6 +43,9 @@ def test_a_bad_section_names_the_section(tmp_path):
     with pytest.raises(ConfigError, match="`sft.model` is set by the pipeline"):
         plan(load_config(PipelineConfig, overrides={**base, "sft": {"model": "x"}}))
     assert [s.name for s in plan(load_config(PipelineConfig, overrides={**base, "rl": "dpo"}))][-1] == "dpo"
+    # YAML 1.1 reads 1e-6 as a string; a float option takes it as the number
+    (ppo,) = [s for s in plan(load_config(PipelineConfig, overrides={**base, "ppo": {"lr": "1e-6"}})) if s.name == "ppo"]
+    assert ppo.config.lr == 1e-6
 
 
 ENGINE = {"enforce_eager": True, "max_model_len": 1024}
@@ -62,6 +65,8 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
 
     config.write_text(yaml.safe_dump({
         "model": tiny_model, "prompts": str(prompts), "eval_prompts": str(eval_prompts), "out": str(tmp_path / "run"),
+        # the SFT model labels its own answers: one engine in the label stage instead of two
+        "feedback_model": str(tmp_path / "run" / "sft"),
         "generate": {"max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
         "sft": train, "rm": train,
         "label": {"samples": 2, "max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
@@ -80,7 +85,7 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert len((run / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
     report, plot = run / "eval" / "report.md", run / "eval" / "report.png"
     assert report.stat().st_size > 0 and plot.stat().st_size > 0
-    assert "sft" in report.read_text() and "ppo" in report.read_text()
+    assert "sft" in report.read_text() and "ppo" in report.read_text()  # vLLM served both trained models
 
     capsys.readouterr()
     assert main(["run", "--config", str(config)]) == 0
