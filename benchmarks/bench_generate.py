@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=0, help="cai shard size (default: prompts / 2)")
     parser.add_argument("--mode", choices=["fixed", "variable", "both"], default="both", help="output lengths")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile on either side")
+    parser.add_argument("--repeats", type=int, default=1, help="trials per side, alternating which side runs first")
     parser.add_argument("--side", choices=["raw", "cai"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,26 +156,34 @@ def main() -> None:
     modes = ["fixed", "variable"] if args.mode == "both" else [args.mode]
     results = {}
     for mode in modes:
-        for which in ("raw", "cai"):
-            argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--side", which, "--workdir", str(workdir)]
-            completed = subprocess.run(argv, env=env, capture_output=True, text=True)
-            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-            if completed.returncode or not lines:
-                sys.stderr.write(completed.stderr[-4000:])
-                raise SystemExit(f"{which}/{mode} failed (exit {completed.returncode})")
-            results[(mode, which)] = json.loads(lines[-1][len("RESULT "):])
+        for trial in range(args.repeats):
+            # alternate which side goes first, so a drift in machine load hits both alike
+            for which in ("raw", "cai") if trial % 2 == 0 else ("cai", "raw"):
+                results[(mode, which, trial)] = run_side(args, mode, which, workdir, env)
     print(f"model {args.model}, {args.prompts} prompts, {args.revisions} revision round(s), "
-          f"{args.max_new_tokens} max new tokens, eager={args.enforce_eager}\n")
-    print("| mode | side | tokens | seconds | tokens/s | mean running | occupancy |")
-    print("|---|---|---|---|---|---|---|")
-    for (mode, which), r in results.items():
-        print(f"| {mode} | {which} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_second']:.1f} | "
+          f"{args.max_new_tokens} max new tokens, eager={args.enforce_eager}, {args.repeats} trial(s)\n")
+    print("| mode | trial | side | tokens | seconds | tokens/s | mean running | occupancy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (mode, which, trial), r in sorted(results.items()):
+        print(f"| {mode} | {trial + 1} | {which} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_second']:.1f} | "
               f"{r['mean_running']:.1f} | {r['occupancy']:.2f} |")
     for mode in modes:
-        raw, cai = results[(mode, "raw")], results[(mode, "cai")]
-        print(f"\n{mode}: cai/raw tokens/s = {cai['tokens_per_second'] / raw['tokens_per_second']:.3f}, "
-              f"occupancy cai {cai['occupancy']:.2f} vs raw {raw['occupancy']:.2f}")
+        ratios = [results[(mode, "cai", t)]["tokens_per_second"] / results[(mode, "raw", t)]["tokens_per_second"]
+                  for t in range(args.repeats)]
+        occupancy = {w: statistics.mean(results[(mode, w, t)]["occupancy"] for t in range(args.repeats))
+                     for w in ("cai", "raw")}
+        print(f"\n{mode}: cai/raw tokens/s per trial {', '.join(f'{r:.3f}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.3f}; occupancy cai {occupancy['cai']:.2f} vs raw {occupancy['raw']:.2f}")
 
+
+def run_side(args, mode: str, which: str, workdir: Path, env: dict) -> dict:
+    argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--side", which, "--workdir", str(workdir)]
+    completed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode or not lines:
+        sys.stderr.write(completed.stderr[-4000:])
+        raise SystemExit(f"{which}/{mode} failed (exit {completed.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
 
 if __name__ == "__main__":
     main()
