@@ -125,7 +125,8 @@ def side(args: argparse.Namespace) -> None:
     if args.side == "raw":
         result = run_raw(args, prompts)
     else:
-        result = run_cai(args, prompts, workdir / f"cai-{args.mode}")
+        # a fresh run directory per trial: the same one would resume (and skip) the finished run
+        result = run_cai(args, prompts, Path(tempfile.mkdtemp(dir=workdir, prefix=f"cai-{args.mode}-")))
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["occupancy"] = result["mean_running"] / min(args.max_num_seqs, args.prompts)
     print("RESULT " + json.dumps(result), flush=True)
