@@ -133,11 +133,9 @@ def register_jobs(commands) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workflows.pipeline import PipelineConfig, merge, parse_overrides, run_pipeline
-    from workflows.config import load_config, read_yaml
+    from workflows.pipeline import load_pipeline_config, run_pipeline
 
-    data = merge(read_yaml(args.config), parse_overrides(args.overrides))
-    record = run_pipeline(load_config(PipelineConfig, overrides=data))
+    record = run_pipeline(load_pipeline_config(args.config, args.overrides))
     for name, stage in record["stages"].items():
         print(f"{name:<9} {'skipped' if stage.get('skipped') else stage['status']:<8} {stage['out']}")
     if record.get("report"):

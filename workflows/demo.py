@@ -11,9 +11,8 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from workflows.config import read_yaml, load_config
 from workflows.models import materialize_default_model
-from workflows.pipeline import PipelineConfig, merge, parse_overrides, run_pipeline
+from workflows.pipeline import load_pipeline_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== model: {materialize_default_model()}")
     print(f"== cai run --config configs/demo.yaml out={args.out}")
-    data = merge(read_yaml(ROOT / "configs" / "demo.yaml"), parse_overrides([f"out={args.out}", *args.overrides]))
-    data = {**data, "prompts": str(ROOT / data["prompts"]), "eval_prompts": str(ROOT / data["eval_prompts"])}
-    record = run_pipeline(load_config(PipelineConfig, overrides=data))
+    config = load_pipeline_config(ROOT / "configs" / "demo.yaml", [f"out={args.out}", *args.overrides], base_dir=ROOT)
+    record = run_pipeline(config)
     stages = record["stages"]
     print("\n== SL-CAI: answers, critiques and revisions")
     show_examples(Path(stages["generate"]["out"]), args.show)

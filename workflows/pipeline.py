@@ -72,6 +72,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def load_pipeline_config(path, overrides: list[str], *, base_dir: Path | None = None) -> PipelineConfig:
+    """The config of ``cai run``: the YAML file with dotted ``key=value`` overrides on top.
+    With ``base_dir``, relative prompt paths are read from there (the demo's own files)."""
+    from workflows.config import read_yaml
+
+    data = merge(read_yaml(path), parse_overrides(overrides))
+    if base_dir is not None:
+        for key in ("prompts", "eval_prompts"):
+            if data.get(key) and not Path(data[key]).is_absolute():
+                data[key] = str(base_dir / data[key])
+    return load_config(PipelineConfig, overrides=data)
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
