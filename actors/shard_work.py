@@ -87,7 +87,19 @@ async def run_rows(
         "seconds": seconds,
         "started_at": started_at,
         "finished_at": time.time(),
-        "worker": f"{os.uname().nodename}:{os.getpid()}",
+        "worker": worker_label(),
         "occupancy_sum": occupancy_sum,
         "occupancy_samples": occupancy_samples,
     }
+
+
+def worker_label() -> str:
+    """``<actor name> <host>:<pid>`` (the name only inside a named Ray actor): who did a shard."""
+    where = f"{os.uname().nodename}:{os.getpid()}"
+    try:
+        import ray
+
+        name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray the host and pid still say who
+        name = None
+    return f"{name} {where}" if name else where

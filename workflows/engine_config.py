@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from actors.engine import EngineOptions
 from workflows.config import failing, option
@@ -27,9 +28,10 @@ class EngineConfig:
         }
         return failing(checks)
 
-    def options(self, model: str, seed: int) -> EngineOptions:
+    def options(self, model: str, seed: int, source: Any = None) -> EngineOptions:
+        """Engine options for ``model``; ``source`` (a ``ModelSource``) tells each node where to find it."""
         return EngineOptions(
-            model=model, seed=seed, tensor_parallel_size=self.tensor_parallel,
+            model=model, seed=seed, model_source=source, tensor_parallel_size=self.tensor_parallel,
             max_model_len=self.max_model_len or None, max_num_seqs=self.max_num_seqs, dtype=self.dtype,
             enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code,
         )

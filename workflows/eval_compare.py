@@ -38,11 +38,13 @@ import pyarrow as pa
 from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
+from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.eval_report import write_markdown, write_plot
 from workflows.eval_stats import CATEGORIES, summarize
 from workflows.manifest import file_fingerprint
+from workflows.model_preflight import prepare_model
 from workflows.models import resolve_model
 from workflows.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
 from workflows.shards import MESSAGE, write_jsonl
@@ -91,6 +93,7 @@ class EvalCompareConfig:
     report_samples: int = option(3, "prompts per category shown with their answers side by side in report.md")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines (the same settings for every model and the judge)")
+    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
         names_ok = not self.names or (len(self.names) == 1 + len(self.model_b) and all(n.strip() for n in self.names)
@@ -107,7 +110,7 @@ class EvalCompareConfig:
         }
         bad = failing(checks)
         hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), hint=hint)
+        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
         if self.samples_per_prompt > 1 and self.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
@@ -190,6 +193,11 @@ def _as_json(identity: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(identity))
 
 
+def _sub_run(cluster: ClusterOptions, part: str) -> ClusterOptions:
+    # one --run-name names several sequential stage runs here: each gets its own suffix
+    return dataclasses.replace(cluster, run_name=f"{cluster.run_name}-{part}") if cluster.run_name else cluster
+
+
 def _stage_pool(config: EvalCompareConfig) -> PoolConfig:
     # --limit was applied when the prompts were staged; the stages take every usable row.
     return dataclasses.replace(config.pool, limit=0)
@@ -198,6 +206,7 @@ def _stage_pool(config: EvalCompareConfig) -> PoolConfig:
 def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: dict[str, Any], out: Path):
     settings = AnswerSettings(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p,
                               config.seed)
+    source = prepare_model(model.path, model.spec, config.cluster)
     job = StageJob(
         stage="compare-answers",
         out=out / "answers" / model.slug,
@@ -208,9 +217,11 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         config=config_to_dict(config),
         output_schema=ANSWER_SCHEMA,
         worker_cls=AnswerWorker,
-        worker_args=(config.engine.options(model.path, config.seed), settings),
+        worker_args=(config.engine.options(model.path, config.seed, source), settings),
         worker_kwargs={"model_name": model.name},
         max_num_seqs=config.engine.max_num_seqs,
+        cluster=_sub_run(config.cluster, model.slug),
+        models=(source,),
     )
     return run_stage(job)
 
@@ -253,6 +264,7 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
     settings = JudgeSettings(models[0].name, tuple(m.name for m in models[1:]), config.principles,
                              config.feedback_few_shot, config.seed)
     answers_sha = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+    source = prepare_model(judge, config.judge, config.cluster)
     job = StageJob(
         stage="compare-judge",
         out=out / "judgements",
@@ -264,11 +276,13 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         config=config_to_dict(config),
         output_schema=JUDGEMENT_SCHEMA,
         worker_cls=JudgeWorker,
-        worker_args=(config.engine.options(judge, config.seed), {c: k.to_dict() for c, k in constitutions.items()},
+        worker_args=(config.engine.options(judge, config.seed, source), {c: k.to_dict() for c, k in constitutions.items()},
                      items, settings),
         worker_kwargs={"judge_name": config.judge},
         max_num_seqs=config.engine.max_num_seqs,
         many_per_input=True,
+        cluster=_sub_run(config.cluster, "judge"),
+        models=(source,),
     )
     return run_stage(job)
 

@@ -15,9 +15,11 @@ import pyarrow as pa
 
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
+from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.manifest import file_fingerprint
+from workflows.model_preflight import prepare_model
 from workflows.models import resolve_model
 from workflows.shards import MESSAGE
 from workflows.stage_runner import PoolConfig, StageJob, run_stage
@@ -64,6 +66,7 @@ class GenerateConfig:
     seed: int = option(0, "seed for principle sampling (per row id) and the engines")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engine in each worker")
+    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,7 +77,7 @@ class GenerateConfig:
             "top_p": 0 < self.top_p <= 1,
             "repetition_penalty": self.repetition_penalty > 0,
         }
-        require_valid(failing(checks), self.pool.problems(), self.engine.problems())
+        require_valid(failing(checks), self.pool.problems(), self.engine.problems(), self.cluster.problems())
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
 
@@ -101,6 +104,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         raise ConfigError(f"--few-shot {config.few_shot}: the constitution has {len(constitution.few_shot)} examples")
     settings = ChainSettings(config.revisions, config.max_new_tokens, config.temperature, config.top_p,
                              config.few_shot, config.seed, config.ignore_eos, config.repetition_penalty)
+    source = prepare_model(model_path, config.model, config.cluster)
     job = StageJob(
         stage="generate",
         out=Path(config.out).expanduser(),
@@ -110,8 +114,10 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,
-        worker_args=(config.engine.options(model_path, config.seed), constitution.to_dict(), settings),
+        worker_args=(config.engine.options(model_path, config.seed, source), constitution.to_dict(), settings),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs,
+        cluster=config.cluster,
+        models=(source,),
     )
     return run_stage(job)

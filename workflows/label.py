@@ -15,9 +15,11 @@ import pyarrow as pa
 
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
+from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.manifest import file_fingerprint
+from workflows.model_preflight import prepare_model
 from workflows.models import resolve_model
 from workflows.shards import MESSAGE
 from workflows.stage_runner import PoolConfig, StageJob, run_stage
@@ -72,6 +74,7 @@ class LabelConfig:
     seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines in each worker")
+    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
         checks = {
@@ -86,7 +89,7 @@ class LabelConfig:
         }
         bad = failing(checks)
         hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), hint=hint)
+        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
 
     def identity(self, policy: str, feedback: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
         """The settings that change the output; a rerun must match them to resume."""
@@ -111,7 +114,9 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
         repetition_penalty=config.repetition_penalty, seed=config.seed,
     )
-    feedback_options = config.engine.options(feedback, config.seed) if feedback != policy else None
+    policy_source = prepare_model(policy, config.policy, config.cluster)
+    feedback_source = prepare_model(feedback, config.feedback_model, config.cluster) if feedback != policy else None
+    feedback_options = config.engine.options(feedback, config.seed, feedback_source) if feedback_source else None
     job = StageJob(
         stage="label",
         out=Path(config.out).expanduser(),
@@ -121,10 +126,12 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,
-        worker_args=(config.engine.options(policy, config.seed), feedback_options, constitution.to_dict(), settings),
+        worker_args=(config.engine.options(policy, config.seed, policy_source), feedback_options, constitution.to_dict(), settings),
         worker_kwargs={"policy_name": config.policy, "feedback_name": config.feedback_model or config.policy},
         max_num_seqs=config.engine.max_num_seqs,
         many_per_input=True,
+        cluster=config.cluster,
+        models=tuple(s for s in (policy_source, feedback_source) if s is not None),
     )
     summary = run_stage(job)
     summary.update(label_statistics(job.out))

@@ -64,16 +64,23 @@ class RunManifest:
     input: dict[str, Any] = field(default_factory=dict)
     shards: dict[int, ShardState] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
     save_interval_s: float = 2.0
     _last_save: float = 0.0
     _interval: float = 2.0
 
     @classmethod
-    def open(cls, run_dir: Path, stage: str, identity: dict[str, Any], config: dict[str, Any]) -> RunManifest:
-        """Load the run's manifest if present (checking it is the same run) or start one."""
+    def open(cls, run_dir: Path, stage: str, identity: dict[str, Any], config: dict[str, Any],
+             *, run_name: str = "") -> RunManifest:
+        """Load the run's manifest if present (checking it is the same run) or start one.
+
+        The run id is kept here from the first start (see ``workflows.run_identity``)."""
+        from workflows.run_identity import settle_run_id
+
         path = Path(run_dir) / MANIFEST
         if not path.exists():
-            return cls(path=path, stage=stage, identity=identity, config=config)
+            return cls(path=path, stage=stage, identity=identity, config=config,
+                       run_id=settle_run_id(Path(run_dir), None, run_name))
         data = json.loads(path.read_text(encoding="utf-8"))
         previous = data.get("identity", {})
         if data.get("stage") != stage or previous != identity:
@@ -92,12 +99,15 @@ class RunManifest:
             input=data.get("input", {}),
             shards={int(k): ShardState(**v) for k, v in data.get("shards", {}).items()},
             summary=data.get("summary", {}),
+            # manifests written before run ids existed get one now, kept from here on
+            run_id=settle_run_id(Path(run_dir), data.get("run_id"), run_name),
         )
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
+            "run_id": self.run_id,
             "identity": self.identity,
             "config": self.config,
             "created": self.created,

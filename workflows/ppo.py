@@ -10,17 +10,20 @@ from the last checkpoint; ``--max-failures`` restarts the learners after one die
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, ConfigError, failing, option, require_valid
 from workflows.engine_config import EngineConfig
 from workflows.models import resolve_model
 from workflows.ppo_learner import ppo_loop
 from workflows.prompt_data import load_prompts
 from workflows.ray_session import NAMESPACE
-from workflows.training import TrainingOptions, TrainJob, finished_summary, run_training
+from workflows.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
+from workflows.training import TrainingOptions, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"
 
@@ -60,6 +63,7 @@ class PPOConfig:
     max_failures: int = option(0, "learner restarts from the last checkpoint when one dies")
     seed: int = option(0, "seed for prompt order, initialization and sampling")
     engine: EngineConfig = option(EngineConfig(), "rollout engines")
+    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
         checks = {
@@ -73,7 +77,7 @@ class PPOConfig:
             "rollout_workers": self.rollout_workers >= 1, "save_steps": self.save_steps >= 1,
             "max_failures": self.max_failures >= -1,
         }
-        require_valid(failing(checks), self.engine.problems())
+        require_valid(failing(checks), self.engine.problems(), self.cluster.problems())
         if bool(self.reward_model) == bool(self.reward_fn):
             raise ConfigError("give exactly one of --reward-model and --reward-fn")
         if self.rollout_batch % self.learners:
@@ -104,28 +108,46 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
     return ids, texts, rejects
 
 
-def start_rollout_actors(cfg: PPOConfig, policy: str, run: str) -> dict[str, Any]:
-    """Named rollout actors (``cai-ppo-<run>-rollout-<i>``) by name, restarted by Ray if they
-    die. The caller keeps the handles: Ray ends an actor once no handle to it is left."""
+def rollout_resources(cfg: PPOConfig) -> WorkerResources:
+    """One rollout engine: a CPU, and its tensor-parallel GPUs on GPU clusters (one bundle, one node)."""
+    return WorkerResources(cpus=1, gpus=cfg.engine.tensor_parallel if cfg.use_gpu else 0)
+
+
+def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = None,
+                         report=None) -> tuple[dict[str, Any], Any]:
+    """Named rollout actors (``cai-ppo-<run>-rollout-<i>``) in their own placement group, and
+    the group. Ray restarts an actor that dies (in its bundle). The caller keeps the handles:
+    Ray ends an actor once no handle to it is left."""
     import ray
 
     from actors.rollout_worker import RolloutWorker
 
-    gpus = cfg.engine.tensor_parallel if cfg.use_gpu else 0
-    names = [f"cai-ppo-{run}-rollout-{i}" for i in range(cfg.rollout_workers)]
-    actors = [
-        ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, num_cpus=1, num_gpus=gpus, max_restarts=3,
-                                          max_task_retries=0)
-        .remote(cfg.engine.options(policy, cfg.seed))
-        for name in names
-    ]
-    ray.get([actor.info.remote() for actor in actors])
-    return dict(zip(names, actors))
+    resources = rollout_resources(cfg)
+    pg = reserve_workers(cfg.rollout_workers, resources, name=f"cai-ppo-{run}-rollout",
+                         timeout_s=cfg.cluster.placement_timeout, report=report)
+    try:
+        if source is not None:
+            from workflows.model_preflight import nodes_of_placement_group, preflight_models
+
+            preflight_models((source,), nodes_of_placement_group(pg), timeout_s=cfg.cluster.placement_timeout or None)
+        names = [f"cai-ppo-{run}-rollout-{i}" for i in range(cfg.rollout_workers)]
+        actors = [
+            ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, max_restarts=3, max_task_retries=0,
+                                              **bundle_options(pg, i, resources))
+            .remote(cfg.engine.options(policy, cfg.seed, source))
+            for i, name in enumerate(names)
+        ]
+        ray.get([actor.info.remote() for actor in actors])
+    except BaseException:
+        release(pg)
+        raise
+    return dict(zip(names, actors)), pg
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
     import ray
 
+    from workflows.model_preflight import prepare_model
     from workflows.ray_session import connect_ray
 
     policy = str(resolve_model(cfg.policy))
@@ -134,16 +156,21 @@ def run_ppo(cfg: PPOConfig) -> dict:
         from workflows.rewards import load_reward_function
 
         load_reward_function(cfg.reward_fn)  # fail here, not on the learners
+    models = {
+        "policy": (policy, cfg.policy), "reward_model": (reward_model, cfg.reward_model),
+        "value_model": (str(resolve_model(cfg.value_model)), cfg.value_model) if cfg.value_model
+        else (reward_model or policy, cfg.reward_model or cfg.policy),
+        "ref_model": (str(resolve_model(cfg.ref_model)), cfg.ref_model) if cfg.ref_model else (policy, cfg.policy),
+    }
+    models = {key: pair for key, pair in models.items() if pair[0]}
     settings = {
-        **asdict(cfg), "policy": policy, "reward_model": reward_model,
-        "value_model": str(resolve_model(cfg.value_model)) if cfg.value_model else (reward_model or policy),
-        "ref_model": str(resolve_model(cfg.ref_model)) if cfg.ref_model else policy,
+        **asdict(cfg), **{key: path for key, (path, _) in models.items()}, "reward_model": reward_model,
         "trust_remote_code": cfg.engine.trust_remote_code,  # one switch for the engines and the learners
     }
     max_model_len = cfg.engine.max_model_len or _model_context(policy)
     prompt_ids, prompt_texts, rejects = render_prompts(cfg, policy, max_model_len)
     out = Path(cfg.out).expanduser().resolve()
-    done = finished_summary(out, cfg)
+    done, run_id = open_training_run(out, cfg, cfg.cluster.run_name)
     if done:
         return done
 
@@ -155,21 +182,33 @@ def run_ppo(cfg: PPOConfig) -> dict:
             (staging / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
         summary.update(prompts=len(prompt_ids), rejected=len(rejects))
 
-    connect_ray()
-    actors = start_rollout_actors(cfg, policy, out.name)
+    def note(line: str) -> None:
+        print(f"cai train ppo [{run_id}]: {line}", file=sys.stderr, flush=True)
+
+    options = TrainingOptions(workers=cfg.learners, use_gpu=cfg.use_gpu, storage_path=cfg.storage_path,
+                              max_failures=cfg.max_failures, seed=cfg.seed, lr=cfg.lr)
+    engines = rollout_resources(cfg)
+    shape = " + ".join(f"{v:g} {k}" for k, v in engines.bundle().items())
+    rollout_demand = {f"{cfg.rollout_workers} rollout engine(s) x {shape}":
+                      {k: v * cfg.rollout_workers for k, v in engines.bundle().items()}}
+    cluster = connect_ray()
+    # Rollout engines and learners hold their resources at the same time: refuse what can never
+    # fit before anything starts (Ray Train would otherwise retry its worker group for ever).
+    check_total_fits({**rollout_demand, **learner_demand(options)}, fixed=cluster.get("local", False),
+                     what="cai train ppo", report=note)
+    actors, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
     try:
         return run_training(TrainJob(
-            kind="ppo", out=out,
-            options=TrainingOptions(workers=cfg.learners, use_gpu=cfg.use_gpu, storage_path=cfg.storage_path,
-                                    max_failures=cfg.max_failures, seed=cfg.seed, lr=cfg.lr),
-            loop=ppo_loop,
+            kind="ppo", out=out, options=options, loop=ppo_loop,
             loop_config={"settings": settings, "prompt_ids": prompt_ids, "prompt_texts": prompt_texts,
                          "rollout_actors": list(actors)},
-            config=cfg, data=[cfg.prompts], extra_outputs=write_outputs,
+            config=cfg, data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
+            models=models, run_id=run_id,
         ))
     finally:
         for actor in actors.values():
             ray.kill(actor)
+        release(pg)
 
 
 def _model_context(path: str) -> int:

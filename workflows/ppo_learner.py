@@ -43,7 +43,7 @@ from workflows.ppo_policy import (
     weights_blob,
 )
 from workflows.ray_session import NAMESPACE
-from workflows.training import hold_if_drilled, register_worker, report_final
+from workflows.training import hold_if_drilled, local_models, register_worker, report_final
 
 PPO_STATE = "ppo_state.json"
 
@@ -273,7 +273,7 @@ def ppo_loop(config: dict[str, Any]) -> None:
 
     from workflows.rewards import RewardModelScorer, checked_scores, load_reward_function
 
-    s = config["settings"]
+    s = local_models(config["settings"], config.get("model_sources", {}))
     register_worker(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -13,6 +13,7 @@ class RunProgress:
                  run: str = "", metrics: bool = True):
         from tqdm import tqdm
 
+        self.prefix = f"cai {stage}" + (f" [{run}]" if run else "")
         self.started = time.monotonic()
         self.tokens = 0
         self.rows = 0
@@ -52,7 +53,7 @@ class RunProgress:
         self._update()
 
     def note(self, message: str) -> None:
-        self.bar.write(f"cai: {message}")
+        self.bar.write(f"{self.prefix}: {message}")
 
     def close(self) -> None:
         self._update()

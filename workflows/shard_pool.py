@@ -7,6 +7,10 @@ when an actor dies (PITFALLS.md), so the pool is ours and small:
   never idle between shards;
 * when an actor dies (killed, OOM, engine crash), its in-flight shards go back to the queue
   and the slot gets a fresh actor (named ``<name>-<slot>.r<k>``);
+* a slot gets shards only once its actor has answered ``ready()``, so shards never queue
+  behind an actor that is still waiting for a node;
+* when no worker is up because their nodes are gone and nothing replaces them, the pool
+  says what it waits for and stops after the placement timeout (finished shards are kept);
 * a shard whose task fails counts an attempt; past ``max_attempts`` the run fails with the
   shard's last error instead of looping forever. Likewise a slot whose actors keep dying
   at start-up stops the run after ``max_attempts`` replacements.
@@ -17,6 +21,7 @@ when an actor dies (PITFALLS.md), so the pool is ours and small:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,15 +66,24 @@ class ShardQueue:
 @dataclass
 class _Slot:
     actor: Any
+    ready_ref: Any  # resolves once the actor is up; None after that
     generation: int = 0
     inflight: int = 0
     replacements: int = 0
+
+
+class NoCapacityError(RuntimeError):
+    """No worker of the pool could be placed for the placement timeout (nodes lost, none added)."""
 
 
 def _is_actor_death(exc: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def run_shard_pool(
@@ -82,38 +96,65 @@ def run_shard_pool(
     on_failure: Callable[[int, str], None] = lambda shard, reason: None,
     inflight_per_worker: int = 2,
     poll_seconds: float = 5.0,
+    unplaced: Callable[[], str | None] = lambda: None,
+    placement_timeout_s: float = 0.0,
+    on_wait: Callable[[str], None] = lambda message: None,
+    report_every_s: float = 30.0,
 ) -> None:
     """Drive ``submit(actor, shard) -> ObjectRef`` over the queue until every shard is done.
 
-    ``make_actor(slot, generation)`` creates (or recreates) the actor of a slot;
-    ``on_result(shard, result)`` runs on the driver for each finished shard, in completion
-    order; ``on_failure(shard, reason)`` is told about each failed attempt.
+    ``make_actor(slot, generation)`` creates (or recreates) the actor of a slot; a slot gets
+    shards once its actor's ``ready()`` has answered. ``on_result(shard, result)`` runs on
+    the driver for each finished shard, in completion order; ``on_failure(shard, reason)`` is
+    told about each failed attempt.
+
+    ``unplaced()`` describes the pool's workers that have no node now (None when all are
+    placed). While no worker is up and some are unplaced, the pool is waiting for capacity:
+    it says so through ``on_wait`` every ``report_every_s`` and raises :class:`NoCapacityError`
+    after ``placement_timeout_s`` (0: waits forever).
     """
     import ray
 
-    slots = {i: _Slot(make_actor(i, 0)) for i in range(n_workers)}
+    def start(slot_index: int, generation: int) -> _Slot:
+        actor = make_actor(slot_index, generation)
+        return _Slot(actor, actor.ready.remote(), generation)
+
+    slots = {i: start(i, 0) for i in range(n_workers)}
     inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (shard, slot, generation)
+    starting: dict[Any, int] = {}  # ready ref -> slot
+    stalled_since: float | None = None
+    last_report = time.monotonic()
 
     def replace(slot_index: int, reason: str) -> None:
         slot = slots[slot_index]
-        slot.replacements += 1
-        if slot.replacements > queue.max_attempts:
-            raise ShardFailedError(f"worker slot {slot_index} died {slot.replacements} times; last error: {reason}")
+        if slot.replacements + 1 > queue.max_attempts:
+            raise ShardFailedError(
+                f"worker slot {slot_index} died {slot.replacements + 1} times; last error: {reason}"
+            )
         logger.warning("worker %d died (%s); starting a replacement", slot_index, reason)
         ray.kill(slot.actor, no_restart=True)
-        slot.generation += 1
-        slot.actor = make_actor(slot_index, slot.generation)
-        slot.inflight = 0
+        fresh = start(slot_index, slot.generation + 1)
+        fresh.replacements = slot.replacements + 1
+        slots[slot_index] = fresh
 
     try:
         while queue or inflight:
+            starting = {s.ready_ref: i for i, s in slots.items() if s.ready_ref is not None}
             for slot_index, slot in slots.items():
-                while queue and slot.inflight < inflight_per_worker:
+                while slot.ready_ref is None and queue and slot.inflight < inflight_per_worker:
                     shard = queue.take()
                     inflight[submit(slot.actor, shard)] = (shard, slot_index, slot.generation)
                     slot.inflight += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=poll_seconds)
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=poll_seconds)
             for ref in ready:
+                if ref in starting:
+                    slot_index = starting[ref]
+                    try:
+                        ray.get(ref)
+                        slots[slot_index].ready_ref = None
+                    except Exception as exc:  # noqa: BLE001 - the actor could not start
+                        replace(slot_index, _reason(exc))
+                    continue
                 shard, slot_index, generation = inflight.pop(ref)
                 slot = slots[slot_index]
                 if generation == slot.generation:
@@ -121,13 +162,31 @@ def run_shard_pool(
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - classified below
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    reason = _reason(exc)
                     on_failure(shard, reason)
                     if _is_actor_death(exc) and generation == slot.generation:
                         replace(slot_index, reason)
                     queue.failed(shard, reason)
                     continue
                 on_result(shard, result)
+
+            live = any(s.ready_ref is None for s in slots.values())
+            missing = None if live else unplaced()
+            now = time.monotonic()
+            if missing is None:
+                stalled_since = None
+                continue
+            stalled_since = stalled_since or now
+            waited = now - stalled_since
+            if placement_timeout_s and waited >= placement_timeout_s:
+                raise NoCapacityError(
+                    f"no worker could be placed for {waited:.0f} s (--placement-timeout {placement_timeout_s:g}): "
+                    f"{missing}. {len(queue.pending) + len(inflight)} shard(s) are not done; finished shards "
+                    "are kept: add capacity and rerun the same command to finish the rest"
+                )
+            if now - last_report >= report_every_s:
+                on_wait(f"no worker is up; waiting {waited:.0f} s for capacity: {missing}")
+                last_report = now
     finally:
         for slot in slots.values():
             ray.kill(slot.actor, no_restart=True)

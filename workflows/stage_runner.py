@@ -19,9 +19,18 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from workflows.cluster_options import ClusterOptions
 from workflows.config import failing, option
 from workflows.manifest import RunManifest, ShardState
-from workflows.placement import WorkerResources, bundle_options, release, reserve_workers, workers_that_fit
+from workflows.placement import (
+    WorkerResources,
+    bundle_options,
+    pending_detail,
+    release,
+    reserve_workers,
+    unplaced_bundles,
+    workers_that_fit,
+)
 from workflows.progress import RunProgress
 from workflows.ray_session import NAMESPACE, connect_ray
 from workflows.shard_pool import ShardQueue, run_shard_pool
@@ -70,14 +79,12 @@ class StageJob:
     worker_kwargs: dict[str, Any] = field(default_factory=dict)
     max_num_seqs: int = 0
     many_per_input: bool = False  # an input row may give several output rows (labelled pairs)
-
-
-def _run_name(out: Path) -> str:
-    return out.resolve().name.replace("_", "-")[:40]
+    cluster: ClusterOptions = ClusterOptions()
+    models: tuple = ()  # ModelSources the workers load: checked (or staged) on their nodes first
 
 
 def _open_manifest(job: StageJob) -> RunManifest:
-    manifest = RunManifest.open(job.out, job.stage, job.identity, job.config)
+    manifest = RunManifest.open(job.out, job.stage, job.identity, job.config, run_name=job.cluster.run_name)
     if not manifest.input:
         staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, limit=job.pool.limit or None)
         manifest.input = {"source": str(job.prompts), "total_rows": staged.total_rows,
@@ -96,7 +103,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     for index in done:
         manifest.shards[index].status = "done"
     pending = [i for i in range(shard_count) if i not in done]
-    run_name = _run_name(job.out)
+    run_name = manifest.run_id
     cluster = connect_ray() if pending else None
     progress = RunProgress(
         job.stage, total_rows=manifest.input["total_rows"],
@@ -110,6 +117,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
 
     accounting = verify_run(job.out, manifest.input["total_rows"], shard_count, many_per_input=job.many_per_input)
     summary = {
+        "run_id": run_name,
         "rows_in": accounting.rows_in, "rows_out": accounting.rows_out, "rejected": accounting.rejected,
         "tokens": sum(s.tokens for s in manifest.shards.values()),
         "wall_seconds": round(time.monotonic() - started, 2),
@@ -132,8 +140,22 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
     n_workers = max(1, min(pool.workers or workers_that_fit(resources) or 1, len(pending)))
     progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s); "
                   f"Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
-    pg = reserve_workers(n_workers, resources, strategy=pool.placement_strategy, name=f"cai-{job.stage}-{run_name}")
+    timeout = job.cluster.placement_timeout
+    pg = reserve_workers(n_workers, resources, strategy=pool.placement_strategy, name=f"cai-{job.stage}-{run_name}",
+                         timeout_s=timeout, report=progress.note)
+    try:
+        if job.models:
+            from workflows.model_preflight import nodes_of_placement_group, preflight_models
+
+            checked = preflight_models(job.models, nodes_of_placement_group(pg), timeout_s=timeout or None)
+            progress.note(f"model(s) ready on {len(checked)} node(s)")
+    except BaseException:
+        release(pg)
+        raise
     worker_cls = ray.remote(job.worker_cls)
+
+    def unplaced() -> str | None:
+        return pending_detail(pg) if unplaced_bundles(pg) else None
 
     def make_actor(slot: int, generation: int):
         name = f"cai-{job.stage}-{run_name}-{slot}" + (f".r{generation}" if generation else "")
@@ -164,7 +186,8 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
     queue = ShardQueue.of(pending, pool.max_attempts)
     try:
         run_shard_pool(make_actor=make_actor, n_workers=n_workers, queue=queue, submit=submit,
-                       on_result=on_result, on_failure=on_failure, inflight_per_worker=pool.inflight_shards)
+                       on_result=on_result, on_failure=on_failure, inflight_per_worker=pool.inflight_shards,
+                       unplaced=unplaced, placement_timeout_s=timeout, on_wait=progress.note)
     finally:
         manifest.save()
         release(pg)

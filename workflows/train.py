@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, option, require_valid
 from workflows.training import (
     TrainingDataError,
@@ -40,9 +41,10 @@ class TrainConfig:
     beta: float = option(0.1, "DPO only: strength of the KL constraint to the reference model")
     trust_remote_code: bool = option(False, "allow model code from the model directory or hub")
     training: TrainingOptions = option(TrainingOptions(), "Ray Train and optimization")
+    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        require_valid(self.training.problems(), [] if self.beta > 0 else ["beta"])
+        require_valid(self.training.problems(), [] if self.beta > 0 else ["beta"], self.cluster.problems())
 
 
 def _model_dtype(use_gpu: bool):
@@ -268,4 +270,5 @@ def run_train(kind: str, config: TrainConfig) -> dict[str, Any]:
         "training": asdict(config.training),
     }
     return run_training(TrainJob(kind=kind, out=Path(config.out), options=config.training, loop=LOOPS[kind],
-                                 loop_config=loop_config, config=config, data=config.data))
+                                 loop_config=loop_config, config=config, data=config.data, cluster=config.cluster,
+                                 models={"model": (model, config.model)}))

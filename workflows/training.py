@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from workflows.cluster_options import ClusterOptions
 from workflows.config import config_to_dict, failing, option
 from workflows.manifest import file_fingerprint
+from workflows.placement import check_total_fits
+from workflows.run_identity import RUN_FILE, training_run_id
 
 FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"
@@ -31,6 +35,7 @@ stops once, right after the checkpoint of step N is reported, and waits to be ki
 ``HOLD_SECONDS``). It leaves ``held-rank-R`` beside the worker records, so a drill (or a test)
 knows when to kill a worker or the driver. A restarted job does not hold again."""
 HOLD_SECONDS = 600
+FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
 
 
 class TrainingDataError(ValueError):
@@ -244,6 +249,10 @@ class TrainJob:
     data: Sequence[str]
     # writes job-specific files (e.g. PPO's metrics.jsonl) into the output before it is published
     extra_outputs: Callable[[Path, dict[str, Any]], None] | None = None
+    cluster: ClusterOptions = ClusterOptions()
+    # loop_config key -> (resolved path, as given): checked (or staged) on the learners' nodes
+    models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    run_id: str = ""  # from open_training_run, when the caller needed it first
 
 
 def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
@@ -256,25 +265,75 @@ def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
     return None
 
 
+def learner_nodes(options: TrainingOptions) -> list[str]:
+    """Ids of the alive nodes where Ray Train could put a learner (a CPU, and a GPU on GPU)."""
+    import ray
+
+    need = "GPU" if options.use_gpu else "CPU"
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(need, 0) >= 1]
+
+
+def local_models(mapping: dict[str, Any], sources: dict[str, Any]) -> dict[str, Any]:
+    """``mapping`` with each model key set to that model's folder on this node (on a worker:
+    a staged copy is fetched once per node; a missing folder is a clear error naming the node)."""
+    return {**mapping, **{key: source.local_path() for key, source in sources.items()}}
+
+
+def open_training_run(out: Path, config: Any, run_name: str) -> tuple[dict[str, Any] | None, str]:
+    """(summary, "") when ``out`` already holds this config's finished job; else (None, run id).
+
+    A finished job of another config in ``out`` is retrained under a fresh run id, so its
+    Ray Train checkpoints (final model included) are never resumed by mistake."""
+    done = finished_summary(out, config)
+    if done:
+        return done, ""
+    stale = out / SUMMARY
+    run_id = training_run_id(out, run_name, fresh=stale.exists())
+    stale.unlink(missing_ok=True)
+    return None, run_id
+
+
+def learner_demand(options: TrainingOptions) -> dict[str, dict[str, float]]:
+    """What Ray Train's worker group holds: one CPU per worker (its default), one GPU each on GPU."""
+    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if options.use_gpu else {})}
+    shape = " + ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    return {f"{options.workers} learner(s) x {shape}": {k: v * options.workers for k, v in per_worker.items()}}
+
+
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Launch (or resume) the TorchTrainer, copy the final model to --out, write the summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from workflows.model_preflight import prepare_model, preflight_models
     from workflows.ray_session import connect_ray
 
     out = job.out.expanduser().resolve()
-    done = finished_summary(out, job.config)
+    done, run_id = (None, job.run_id) if job.run_id else open_training_run(out, job.config, job.cluster.run_name)
     if done:
         return done
     storage = job.options.storage_path or str(out.parent / f".{out.name}.ray-train")
-    name = f"cai-train-{job.kind}-{out.name}"
-    connect_ray()
+    name = f"cai-train-{job.kind}-{run_id}"
+    def note(line: str) -> None:
+        print(f"cai train {job.kind} [{run_id}]: {line}", file=sys.stderr, flush=True)
+
+    cluster = connect_ray()
+    check_total_fits(learner_demand(job.options), fixed=cluster.get("local", False),
+                     what=f"cai train {job.kind}", report=note)
+    # Ray Train waits this long for its worker group, then (controller_failure_limit=0) fails
+    # instead of retrying for ever; the variable is propagated to its controller (Ray 2.60).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.placement_timeout or FOREVER_S)
+    sources = {key: prepare_model(path, spec, job.cluster) for key, (path, spec) in job.models.items()}
+    if sources:
+        checked = preflight_models(tuple(sources.values()), learner_nodes(job.options),
+                                   timeout_s=job.cluster.placement_timeout or None)
+        note(f"model(s) ready on {len(checked)} node(s) that can host a learner")
     started = time.monotonic()
     trainer = TorchTrainer(
         job.loop,
         train_loop_config={
             **job.loop_config,
+            "model_sources": sources,
             "workers_dir": str(Path(storage) / name / "workers"),
             "name": name,
             "hold_at_step": int(os.environ.get(HOLD_ENV, "0") or 0),
@@ -283,7 +342,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=job.options.max_failures),
+            failure_config=FailureConfig(max_failures=job.options.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -304,6 +363,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "metrics": {k: v for k, v in metrics.items() if k not in ("history", "final")},
         "history": metrics.get("history", []),
         "wall_seconds": round(time.monotonic() - started, 2),
+        "run_id": run_id,
         "ray_train": {"name": name, "storage_path": storage},
         "data": data_lineage(job.data),
         "config": config_to_dict(job.config),
@@ -311,6 +371,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     if job.extra_outputs:
         job.extra_outputs(staging, summary)
     (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
+    shutil.copy2(out / RUN_FILE, staging / RUN_FILE)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -332,6 +393,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], 
     ``measure(trainer) -> metrics`` runs before and after training."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    loop_config = local_models(loop_config, loop_config.get("model_sources", {}))
     register_worker(loop_config)
     resume, finished = resume_checkpoint()
     if finished:  # a rerun after the job completed: hand back the same model

@@ -1,6 +1,8 @@
 """The cluster/ configs: they parse, open with their launch command, and keep the promises
-docs/cluster.md makes (token auth on every node, GPUs requested, /dev/shm sized, shared storage
-on every pod, the dashboard never published). No Ray, no Kubernetes: milliseconds.
+docs/cluster.md makes (token auth on every node, GPUs requested, /dev/shm sized with the object
+store below it, shared storage and the model cache on every node, pinned images, autoscaler and
+placement timeouts that agree, SSH only from your network, the dashboard never published).
+No Ray cluster, no Kubernetes: milliseconds.
 
 Dashboard rule: launcher heads bind it to 127.0.0.1 (reach it with `ray dashboard`/ssh -L).
 KubeRay heads bind 0.0.0.0 inside the pod, because the operator and the RayJob submitter reach
@@ -11,6 +13,7 @@ nothing in cluster/kuberay may be an Ingress, a LoadBalancer or a NodePort.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -23,6 +26,11 @@ CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = CLUSTER / "launcher"
 SHARED_MOUNT = "/mnt/cai"
+MODEL_CACHE = "/mnt/cai/models"  # RAY_CAI_CACHE everywhere: a materialized model has one path on all nodes
+GIB = 2**30
+# How long a GPU node takes to join, as docs/cluster.md assumes: provisioning, GPU driver, and
+# pulling the ~20 GB image. Idle timeouts must outlast it, placement timeouts two of it.
+GPU_NODE_START_S = 12 * 60
 
 # file -> the command its first comment line must give
 LAUNCH_COMMANDS = {
@@ -63,6 +71,51 @@ def mounts(pod: dict) -> dict[str, dict]:
     """Mount path -> the volume mounted there, for the Ray container (the first)."""
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     return {m["mountPath"]: volumes[m["name"]] for m in pod["containers"][0].get("volumeMounts", [])}
+
+
+def k8s_bytes(quantity: str) -> int:
+    """A Kubernetes quantity ("24Gi", "500M", "1024") in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(quantity)).groups()
+    return int(number) * (units[unit] if unit else 1)
+
+
+def docker_bytes(size: str) -> int:
+    """A `docker run --shm-size` value ("32g") in bytes; Docker's units are binary."""
+    number, unit = re.fullmatch(r"(\d+)([bkmg]?)", size.lower()).groups()
+    return int(number) * {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+def flag(command: str, name: str) -> str | None:
+    """The value of `--name=VALUE` in a command line, or None."""
+    found = re.findall(rf"{name}=(\S+)", command)
+    return found[-1] if found else None
+
+
+def ray_cai_images() -> dict[str, tuple[str, str | None]]:
+    """Where -> (image, pull policy) for every image a cluster config runs."""
+    images = {}
+    for name, spec in cluster_specs():
+        for group, pod in pod_groups(spec).items():
+            for c in pod["containers"]:
+                images[f"{name}/{group}/{c['name']}"] = (c["image"], c.get("imagePullPolicy"))
+    for name in ("aws.yaml", "local.yaml"):
+        docker = load_one(LAUNCHER / name)["docker"]
+        policy = "Always" if docker.get("pull_before_run") else "IfNotPresent"
+        for key in ("image", "head_image", "worker_image"):
+            if key in docker:
+                images[f"{name}/{key}"] = (docker[key], policy)
+    return images
+
+
+def stage_placement_timeouts() -> list[float]:
+    """placement_timeout of every stage of configs/cluster.yaml, the default where none is set."""
+    from workflows.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
+
+    config = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    everywhere = config.get("placement_timeout", DEFAULT_PLACEMENT_TIMEOUT_S)
+    stages = [section for section in config.values() if isinstance(section, dict)]
+    return [stage.get("placement_timeout", everywhere) for stage in stages] or [everywhere]
 
 
 def test_every_config_parses_and_opens_with_its_launch_command():
@@ -160,9 +213,11 @@ def test_launcher_nodes_start_with_token_auth_and_a_private_dashboard(name):
         assert config["head_node_type"] in types
         assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
         assert any(t["resources"].get("GPU", 0) > 0 for n, t in types.items() if n != config["head_node_type"])
-        ingress = config["provider"]["security_group"]["IpPermissions"]
-        assert [(r["FromPort"], r["ToPort"]) for r in ingress] == [(22, 22)], "only SSH comes in"
-        assert all(ip["CidrIp"] != "0.0.0.0/0" for r in ingress for ip in r["IpRanges"])
+        # Ray's own group would admit SSH from 0.0.0.0/0 whatever IpPermissions say; every node
+        # type must name the user's group instead (SSH from their CIDR only; see aws.yaml).
+        assert "security_group" not in config["provider"], "Ray would add these rules to SSH from 0.0.0.0/0"
+        for node_type, t in types.items():
+            assert t["node_config"].get("SecurityGroupIds"), f"{node_type}: Ray would create a group open to SSH"
 
     head_start = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
     worker_start = [c for c in config["worker_start_ray_commands"] if "ray start --address" in c]
@@ -171,6 +226,17 @@ def test_launcher_nodes_start_with_token_auth_and_a_private_dashboard(name):
         assert "RAY_AUTH_MODE=token ray start" in command
     assert "--dashboard-host=127.0.0.1" in head_start[0]
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, "every node gets the token"
+
+
+def test_rays_default_aws_security_group_still_opens_ssh_to_the_world():
+    """What aws.yaml's header says, read from the installed Ray (its module needs boto3, so read
+    the source): if Ray stops doing this, the header and docs/cluster.md need another look."""
+    import ray
+
+    source = (Path(ray.__file__).parent / "autoscaler/_private/aws/config.py").read_text()
+    ssh_rules = source[source.index("def _create_default_ssh_inbound_rules"):][:400]
+    assert '"FromPort": 22' in ssh_rules and '"CidrIp": "0.0.0.0/0"' in ssh_rules
+    assert 'if "SecurityGroupIds" not in node_type["node_config"]' in source, "own groups skip Ray's"
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
@@ -198,3 +264,88 @@ def test_start_local_script_is_strict_private_and_authenticated():
     text = script.read_text()
     assert "set -euo pipefail" in text and "export RAY_AUTH_MODE=token" in text
     assert "--dashboard-host 127.0.0.1" in text and "0.0.0.0" not in text
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_kuberay_object_store_fits_in_dev_shm_and_memory_covers_both(name, spec):
+    """Set in bytes on every group, at most 80% of the memory-backed /dev/shm (the rest is for vLLM
+    tensor parallelism and NCCL); /dev/shm counts against the memory limit, so that covers it and
+    leaves room for the Ray processes."""
+    groups = {"head": spec["headGroupSpec"]} | {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for group, group_spec in groups.items():
+        object_store = int(group_spec["rayStartParams"]["object-store-memory"])
+        pod = group_spec["template"]["spec"]
+        shm = k8s_bytes(mounts(pod)["/dev/shm"]["emptyDir"]["sizeLimit"])
+        assert object_store <= 0.8 * shm, f"{name}/{group}: object store {object_store} vs /dev/shm {shm}"
+        memory = k8s_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+        assert memory >= shm + 16 * GIB, f"{name}/{group}: memory limit does not cover /dev/shm and the processes"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+def test_launcher_object_store_fits_in_dev_shm(name):
+    config = load_one(LAUNCHER / name)
+    docker = config["docker"]
+    for role, commands in (("head", config["head_start_ray_commands"]), ("worker", config["worker_start_ray_commands"])):
+        run_options = " ".join(docker.get("run_options", []) + docker.get(f"{role}_run_options", []))
+        shm = docker_bytes(flag(run_options, "--shm-size"))
+        object_store = int(flag(" ".join(commands), "--object-store-memory"))
+        assert object_store <= 0.8 * shm, f"{name} {role}: object store {object_store} vs /dev/shm {shm}"
+
+
+def test_images_are_pinned_and_the_same_everywhere():
+    """No :latest, no missing tag, no always-pull of a tag that can move; one image, the one
+    cluster/Dockerfile's header builds; its base image pinned too."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    built = re.search(r"docker build .*?-t (\S+)", dockerfile.splitlines()[0]).group(1)
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
+    images = ray_cai_images()
+    for where, (image, policy) in [*images.items(), ("Dockerfile FROM", (base, None))]:
+        digest = "@sha256:" in image
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        assert digest or (tag and tag != "latest"), f"{where}: {image} is not pinned"
+        assert digest or policy != "Always", f"{where}: always pulling a tag that can move"
+    assert {image for image, _ in images.values()} == {built}
+
+
+def test_autoscaler_idle_timeout_and_placement_timeout_agree():
+    """The relation docs/cluster.md states: idle nodes outlast a GPU node's start (the first nodes of
+    a placement group wait for the last; the next stage finds the last stage's nodes), and a stage
+    waits for two starts (a second launch wave, or a failed launch retried). 0 waits forever."""
+    idle = {name: spec["autoscalerOptions"]["idleTimeoutSeconds"] for name, spec in cluster_specs()
+            if spec["enableInTreeAutoscaling"]}
+    idle |= {name: load_one(LAUNCHER / name)["idle_timeout_minutes"] * 60 for name in ("aws.yaml", "local.yaml")}
+    assert len(idle) == 4
+    for name, seconds in idle.items():
+        assert seconds >= GPU_NODE_START_S, f"{name}: idle nodes go before a GPU node has started"
+    for timeout in stage_placement_timeouts():
+        assert timeout == 0 or timeout >= 2 * GPU_NODE_START_S, f"placement_timeout {timeout}s is shorter than two GPU node starts"
+
+
+def test_rayjob_retries_and_cleans_up_after_itself():
+    job = load_one(KUBERAY / "rayjob.yaml")["spec"]
+    assert job["backoffLimit"] >= 1, "a rerun resumes from the run folder, so a retry is worth it"
+    assert job["shutdownAfterJobFinishes"] is True
+    idle = job["rayClusterSpec"]["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert 0 < job["ttlSecondsAfterFinished"] <= idle, "a finished run keeps its GPUs no longer than idle pods would"
+
+
+def test_model_cache_and_shared_storage_on_every_node():
+    """RAY_CAI_CACHE points into the shared volume in every Ray container and runtime env, so a
+    materialized model is one path on all nodes; the `ray up` hosts really mount that volume."""
+    for name, spec in cluster_specs():
+        for group, pod in pod_groups(spec).items():
+            for container in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get("RAY_CAI_CACHE") == MODEL_CACHE, f"{name}/{group}/{container['name']}"
+    job_env = yaml.safe_load(load_one(KUBERAY / "rayjob.yaml")["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert job_env["RAY_CAI_CACHE"] == MODEL_CACHE
+    assert load_one(CLUSTER / "runtime_env.yaml")["env_vars"]["RAY_CAI_CACHE"] == MODEL_CACHE
+
+    for name in ("aws.yaml", "local.yaml"):
+        config = load_one(LAUNCHER / name)
+        run_options = config["docker"]["run_options"]
+        assert f"--env RAY_CAI_CACHE={MODEL_CACHE}" in run_options and f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" in run_options
+        init = " ".join(config["initialization_commands"])
+        assert f"mountpoint -q {SHARED_MOUNT}" in init, f"{name}: nothing checks that {SHARED_MOUNT} is mounted"
+    aws_init = " ".join(load_one(LAUNCHER / "aws.yaml")["initialization_commands"])
+    assert re.search(rf"mount -t nfs4 .* fs-\S+\.efs\.\S+:/ {SHARED_MOUNT}", aws_init), "aws.yaml mounts EFS"

@@ -35,8 +35,11 @@ def write_prompts(path: Path, n: int, *, bad: bool = False) -> Path:
 
 
 def config(tiny_model, prompts, out, **overrides) -> GenerateConfig:
+    # ignore_eos: the random tiny model would sometimes end an answer at once, and an empty
+    # answer is a (correct) reject; with it, whether a row is rejected never depends on timing
     values = dict(model=tiny_model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2,
-                  revisions=1, max_new_tokens=16, shard_size=4, enforce_eager=True, max_model_len=2048)
+                  revisions=1, max_new_tokens=16, shard_size=4, enforce_eager=True, max_model_len=2048,
+                  ignore_eos=True)
     values.update(overrides)
     return load_config(GenerateConfig, overrides=values)
 
@@ -142,6 +145,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny
             "--prompts", str(prompts), "--out", str(out), "--workers", "1", "--max-new-tokens", "48",
             "--shard-size", "2", "--enforce-eager", "--max-model-len", "2048"]
     env = {**os.environ, "RAY_ADDRESS": ray_local["address"]}
+    argv.append("--ignore-eos")
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_shards(out, 3)
@@ -158,3 +162,34 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(48))
     assert len({r["id"] for r in rows}) == 48
+
+
+def test_two_runs_with_the_same_folder_name_run_at_once_on_one_cluster(ray_local, tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
+    outs = [tmp_path / "x" / "sl-cai", tmp_path / "y" / "sl-cai"]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = run_generate(config(tiny_model, prompts, outs[i], workers=1, shard_size=3))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert [results[i]["rows_out"] for i in range(2)] == [12, 12]
+    run_ids = [json.loads((out / "manifest.json").read_text())["run_id"] for out in outs]
+    assert run_ids[0] != run_ids[1] and all(r.startswith("sl-cai-") for r in run_ids)
+    for out, run_id in zip(outs, run_ids):
+        assert sorted(r["index"] for r in read_rows(out)) == list(range(12))
+        workers = {s["worker"].split()[0] for s in json.loads((out / "manifest.json").read_text())["shards"].values()}
+        assert workers == {f"cai-generate-{run_id}-0"}, "actors (and their metric tags) carry the run id"
+    # a rerun keeps the run id; a different --run-name is refused rather than orphaning the first
+    assert run_generate(config(tiny_model, prompts, outs[0], workers=1, shard_size=3))["run_id"] == run_ids[0]
+    with pytest.raises(RunMismatchError, match="--run-name"):
+        run_generate(config(tiny_model, prompts, outs[0], workers=1, shard_size=3, run_name="other"))

@@ -1,5 +1,6 @@
 """Placement of engine workers: pure counting on hand-written nodes, and real Ray placement
-on a fake cluster (head: 1 CPU; two workers: 2 CPUs + 2 logical GPUs each).
+on a fake cluster (head: 1 CPU; two workers with 2 CPUs + 2 logical GPUs each; one with
+2 CPUs + 4 logical GPUs), checked against the engine arguments each worker would start with.
 
 The Ray part runs ``placement_scenario.py`` in a subprocess: this pytest process may already
 hold the session's ``ray_local`` instance, and one process can join only one cluster.
@@ -73,7 +74,7 @@ def test_nothing_fits_on_no_nodes():
     assert workers_that_fit(WorkerResources(), []) == 0
 
 
-# --- real Ray on a fake two-GPU-node cluster, in a subprocess -----------------------------
+# --- real Ray on a fake GPU cluster, in a subprocess ---------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,31 @@ def scenario() -> dict:
 
 
 @pytest.mark.slow
+def test_the_fake_cluster_has_two_2_gpu_nodes_and_one_4_gpu_node(scenario):
+    assert scenario["node_gpus"] == [0, 2, 2, 4]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_4_worker_gets_4_gpus_on_one_node(scenario):
+    (worker,) = scenario["tp4"]
+    assert len(worker["gpu_ids"]) == 4 and len(set(worker["gpu_ids"])) == 4
+    # vLLM's "mp" TP workers inherit the actor's CUDA_VISIBLE_DEVICES: it must name those GPUs.
+    assert worker["cuda_visible_devices"].split(",") == worker["gpu_ids"]
+
+
+@pytest.mark.parametrize("pool, tp", [("tp4", 4), ("tp2", 2), ("tp1_spread", 1)])
+@pytest.mark.slow
+def test_engine_tensor_parallel_equals_the_gpus_of_its_bundle(scenario, pool, tp):
+    for worker in scenario[pool]:
+        assert worker["bundle_gpus"] == worker["actor_num_gpus"] == tp
+        assert len(worker["gpu_ids"]) == worker["engine_tp"] == tp
+        # inside a placement group vLLM would default to its Ray executor, which refuses a
+        # bundle of more than one GPU: the engine arguments must name "mp" for TP > 1
+        assert worker["in_placement_group"]
+        assert worker["engine_executor"] == ("mp" if tp > 1 else None)
+
+
+@pytest.mark.slow
 def test_tensor_parallel_workers_get_two_gpus_each_on_different_nodes(scenario):
     workers = scenario["tp2"]
     assert len(workers) == 2
@@ -122,7 +148,9 @@ def test_spread_puts_single_gpu_workers_on_different_nodes(scenario):
 
 @pytest.mark.slow
 def test_workers_that_fit_reads_the_live_cluster(scenario):
-    assert scenario["fit"] == {"gpu2": 2, "gpu1": 4, "cpu1": 5, "cpu2_gpu1": 2}
+    # per node (head 1 CPU; 2 CPU + 2 GPU; 2 CPU + 2 GPU; 2 CPU + 4 GPU): TP 2 fits 1 + 1 + 2,
+    # 1 GPU 2 + 2 + 2 (the 4-GPU node is CPU-bound), CPU-only 1 + 2 + 2 + 2, TP 4 only on the last
+    assert scenario["fit"] == {"gpu2": 4, "gpu1": 6, "cpu1": 7, "cpu2_gpu1": 3, "gpu4": 1}
 
 
 @pytest.mark.slow
@@ -131,13 +159,13 @@ def test_too_many_workers_fail_quickly_with_a_clear_message(scenario):
     assert too_big["raised"], f"expected {PlacementError.__name__}"
     assert too_big["seconds"] < 15
     message = too_big["message"]
-    assert "3 workers" in message and "'GPU': 2.0" in message
-    assert "Only 2 of 3" in message
-    assert message.count("CPU 2, GPU 2") == 2, "lists each node's resources"
+    assert "5 workers" in message and "'GPU': 2.0" in message
+    assert "Only 4 of 5" in message
+    assert message.count("CPU 2, GPU 2") == 2 and message.count("CPU 2, GPU 4") == 1, "lists each node's resources"
 
 
 @pytest.mark.slow
 def test_every_placement_group_is_removed(scenario):
     states = dict(scenario["pg_states"])
-    assert set(states) == {"probe-2", "probe-1", "released-twice", "too-big"}
+    assert set(states) == {"probe-4", "probe-2", "probe-1", "released-twice", "too-big"}
     assert set(states.values()) == {"REMOVED"}

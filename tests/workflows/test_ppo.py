@@ -154,3 +154,21 @@ def test_unknown_reward_function_is_a_clear_error():
         load_reward_function("workflows.rewards:nothing_here")
     with pytest.raises(RewardError, match="package.module:function"):
         load_reward_function("nothing_here")
+
+
+def test_a_job_larger_than_the_local_cluster_is_refused_before_any_actor_starts(ray_local, tiny_model, tmp_path):
+    from workflows.placement import PlacementError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
+    cpus = int(ray.cluster_resources()["CPU"])  # 4: the session's local instance
+    config = ppo_config(tiny_model, prompts, tmp_path / "ppo", learners=1, rollout_batch=2, minibatch=2,
+                        rollout_workers=cpus)
+    before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    with pytest.raises(PlacementError) as refused:
+        run_ppo(config)
+    message = str(refused.value)
+    assert f"CPU {cpus + 1:g} at once" in message and f"the cluster has CPU {cpus:g}" in message
+    assert f"{cpus} rollout engine(s)" in message and "1 learner(s)" in message
+    after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not {name for name in after - before if name.startswith("cai-ppo-")}, "no actor was started"

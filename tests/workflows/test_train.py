@@ -82,6 +82,16 @@ def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path
         ray.kill(host)
 
 
+def test_two_jobs_sharing_a_storage_path_never_share_checkpoints(tiny_model, sl_cai_data, tmp_path):
+    storage = tmp_path / "storage"
+    first, second = (run_train("sft", train_config(tiny_model, [sl_cai_data], tmp_path / part / "sft", workers=1,
+                                                   max_steps=2, save_steps=1, storage_path=str(storage)))
+                     for part in ("a", "b"))
+    assert first["ray_train"]["name"] != second["ray_train"]["name"]
+    assert second["metrics"]["resumed_from_step"] == 0 and second["metrics"]["global_step"] == 2
+    assert first["run_id"].startswith("sft-") and first["run_id"] in first["ray_train"]["name"]
+
+
 def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
     import random
 
@@ -209,7 +219,7 @@ def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_l
         first.send_signal(signal.SIGKILL)
         first.wait()
         kill_workers(storage)
-    assert not out.exists(), "stopped part-way"
+    assert not (out / "training_summary.json").exists(), "stopped part-way"
     summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4,
                                             storage_path=str(storage)))
     assert summary["metrics"]["resumed_from_step"] == 12, "continued from the checkpoint's step, not from scratch"

@@ -1,0 +1,144 @@
+"""The engine arguments a host hands to vLLM: first pure (no vLLM, no GPU), then, marked slow,
+what the installed vLLM resolves from them inside a real placement group.
+
+Tensor parallel > 1 must name vLLM's multiprocessing executor: left to its default, vLLM picks
+its Ray executor inside a placement group and refuses our one-bundle-per-engine reservation.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.engine import EngineOptions, engine_args
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_engines_use_the_multiprocessing_executor(tp):
+    args = engine_args(EngineOptions(model="m", tensor_parallel_size=tp), dtype="bfloat16")
+    assert args["distributed_executor_backend"] == "mp"
+    assert args["tensor_parallel_size"] == tp
+
+
+def test_single_gpu_engines_leave_the_executor_to_vllm():
+    args = engine_args(EngineOptions(model="m"), dtype="bfloat16")
+    assert args["tensor_parallel_size"] == 1
+    # unset means vLLM's single-process "uni" executor: no worker processes of its own
+    assert "distributed_executor_backend" not in args
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_fields_pass_through_unchanged(tp):
+    options = EngineOptions(
+        model="/models/tiny", seed=7, max_model_len=1024, dtype="auto", tensor_parallel_size=tp,
+        trust_remote_code=True, enforce_eager=True, max_num_seqs=8, worker_extension_cls="pkg.Ext",
+    )
+    args = engine_args(options, dtype="float32")
+    assert args["model"] == "/models/tiny"
+    assert args["seed"] == 7
+    assert args["dtype"] == "float32"  # the resolved dtype, not the option's "auto"
+    assert args["trust_remote_code"] is True
+    assert args["max_model_len"] == 1024
+    assert args["enforce_eager"] is True and args["max_num_seqs"] == 8
+    assert args["worker_extension_cls"] == "pkg.Ext"
+    assert args["disable_log_stats"] is True
+
+
+def test_no_worker_extension_is_an_empty_string():
+    assert engine_args(EngineOptions(model="m"), dtype="float32")["worker_extension_cls"] == ""
+
+
+def test_extra_adds_new_fields():
+    options = EngineOptions(model="m", tensor_parallel_size=2, extra={"swap_space": 2, "quantization": "fp8"})
+    args = engine_args(options, dtype="bfloat16")
+    assert args["swap_space"] == 2 and args["quantization"] == "fp8"
+    assert args["distributed_executor_backend"] == "mp"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("key, value", [("distributed_executor_backend", "ray"),
+                                        ("pipeline_parallel_size", 2), ("data_parallel_size", 2)])
+def test_extra_cannot_change_the_executor_or_the_gpu_count(tp, key, value):
+    options = EngineOptions(model="m", tensor_parallel_size=tp, extra={key: value})
+    with pytest.raises(ValueError, match=f"EngineOptions.extra sets \\['{key}'\\]"):
+        engine_args(options, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("key", ["tensor_parallel_size", "seed", "dtype", "model"])
+def test_extra_cannot_override_a_field(key):
+    with pytest.raises(ValueError, match=key):
+        engine_args(EngineOptions(model="m", extra={key: 2}), dtype="float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_every_key_is_an_engine_argument_of_the_installed_vllm(tp):
+    pytest.importorskip("vllm")
+    from dataclasses import fields
+
+    from vllm import AsyncEngineArgs
+
+    args = engine_args(EngineOptions(model="m", tensor_parallel_size=tp), dtype="float32")
+    assert set(args) <= {f.name for f in fields(AsyncEngineArgs)}
+
+
+# --- the installed vLLM, inside a real placement group ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resolved_in_placement_group(ray_local, tiny_model) -> dict:
+    """What vLLM resolves where an engine actor runs: in a placement-group bundle that captures
+    child tasks, as ``workflows.placement.bundle_options`` places it."""
+    pytest.importorskip("vllm")
+    import ray
+
+    from workflows.placement import WorkerResources, bundle_options, release, reserve_workers
+
+    class EngineConfigProbe:  # local, so Ray ships it by value to the worker
+        def resolve(self, model: str) -> dict:
+            import os
+
+            from vllm import AsyncEngineArgs
+            from vllm.utils.system_utils import get_mp_context
+
+            def backend(args: dict) -> str:
+                return AsyncEngineArgs(**args).create_engine_config().parallel_config.distributed_executor_backend
+
+            # first, as on a GPU: vLLM's CPU platform sets spawn itself while it builds a config
+            found = {
+                "start_method": get_mp_context().get_start_method(),
+                "ray_address": os.environ.get("RAY_ADDRESS"),
+                "gcs_address": ray.get_runtime_context().gcs_address,
+            }
+            found["in_placement_group"] = ray.util.get_current_placement_group() is not None
+            for tp in (1, 2):
+                ours = engine_args(EngineOptions(model=model, tensor_parallel_size=tp), dtype="float32")
+                found[f"tp{tp}"] = backend(ours)
+                found[f"tp{tp}_vllm_default"] = backend({k: v for k, v in ours.items()
+                                                         if k != "distributed_executor_backend"})
+            return found
+
+    resources = WorkerResources(cpus=1)
+    pg = reserve_workers(1, resources, timeout_s=60, name="engine-args-probe")
+    try:
+        probe = ray.remote(EngineConfigProbe).options(**bundle_options(pg, 0, resources)).remote()
+        return ray.get(probe.resolve.remote(tiny_model), timeout=300)
+    finally:
+        release(pg)  # also ends the probe
+
+
+@pytest.mark.slow
+def test_inside_a_placement_group_tensor_parallel_resolves_to_mp_not_ray(resolved_in_placement_group):
+    found = resolved_in_placement_group
+    assert found["in_placement_group"]
+    assert found["tp2_vllm_default"] == "ray", "the problem engine_args works around (issue 11)"
+    assert found["tp2"] == "mp"
+    # TP 1: vLLM's own choice, never Ray ("uni"; the CPU build turns it into a one-worker "mp")
+    assert found["tp1"] == found["tp1_vllm_default"] != "ray"
+
+
+@pytest.mark.slow
+def test_vllm_spawns_its_workers_inside_a_ray_actor(resolved_in_placement_group):
+    """Why the host sets no VLLM_WORKER_MULTIPROC_METHOD: vLLM picks spawn itself in an actor."""
+    found = resolved_in_placement_group
+    assert found["start_method"] == "spawn"
+    assert found["ray_address"] == found["gcs_address"], "vLLM exports the cluster address to its workers"

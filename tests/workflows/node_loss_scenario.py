@@ -1,0 +1,133 @@
+"""`cai generate` on a multi-node Ray cluster that grows and loses nodes; writes JSON results.
+
+``test_node_loss.py`` runs this in a subprocess with a private ``RAY_TMPDIR`` (see
+``placement_scenario.py`` for why). The head has no CPUs, so every engine runs on a worker
+node, and the run goes through, in order:
+
+1. no worker node: the pool waits for placement (and says so) instead of failing;
+2. two 1-CPU nodes join mid-wait: the two engines start and shards flow;
+3. a spare node joins and the node hosting worker 0 is removed: its shards go back to the
+   queue and worker 0's bundle moves to the spare node;
+4. every worker node is removed: the run stops with a clear error once the placement timeout
+   has passed with no worker up, its finished shards kept;
+5. a 2-CPU node joins and the same command is run again: it finishes the rest.
+
+Usage: python node_loss_scenario.py MODEL_DIR WORK_DIR RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from workflows.config import load_config
+from workflows.generate import GenerateConfig, run_generate
+from workflows.ray_session import connect_ray
+
+SMALL_STORE = 80 * 1024 * 1024
+PROMPTS = 120
+PLACEMENT_TIMEOUT_S = 40
+
+
+def done_shards(out: Path) -> int:
+    return len(list((out / "rejects").glob("shard-*.jsonl")))
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def bundle_node(run_dir: Path, index: int) -> str:
+    """The node id that bundle ``index`` of the run's placement group is on."""
+    run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"]
+    pg = ray.util.get_placement_group(f"cai-generate-{run_id}")
+    return ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
+
+
+def main(model: str, work: str, result_path: str) -> None:
+    work_dir = Path(work)
+    prompts = work_dir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"
+                               for i in range(PROMPTS)))
+    out = work_dir / "run"
+    config = load_config(GenerateConfig, overrides=dict(
+        model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2, revisions=1,
+        max_new_tokens=48, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
+        placement_timeout=PLACEMENT_TIMEOUT_S))
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "object_store_memory": SMALL_STORE})
+    connect_ray(address=cluster.address)
+    result: dict = {}
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = run_generate(config)
+        except Exception as exc:  # noqa: BLE001 - the scenario expects one
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["error_at"] = time.monotonic()
+
+    try:
+        driver = threading.Thread(target=run)
+        driver.start()
+        # 1. nothing fits: the run waits
+        time.sleep(12)
+        result["waited_without_nodes"] = driver.is_alive() and not (out / "data").exists()
+        # 2. nodes join mid-wait
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE) for _ in range(2)]
+        wait_until(lambda: done_shards(out) >= 4, 300, "no shard finished after nodes joined")
+        result["shards_before_node_loss"] = done_shards(out)
+        # 3. a spare joins; the node of worker 0 goes
+        spare = cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE)
+        victim_id = bundle_node(out, 0)
+        victim = next(node for node in workers if node.unique_id == victim_id)
+        cluster.remove_node(victim, allow_graceful=False)
+        workers.remove(victim)
+        workers.append(spare)
+        wait_until(lambda: bundle_node(out, 0) == spare.unique_id, 120, "worker 0's bundle never moved to the spare")
+        shards_at_loss = done_shards(out)
+        wait_until(lambda: done_shards(out) >= shards_at_loss + 10 or not driver.is_alive(), 300,
+                   "no progress after the node loss")
+        result["bundle_moved_to_spare"] = True
+        # 4. every worker node goes
+        result["shards_before_total_loss"] = done_shards(out)
+        result["still_running_before_total_loss"] = driver.is_alive()
+        lost_at = time.monotonic()
+        for node in workers:
+            cluster.remove_node(node, allow_graceful=False)
+        driver.join(timeout=PLACEMENT_TIMEOUT_S + 180)
+        result["stopped"] = not driver.is_alive()
+        result["error"] = outcome.get("error", "")
+        result["seconds_to_error"] = round(outcome.get("error_at", time.monotonic()) - lost_at, 1)
+        result["shards_kept"] = done_shards(out)
+        # 5. a node joins; the same command finishes the rest
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)
+        summary = run_generate(config)
+        result["rerun"] = {k: summary[k] for k in ("rows_in", "rows_out", "rejected", "run_id")}
+        import pyarrow.parquet as pq
+
+        rows = [r for p in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(p, columns=["index"]).to_pylist()]
+        result["indexes"] = sorted(r["index"] for r in rows)
+        manifest = json.loads((out / "manifest.json").read_text())
+        result["retried_shards"] = sum(s["attempts"] > 1 for s in manifest["shards"].values())
+        result["prompts"] = PROMPTS
+        result["placement_timeout"] = PLACEMENT_TIMEOUT_S
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        Path(result_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,63 @@
+"""`cai generate` on a real multi-raylet cluster that grows, loses a node, then loses all of
+them (``node_loss_scenario.py``, in a subprocess: one process joins one cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = Path(__file__).with_name("node_loss_scenario.py")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_model) -> dict:
+    ray_tmp = tempfile.mkdtemp(prefix="rayn")  # short: Ray's socket paths are limited to ~107 bytes
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_tmp, VLLM_CPU_KVCACHE_SPACE="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        result_path = Path(ray_tmp) / "result.json"
+        done = subprocess.run([sys.executable, str(SCENARIO), tiny_model, ray_tmp, str(result_path)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=1200)
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+        assert done.returncode == 0, (f"node-loss scenario failed (rc {done.returncode}), got {result}:\n"
+                                      f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        result["log"] = done.stderr
+        return result
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_placement_waits_for_nodes_and_says_what_it_waits_for(scenario):
+    assert scenario["waited_without_nodes"], "the run must wait while no node fits, not fail"
+    assert "waiting" in scenario["log"] and "pending" in scenario["log"], "progress lines name what is pending"
+
+
+def test_a_lost_node_moves_its_worker_and_the_run_goes_on(scenario):
+    assert scenario["bundle_moved_to_spare"]
+    assert scenario["still_running_before_total_loss"]
+    assert scenario["retried_shards"] >= 1, "the lost node's in-flight shards were redone elsewhere"
+
+
+def test_losing_every_node_stops_the_run_within_the_timeout(scenario):
+    assert scenario["stopped"]
+    assert scenario["error"].startswith("NoCapacityError: no worker could be placed"), scenario["error"]
+    assert "rerun the same command" in scenario["error"]
+    # the timeout counts from when no worker is up; Ray needs a few seconds to notice dead nodes
+    assert scenario["seconds_to_error"] < scenario["placement_timeout"] + 90
+    assert scenario["shards_kept"] >= scenario["shards_before_total_loss"]
+
+
+def test_the_rerun_finishes_with_every_row_exactly_once(scenario):
+    assert scenario["rerun"]["rows_out"] == scenario["prompts"] and scenario["rerun"]["rejected"] == 0
+    assert scenario["indexes"] == list(range(scenario["prompts"]))
