@@ -22,14 +22,18 @@ from workflows.rewards import RewardError
 from workflows.training import TrainingDataError
 from workflows.manifest import RunMismatchError
 from workflows.models import ModelNotFoundError, build_tiny_model, materialize_default_model
+from workflows.placement import PlacementError
 from workflows.prompt_data import PromptDataError, load_prompts
+from workflows.ray_auth import RayAuthError
+from workflows.shard_pool import NoCapacityError
 from workflows.submit import JobClientError
 
 class UsageError(ValueError):
     """A flag combination argparse cannot check on its own."""
 
 
-USER_ERRORS = (UsageError, ConfigError, RewardError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError, JobClientError)
+USER_ERRORS = (UsageError, ConfigError, RewardError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError, ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError, JobClientError, RayAuthError,
+               PlacementError, NoCapacityError)
 
 
 def _print_json(data) -> None:
@@ -323,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cai",
         description="Constitutional AI on Ray: SL-CAI generation, RL-CAI labelling and training.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # read by submit
     _register_models(commands)
     _register_constitution(commands)
     _register_generate(commands)

@@ -30,6 +30,7 @@ STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 # Guards floor() against float noise such as 0.6 / 0.2 == 2.9999999999999996.
 _EPSILON = 1e-9
 REPORT_EVERY_S = 30.0  # how often a wait for placement says what it waits for
+FIRST_REPORT_S = 5.0  # ... and the first time, so a waiting run is never silent for long
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,11 @@ def reserve_workers(
     pg = placement_group([resources.bundle() for _ in range(n_workers)], strategy=strategy, name=name or "")
     ready_ref = pg.ready()
     started = time.monotonic()
+    interval = min(FIRST_REPORT_S, report_every_s)  # say soon that it waits, then every report_every_s
     while True:
         waited = time.monotonic() - started
-        left = report_every_s if not timeout_s else min(report_every_s, timeout_s - waited)
+        left = interval if not timeout_s else min(interval, timeout_s - waited)
+        interval = report_every_s
         ready, _ = ray.wait([ready_ref], timeout=max(left, 0))
         if ready:
             return pg

@@ -1,18 +1,44 @@
 """One way into Ray for every command: join ``RAY_ADDRESS`` or start a local instance.
 
 Local instances bind the dashboard to 127.0.0.1 (never to the world) and keep Ray's default
-token authentication. Actors live in the ``cai`` namespace so ``ray list actors`` and the
-dashboard show them under their ``cai-<stage>-<run>-<i>`` names.
+token authentication (on for a new local cluster). Actors live in the ``cai`` namespace so
+``ray list actors`` and the dashboard show them under their ``cai-<stage>-<run>-<i>`` names.
+
+**Joining a cluster that enforces tokens (Ray 2.60).** ``ray start --head`` enforces tokens by
+itself when a token exists, but a driver's ``ray.init(address=...)`` sends one only when the
+process runs with ``RAY_AUTH_MODE=token``; without it the GCS answers ``InvalidAuthToken`` and
+``ray.init`` retries for 20 s before raising a bare ``ConnectionError``. Nor can a driver turn
+token mode on whenever it finds a token (``ray start``'s rule): in token mode its own gRPC
+server refuses callers without one, and on a cluster without auth its actors then die before
+they start (measured). So ``connect_ray`` asks the GCS first (one ``GcsClient``, ~20 ms):
+
+    RAY_AUTH_MODE=token          send the token found (workflows.ray_auth.find_token)
+    RAY_AUTH_MODE=<other>        send none
+    unset; GCS takes no token    send none: the cluster has no auth
+    unset; GCS wants a token     turn this process's token mode on, send the token found
+    unset; GCS not reachable     ``ray start``'s rule: token mode when a token is found
+
+A refused token, or no token for a cluster that wants one, is a one-line
+:class:`~workflows.ray_auth.RayAuthError` that names the token's source, raised in well under
+a second. ``cai submit`` sends the same token over HTTP by ``ray start``'s rule alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import sys
 from typing import Any
+
+from workflows import ray_auth
+from workflows.ray_auth import FoundToken
 
 NAMESPACE = "cai"
 DASHBOARD_ENV = "RAY_CAI_DASHBOARD"
+PROBE_CONNECT_S = 3.0
 _dashboard_url: str | None = None
+_started_local = False
 
 
 def connect_ray(
@@ -25,18 +51,20 @@ def connect_ray(
 ) -> dict[str, Any]:
     """Connect (or start) Ray once per process and describe the cluster.
 
-    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; without either, a local
-    instance is sized to this machine (or to ``num_cpus``/``num_gpus``). The dashboard of a
-    local instance is on unless ``include_dashboard=False`` or ``RAY_CAI_DASHBOARD=0``.
+    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster, sending its token when it needs
+    one (see the module doc); without either, a local instance is sized to this machine (or to
+    ``num_cpus``/``num_gpus``). The dashboard of a local instance is on unless
+    ``include_dashboard=False`` or ``RAY_CAI_DASHBOARD=0``.
     """
     import ray
 
-    global _dashboard_url
+    global _dashboard_url, _started_local
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         common = {"namespace": NAMESPACE, "runtime_env": runtime_env, "log_to_driver": True}
-        if address:
-            info = ray.init(address=address, **common)
+        if address and address != "local":
+            info = _join(address, common)
+            _started_local = False
         else:
             if include_dashboard is None:
                 include_dashboard = os.environ.get(DASHBOARD_ENV, "1") != "0"
@@ -47,11 +75,13 @@ def connect_ray(
                 dashboard_host="127.0.0.1",
                 **common,
             )
+            _started_local = True
         _dashboard_url = info.dashboard_url or None
     return describe_cluster()
 
 
 def describe_cluster() -> dict[str, Any]:
+    """The cluster this process is connected to; ``local`` is True when connect_ray started it."""
     import ray
 
     context = ray.get_runtime_context()
@@ -63,4 +93,112 @@ def describe_cluster() -> dict[str, Any]:
         "cpus": resources.get("CPU", 0),
         "gpus": resources.get("GPU", 0),
         "dashboard_url": _dashboard_url,
+        "local": _started_local,
     }
+
+
+# -- joining ------------------------------------------------------------------------------
+
+
+def _join(address: str, common: dict[str, Any]):
+    """``ray.init(address=...)`` with the token the cluster needs; auth failures as RayAuthError."""
+    import ray
+
+    token = _choose_token(address)
+    try:
+        return ray.init(address=address, **common)
+    except Exception as exc:
+        if _is_auth_failure(exc):  # e.g. RAY_AUTH_MODE=token and no token anywhere
+            raise ray_auth.token_error(address, token) from None
+        raise
+
+
+def _choose_token(address: str) -> FoundToken:
+    """Put this process in the auth mode the cluster needs and return the token it will send."""
+    mode = ray_auth.auth_mode()
+    if mode == "disabled":
+        token = FoundToken(None, f"{ray_auth.MODE_ENV}={os.environ[ray_auth.MODE_ENV]} sends none")
+        if _gcs_refuses(address):
+            raise ray_auth.token_error(address, token)
+        return token
+    token = ray_auth.find_token()
+    if mode == "token":
+        if token.value and _gcs_refuses(address):  # without one, ray.init says so at once
+            raise ray_auth.token_error(address, token)
+        return token
+    refuses = _gcs_refuses(address)  # RAY_AUTH_MODE unset: this process sends no token yet
+    if refuses is False:
+        return FoundToken(None, "not needed")
+    if token.value is None:
+        if refuses:
+            raise ray_auth.token_error(address, token)
+        return token
+    _enable_token_mode()
+    if refuses and _gcs_refuses(address):
+        raise ray_auth.token_error(address, token)
+    return token
+
+
+def _enable_token_mode() -> None:
+    """Send the token from now on (this process and the ones it starts), as ``ray start`` does."""
+    os.environ[ray_auth.MODE_ENV] = "token"
+    # Ray read RAY_AUTH_MODE into its config when it was imported; re-read it, as Ray 2.60's
+    # ray._private.authentication.authentication_token_setup._enable_token_auth does.
+    # Private API (ray._raylet.Config, Ray 2.60): no public call re-reads the mode.
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def _gcs_refuses(address: str) -> bool | None:
+    """Whether the GCS at ``host:port`` refuses this process's token (or its absence).
+
+    None when it cannot tell (another address form, nothing listening, any other error): then
+    ``ray.init`` waits for the cluster and reports what it finds in its own words.
+    """
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_CONNECT_S).close()
+    except OSError:
+        return None
+    # Private API (ray._raylet.GcsClient, Ray 2.60; Ray's own `ray` CLI uses it): no public
+    # client takes a bare GCS address, and ray.init would retry a refusal for 20 s.
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _stderr_silenced():  # its C++ client logs the refusal as a warning on fd 2
+            GcsClient(address=address)
+    except AuthenticationError:
+        return True
+    except Exception:
+        return None
+    return False
+
+
+def _is_auth_failure(exc: BaseException | None) -> bool:
+    """ray.init's refusals: AuthenticationError, or a ConnectionError whose cause quotes one."""
+    from ray.exceptions import AuthenticationError
+
+    while exc is not None:
+        if isinstance(exc, AuthenticationError) or "InvalidAuthToken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Point file descriptor 2 at /dev/null for the block (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

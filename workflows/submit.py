@@ -20,18 +20,22 @@ job server), else ``http://127.0.0.1:8265``, the end of a ``kubectl port-forward
 ``RAY_AUTH_MODE=token`` (``ray._raylet.get_authentication_mode``; ``ray start --head`` also
 turns it on by itself when ``RAY_AUTH_MODE`` is unset and a token already exists, see
 ``ray._private.authentication.authentication_token_setup.maybe_enable_token_auth_if_token_available``).
-The C++ ``AuthenticationTokenLoader`` finds the token in this order: ``RAY_AUTH_TOKEN`` (the
-value), ``RAY_AUTH_TOKEN_PATH`` (a file; unreadable or empty is fatal), ``~/.ray/auth_token``.
+:func:`workflows.ray_auth.find_token` finds the token where Ray's C++ loader does:
+``RAY_AUTH_TOKEN`` (the value), ``RAY_AUTH_TOKEN_PATH`` (a file; unreadable or empty is an
+error), ``~/.ray/auth_token``.
 The dashboard's middleware (``ray._private.authentication.http_token_authentication``) reads
 ``Authorization: Bearer <token>`` (or ``X-Ray-Authorization``, or the
 ``ray-authentication-token`` cookie) and answers 401 when it is missing, 403 when wrong.
 Ray's own ``JobSubmissionClient``/``ray job submit`` add that header only when the *client*
-runs with ``RAY_AUTH_MODE=token`` (``get_auth_headers_if_auth_enabled``). ``cai`` builds the
-same header itself from the same loader, with the rule ``ray start`` uses: sent when
-``RAY_AUTH_MODE=token``, or when it is unset and a token is found; never with
-``RAY_AUTH_MODE=disabled``. So ``export RAY_AUTH_TOKEN=...`` (or a token file) is all a client
-needs. On KubeRay the token is the ``auth_token`` key of the cluster's Secret
-(docs/cluster.md).
+runs with ``RAY_AUTH_MODE=token`` (``get_auth_headers_if_auth_enabled``). ``cai`` sends it
+by the rule ``ray start`` uses: when ``RAY_AUTH_MODE=token``, or when it is unset and a
+token is found; never with ``RAY_AUTH_MODE=disabled`` (a header is harmless to a server
+without auth). So ``export RAY_AUTH_TOKEN=...`` (or a token file) is all a client needs; the
+other commands join a cluster's GCS with the same token (:mod:`workflows.ray_session`). On
+KubeRay the token is the ``auth_token`` key of the cluster's Secret (docs/cluster.md).
+
+A first word ``cai`` (or a path ending in ``/cai``) after ``--`` is dropped, so the Ray habit
+``cai submit -- cai generate ...`` submits ``cai generate ...`` too.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from workflows import ray_auth
 from workflows.config import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -80,28 +85,17 @@ def dashboard_address(address: str | None = None) -> str:
 
 
 def auth_headers() -> dict[str, str]:
-    """``{"authorization": "Bearer <token>"}`` when Ray's rules give a token, else ``{}``."""
-    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    """``{"authorization": "Bearer <token>"}`` by ``ray start``'s rule (module doc), else ``{}``."""
+    mode = ray_auth.auth_mode()
     if mode == "disabled":
         return {}
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not os.environ.get("RAY_AUTH_TOKEN") and token_path:
-        # Ray's loader aborts the process on an unreadable path; say it in one line instead.
-        path = Path(token_path).expanduser()
-        if not path.is_file() or not path.read_text().strip():
-            raise JobClientError(f"RAY_AUTH_TOKEN_PATH={token_path} is not a readable, non-empty token file")
-
-    from ray._raylet import AuthenticationTokenLoader
-
-    loader = AuthenticationTokenLoader.instance()
-    if not loader.has_token(ignore_auth_mode=True):
+    token = ray_auth.find_token()  # raises on an unreadable RAY_AUTH_TOKEN_PATH
+    if token.value is None:
         if mode == "token":
-            raise JobClientError(
-                "RAY_AUTH_MODE=token but no token was found: set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH "
-                "at a token file, or write ~/.ray/auth_token"
-            )
+            raise JobClientError(f"RAY_AUTH_MODE=token but {token.source}: set RAY_AUTH_TOKEN, point "
+                                 "RAY_AUTH_TOKEN_PATH at a token file, or write ~/.ray/auth_token")
         return {}
-    return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+    return {"authorization": f"Bearer {token.value}"}
 
 
 @contextlib.contextmanager
@@ -155,8 +149,11 @@ def connect_jobs(address: str | None = None):
 
 
 def command_args(cai_args: list[str]) -> list[str]:
-    """The ``cai`` arguments after ``--`` (argparse keeps the ``--`` in a REMAINDER)."""
+    """The ``cai`` arguments after ``--`` (argparse keeps the ``--`` in a REMAINDER), without a
+    leading ``cai`` or ``/path/to/cai`` (``ray job submit -- <full command>`` habit)."""
     if cai_args and cai_args[0] == "--":
+        cai_args = cai_args[1:]
+    if cai_args and os.path.basename(cai_args[0]) == "cai":
         cai_args = cai_args[1:]
     if not cai_args:
         raise ConfigError("cai submit needs a command after '--', e.g. cai submit -- generate --config FILE")
@@ -280,11 +277,6 @@ def _utc(millis: int | None) -> str | None:
 
 def cai_subcommands() -> set[str]:
     """Names of the top-level ``cai`` commands, to catch a typo before anything is uploaded."""
-    import argparse
-
     from workflows.cli import build_parser
 
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
+    return set(build_parser().commands.choices)

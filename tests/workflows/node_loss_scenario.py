@@ -31,8 +31,8 @@ from workflows.generate import GenerateConfig, run_generate
 from workflows.ray_session import connect_ray
 
 SMALL_STORE = 80 * 1024 * 1024
-PROMPTS = 120
-PLACEMENT_TIMEOUT_S = 40
+PROMPTS = 80
+PLACEMENT_TIMEOUT_S = 25
 
 
 def done_shards(out: Path) -> int:
@@ -62,7 +62,7 @@ def main(model: str, work: str, result_path: str) -> None:
     out = work_dir / "run"
     config = load_config(GenerateConfig, overrides=dict(
         model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2, revisions=1,
-        max_new_tokens=48, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
+        max_new_tokens=32, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
         placement_timeout=PLACEMENT_TIMEOUT_S))
 
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -79,7 +79,7 @@ def main(model: str, work: str, result_path: str) -> None:
             outcome["error_at"] = time.monotonic()
 
     try:
-        driver = threading.Thread(target=run)
+        driver = threading.Thread(target=run, daemon=True)
         driver.start()
         # 1. nothing fits: the run waits
         time.sleep(12)
@@ -91,13 +91,13 @@ def main(model: str, work: str, result_path: str) -> None:
         # 3. a spare joins; the node of worker 0 goes
         spare = cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE)
         victim_id = bundle_node(out, 0)
-        victim = next(node for node in workers if node.unique_id == victim_id)
+        victim = next(node for node in workers if node.node_id == victim_id)
         cluster.remove_node(victim, allow_graceful=False)
         workers.remove(victim)
         workers.append(spare)
-        wait_until(lambda: bundle_node(out, 0) == spare.unique_id, 120, "worker 0's bundle never moved to the spare")
+        wait_until(lambda: bundle_node(out, 0) == spare.node_id, 120, "worker 0's bundle never moved to the spare")
         shards_at_loss = done_shards(out)
-        wait_until(lambda: done_shards(out) >= shards_at_loss + 10 or not driver.is_alive(), 300,
+        wait_until(lambda: done_shards(out) >= shards_at_loss + 8 or not driver.is_alive(), 300,
                    "no progress after the node loss")
         result["bundle_moved_to_spare"] = True
         # 4. every worker node goes
@@ -124,9 +124,9 @@ def main(model: str, work: str, result_path: str) -> None:
         result["prompts"] = PROMPTS
         result["placement_timeout"] = PLACEMENT_TIMEOUT_S
     finally:
+        Path(result_path).write_text(json.dumps(result, indent=1))
         ray.shutdown()
         cluster.shutdown()
-        Path(result_path).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,9 @@ command uses is the one the test gives it.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +20,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.workflows.ray_head import (
+    BIN, clean_env, free_ports, node_port_flags, short_temp_dir, start_head, stop_head, wait_for_head,
+)
 from workflows import submit
 from workflows.cli import main
 from workflows.config import ConfigError
 
-BIN = Path(sys.executable).parent
 START_LOCAL = Path(__file__).resolve().parents[2] / "cluster" / "start-local.sh"
-HEAD_START_TIMEOUT_S = 90
 
 
 # -- fast checks, no Ray ------------------------------------------------------------------
@@ -93,28 +89,26 @@ def test_unreadable_token_file_is_a_clear_user_error(monkeypatch, capsys, tmp_pa
 def test_submit_refuses_unknown_command(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", "--", "generte", "--model", "x"]) == 2
     assert "'generte' is not a cai command" in capsys.readouterr().err
+    assert main(["submit", "--address", "http://127.0.0.1:1", "--", "cai", "generte"]) == 2
+    assert "'generte' is not a cai command" in capsys.readouterr().err
+
+
+def test_submit_accepts_a_leading_cai_like_ray_job_submit(monkeypatch, capsys):
+    for words in (["cai"], ["/opt/venv/bin/cai"], []):
+        assert submit.entrypoint(["--", *words, "generate", "--out", "runs/a b"]) == "cai generate --out 'runs/a b'"
+    assert submit.command_args(["--", "cai", "prompts", "check", "cai"]) == ["prompts", "check", "cai"]
+    with pytest.raises(ConfigError, match="needs a command"):
+        submit.command_args(["--", "cai"])
+    assert {"generate", "label", "train", "submit", "jobs"} <= submit.cai_subcommands()
+
+    # accepted: it gets as far as the (absent) job server
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"
+    assert main(["submit", "--address", address, "--", "cai", "generate", "--model", "x"]) == 2
+    assert capsys.readouterr().err.startswith("cai: error: cannot reach the Ray job server")
 
 
 # -- a real head ---------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any Ray address or auth setting, .venv/bin first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_CAI_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -136,6 +130,13 @@ class Head:
         response = requests.get(f"{self.url}/api/jobs/{job_id}", headers=headers, timeout=10)
         return {"status": "NOT_SUBMITTED_YET"} if response.status_code == 404 else response.json()
 
+    def job_server_up(self) -> bool:
+        headers = {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        try:
+            return requests.get(f"{self.url}/api/jobs/", headers=headers, timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
     def wait_status(self, job_id: str, statuses: set[str], timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while (status := self.job(job_id)["status"]) not in statuses:
@@ -144,66 +145,28 @@ class Head:
         return status
 
 
-def _stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM makes `ray start --block` (exec'd by the script) stop its node; then kill what is
-    left of the process group it leads: never `ray stop`, which would stop every Ray on the machine."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group started with start_new_session=True
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """cluster/start-local.sh --block, on free ports, with its own temp dir and token file."""
-    # A short path: Ray's unix sockets live under the temp dir and paths are limited to ~107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="cai-head-", dir="/tmp"))
+    temp_dir = short_temp_dir("cai-head-")
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(9)
-    command = [
-        "bash", str(START_LOCAL), "--block", "--temp-dir", str(temp_dir), "--num-cpus", "2", "--num-gpus", "0",
-        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
-        "--metrics-export-port", str(metrics), "--node-manager-port", str(node_manager),
-        "--object-manager-port", str(object_manager),
-    ]
+    gcs, dashboard = free_ports(2)
+    command = ["bash", str(START_LOCAL), "--block", "--temp-dir", str(temp_dir), "--num-cpus", "2", "--num-gpus", "0",
+               *node_port_flags()]
     # no RAY_AUTH_MODE here: the script must turn token auth on by itself
     env = clean_env(RAY=str(BIN / "ray"), RAY_AUTH_TOKEN_PATH=str(token_file), RAY_CAI_GCS_PORT=str(gcs),
                     RAY_CAI_DASHBOARD_PORT=str(dashboard))
     log_path = temp_dir / "start-local.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_head(command, env, log_path)
     head = Head(f"http://127.0.0.1:{dashboard}", token_file, temp_dir)
     try:
-        _wait_for_job_server(head, proc, log_path)
+        wait_for_head(proc, log_path, head.job_server_up)
         yield head
     finally:
-        _stop_head(proc)
+        stop_head(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_job_server(head: Head, proc: subprocess.Popen, log_path: Path) -> None:
-    headers = {"Authorization": f"Bearer {head.token_file.read_text().strip()}"}
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{head.url}/api/jobs/", headers=headers, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the job server did not come up in {HEAD_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
 def write_prompts(path: Path, n: int) -> Path:
