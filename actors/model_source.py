@@ -145,7 +145,7 @@ def _check_folder(source: ModelSource, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def exclusive_lock(lock_path: Path):
     """An inter-process lock (also between threads: each ``open`` is its own flock)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
@@ -168,7 +168,7 @@ def _stage_here(source: ModelSource) -> tuple[Path, int]:
     target = cache_dir() / "staged" / f"{Path(source.path).name}-{source.fingerprint[:12]}"
     if (target / STAGED_MARKER).is_file():
         return target, 0
-    with _exclusive(target.parent / f".{target.name}.lock"):
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / STAGED_MARKER).is_file():
             return target, 0
         for stale in target.parent.glob(f".{target.name}.partial-*"):

