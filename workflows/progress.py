@@ -53,7 +53,7 @@ class RunProgress:
         self._update()
 
     def note(self, message: str) -> None:
-        self.bar.write(f"{self.prefix}: {message}")
+        self.bar.write(f"{self.prefix}: {message}", file=sys.stderr)  # stdout keeps the JSON summary
 
     def close(self) -> None:
         self._update()

@@ -260,9 +260,14 @@ def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
     summary_path = out.expanduser().resolve() / SUMMARY
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("config") == config_to_dict(config):
+        if _trained_by(summary.get("config") or {}) == _trained_by(config_to_dict(config)):
             return {**summary, "already_done": True}
     return None
+
+
+def _trained_by(config: dict[str, Any]) -> dict[str, Any]:
+    # How the job met the cluster (run name, placement timeout, staging) does not change the model.
+    return {key: value for key, value in config.items() if key != "cluster"}
 
 
 def learner_nodes(options: TrainingOptions) -> list[str]:

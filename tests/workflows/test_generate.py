@@ -97,6 +97,16 @@ def test_generate_two_workers_two_rounds_every_row_checked(ray_local, tiny_model
         run_generate(config(tiny_model, prompts, out, revisions=3, few_shot=1))
 
 
+def run_id(out: Path, timeout: float = 120) -> str:
+    """The run id that names the run's actors, once its manifest is written."""
+    deadline = time.monotonic() + timeout
+    while not (out / "manifest.json").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{out} never got a manifest")
+        time.sleep(0.1)
+    return json.loads((out / "manifest.json").read_text())["run_id"]
+
+
 def actor_pid(name: str, timeout: float = 120) -> int:
     """The process id of a named generation actor, once its engine is up."""
     deadline = time.monotonic() + timeout
@@ -125,7 +135,7 @@ def test_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, ti
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(run_generate(cfg)))
     driver.start()
-    pid = actor_pid("cai-generate-run-0")
+    pid = actor_pid(f"cai-generate-{run_id(out)}-0")
     wait_for_shards(out, 1)
     os.kill(pid, signal.SIGKILL)
     driver.join(timeout=600)

@@ -75,14 +75,14 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     killed: dict = {}
     killers = [
         threading.Thread(target=kill_rollout_actor_after_first_checkpoint,
-                         args=(storage, f"cai-ppo-{out.name}-rollout-1", killed), daemon=True),
+                         args=(storage, "cai-ppo-ppo-test-rollout-1", killed), daemon=True),
         threading.Thread(target=kill_learner_at_hold, args=(storage, 8, killed), daemon=True),
     ]
     for killer in killers:
         killer.start()
     os.environ[HOLD_ENV] = "8"
     try:
-        summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage)))
+        summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test"))
     finally:
         del os.environ[HOLD_ENV]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -136,8 +136,8 @@ def test_a_killed_rollout_actor_does_not_stop_the_run(ppo_run):
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(ppo_run, tiny_model):
     summary = run_ppo(ppo_config(tiny_model, ppo_run["prompts"], ppo_run["out"],
-                                 storage_path=str(ppo_run["storage"])))
-    assert summary["already_done"]
+                                 storage_path=str(ppo_run["storage"]), run_name="ppo-test", placement_timeout=60))
+    assert summary["already_done"], "how a run meets the cluster is not part of what it trained"
 
 
 def test_config_needs_exactly_one_reward(tiny_model, tmp_path):
