@@ -13,7 +13,7 @@ node, and the run goes through, in order:
 5. a 2-CPU node with its own model cache joins and the same command is run again with
    ``--stage-model``: the model is copied to that node once and the run finishes the rest.
 
-Usage: python node_loss_scenario.py MODEL_DIR WORK_DIR RESULT.json
+Usage: python node_loss_scenario.py RESULT.json WORK_DIR MODEL_DIR
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def bundle_node(run_dir: Path, index: int) -> str:
     return ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
 
 
-def main(model: str, work: str, result_path: str) -> None:
+def main(result_path: str, work: str, model: str) -> None:
     work_dir = Path(work)
     prompts = work_dir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"

@@ -7,21 +7,17 @@ one process joins one cluster, and this pytest process may hold the session's ``
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.workflows.cluster_scenario import run_scenario
 
 from actors.model_source import REMEDY, ModelNotOnNodeError, ModelSource, model_fingerprint
 from workflows.model_preflight import model_source
 from workflows.models import ModelNotFoundError, cache_dir
 
-REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("model_preflight_scenario.py")
 
 # --- fingerprints and local checks, no Ray -------------------------------------------------
@@ -105,29 +101,7 @@ def test_cache_dir_is_still_importable_from_models(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def scenario(tiny_model) -> dict:
-    # A short private RAY_TMPDIR: unix socket paths must stay under ~107 characters, and no
-    # other ray.init() on the machine may find this cluster's address file.
-    ray_tmp = tempfile.mkdtemp(prefix="raym")
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_TMPDIR"] = ray_tmp
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        result_path, work = Path(ray_tmp) / "result.json", Path(ray_tmp) / "work"
-        work.mkdir()
-        done = subprocess.run(
-            [sys.executable, str(SCENARIO), str(result_path), str(work), tiny_model],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert done.returncode == 0 and result_path.exists(), (
-            f"model preflight scenario failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        )
-        return json.loads(result_path.read_text())
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return run_scenario(SCENARIO, tiny_model, timeout=240)[0]
 
 
 @pytest.mark.slow

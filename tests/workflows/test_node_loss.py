@@ -3,17 +3,12 @@ them (``node_loss_scenario.py``, in a subprocess: one process joins one cluster)
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.workflows.cluster_scenario import run_scenario
+
 SCENARIO = Path(__file__).with_name("node_loss_scenario.py")
 
 pytestmark = pytest.mark.slow
@@ -21,21 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scenario(tiny_model) -> dict:
-    ray_tmp = tempfile.mkdtemp(prefix="rayn")  # short: Ray's socket paths are limited to ~107 bytes
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_TMPDIR=ray_tmp, VLLM_CPU_KVCACHE_SPACE="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-        result_path = Path(ray_tmp) / "result.json"
-        done = subprocess.run([sys.executable, str(SCENARIO), tiny_model, ray_tmp, str(result_path)], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=1200)
-        result = json.loads(result_path.read_text()) if result_path.exists() else {}
-        assert done.returncode == 0, (f"node-loss scenario failed (rc {done.returncode}), got {result}:\n"
-                                      f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-        result["log"] = done.stderr
-        return result
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result, done = run_scenario(SCENARIO, tiny_model, timeout=1200)
+    return {**result, "log": done.stderr}
 
 
 def test_placement_waits_for_nodes_and_says_what_it_waits_for(scenario):

@@ -8,19 +8,14 @@ hold the session's ``ray_local`` instance, and one process can join only one clu
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.workflows.cluster_scenario import run_scenario
+
 from workflows.placement import PlacementError, WorkerResources, workers_that_fit
 
-REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("placement_scenario.py")
 
 # --- pure: bundles and counting, no Ray ---------------------------------------------------
@@ -79,28 +74,7 @@ def test_nothing_fits_on_no_nodes():
 
 @pytest.fixture(scope="module")
 def scenario() -> dict:
-    # A short private RAY_TMPDIR: Ray's unix socket paths must stay under ~107 characters,
-    # and the fake cluster's address file must not be found by ray.init() elsewhere.
-    ray_tmp = tempfile.mkdtemp(prefix="rayp")
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_TMPDIR"] = ray_tmp
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        result_path = Path(ray_tmp) / "result.json"
-        done = subprocess.run(
-            [sys.executable, str(SCENARIO), str(result_path)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0 and result_path.exists(), (
-            f"placement scenario failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        )
-        return json.loads(result_path.read_text())
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return run_scenario(SCENARIO, timeout=180)[0]
 
 
 @pytest.mark.slow
