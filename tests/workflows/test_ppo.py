@@ -21,8 +21,11 @@ STEPS = 12
 
 
 def ppo_config(tiny_model, prompts, out, **values) -> PPOConfig:
+    # Short answers and two minibatches per epoch: over 12 steps the reward rose by 0.11 to 0.43
+    # (the mean of the last three steps over the first three) in 6 seeded runs of the same loop
+    # with HF sampling, against 0.04 to 0.13 with 16-token answers and one minibatch.
     base = dict(policy=tiny_model, prompts=str(prompts), out=str(out), reward_fn="vowel_share", steps=STEPS,
-                rollout_batch=16, minibatch=8, ppo_epochs=4, max_new_tokens=16, lr=5e-3, kl_coef=0.01,
+                rollout_batch=16, minibatch=4, ppo_epochs=4, max_new_tokens=8, lr=5e-3, kl_coef=0.01,
                 learners=2, rollout_workers=2, save_steps=4, max_failures=1, enforce_eager=True,
                 max_model_len=512, seed=0)
     base.update(values)
