@@ -38,6 +38,9 @@ class EngineOptions:
     max_logprobs: int = 20
     max_num_seqs: int = 256
     enforce_eager: bool = False
+    # "processed_logprobs": sampled tokens' log-probs after temperature (what PPO's learner
+    # must reproduce); vLLM's default "raw_logprobs" is the model's own distribution (T = 1)
+    logprobs_mode: str = "raw_logprobs"
     trust_remote_code: bool = False
     worker_extension_cls: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -55,13 +58,15 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Completion:
     """One sampled continuation. ``top_logprobs[i]`` holds the top candidates at step i, best
-    first (keyed by id: several byte-level tokens can decode to the same text)."""
+    first (keyed by id: several byte-level tokens can decode to the same text);
+    ``token_logprobs[i]`` the log-prob of the token sampled at step i (when log-probs were asked)."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
     prompt_tokens: int
     top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+    token_logprobs: tuple[float, ...] = ()
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -101,6 +106,7 @@ def engine_args(options: EngineOptions, *, dtype: str) -> dict[str, Any]:
         "enforce_eager": options.enforce_eager,
         "trust_remote_code": options.trust_remote_code,
         "worker_extension_cls": options.worker_extension_cls or "",
+        "logprobs_mode": options.logprobs_mode,
         "disable_log_stats": True,
     }
     if options.tensor_parallel_size > 1:
@@ -118,6 +124,27 @@ def engine_args(options: EngineOptions, *, dtype: str) -> dict[str, Any]:
     return {**args, **options.extra}
 
 
+def engine_environment(options: EngineOptions, *, cpu: bool) -> dict[str, str]:
+    """Environment variables vLLM reads at engine start (pure: tested without vLLM).
+
+    * ``VLLM_CPU_KVCACHE_SPACE``: vLLM-CPU sizes its KV cache from it, not from
+      ``gpu_memory_utilization``.
+    * ``VLLM_LOGGING_LEVEL=WARNING``: per-step INFO lines drown the progress bar.
+    * ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on CPU at tensor parallel 1: vLLM-CPU otherwise runs
+      the model in a third process beside the EngineCore (it switches the executor to ``mp``;
+      vllm/platforms/cpu.py, 0.32). With it off the model runs inside the EngineCore, as on a
+      GPU at TP 1: one torch + vLLM import less at start-up, and no per-step hand-off between
+      two busy processes. Measured side by side (BENCHMARKS.md, "Engine process layout on
+      CPU"): start-up 35 s instead of 52 s and 1.9x the tokens/s on this 2-core machine.
+      ``AsyncLLM`` keeps its EngineCore process either way. TP > 1 keeps ``mp`` (one process
+      per rank).
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(options.cpu_kv_cache_gib), "VLLM_LOGGING_LEVEL": "WARNING"}
+    if cpu and options.tensor_parallel_size == 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
 class VLLMEngineHost:
     """Owns one ``vllm.v1.engine.async_llm.AsyncLLM`` and the model's tokenizer."""
 
@@ -126,9 +153,10 @@ class VLLMEngineHost:
             options = replace(options, model=options.model_source.local_path())
         self.options = options
         started = time.monotonic()
-        # vLLM-CPU sizes its KV cache from this variable, not from gpu_memory_utilization.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-step INFO lines drown the progress bar
+        from vllm.platforms import current_platform
+
+        for name, value in engine_environment(options, cpu=current_platform.is_cpu()).items():
+            os.environ.setdefault(name, value)  # what the user exported wins
         # Nothing more for tensor parallel > 1 (the "mp" executor, see engine_args): inside a Ray
         # actor vLLM itself starts its workers with spawn, not fork, and exports RAY_ADDRESS to them
         # (vllm/utils/system_utils.py, _maybe_force_spawn). Presetting VLLM_WORKER_MULTIPROC_METHOD
@@ -223,16 +251,18 @@ class VLLMEngineHost:
         return [self._completion(c, len(prompt_ids)) for c in final.outputs]
 
     def _completion(self, output, prompt_tokens: int) -> Completion:
-        steps = []
-        for step in output.logprobs or []:
+        steps, sampled = [], []
+        for token_id, step in zip(output.token_ids, output.logprobs or []):
             ranked = sorted(step.items(), key=lambda item: item[1].rank)
             steps.append(tuple(TokenLogprob(tid, entry.decoded_token or "", entry.logprob) for tid, entry in ranked))
+            sampled.append(step[token_id].logprob)
         return Completion(
             text=output.text,
             token_ids=tuple(output.token_ids),
             finish_reason=output.finish_reason,
             prompt_tokens=prompt_tokens,
             top_logprobs=tuple(steps),
+            token_logprobs=tuple(sampled),
         )
 
     async def next_token_logprobs(self, prompt: list[dict[str, str]] | list[int], k: int) -> tuple[TokenLogprob, ...]:

@@ -26,15 +26,19 @@ class StaleWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class Rollout:
-    """One sampled response. ``token_ids`` end with EOS when ``finish_reason == "stop"``."""
+    """One sampled response. ``token_ids`` end with EOS when ``finish_reason == "stop"``;
+    ``logprobs`` are the engine's log-probs of those tokens at the sampling temperature (the
+    behaviour policy), which the learner's own must reproduce."""
 
     token_ids: tuple[int, ...]
     finish_reason: str | None
+    logprobs: tuple[float, ...] = ()
 
 
 class RolloutWorker:
     def __init__(self, options: EngineOptions):
-        self.host = VLLMEngineHost(replace(options, worker_extension_cls=WEIGHT_SYNC_EXTENSION))
+        self.host = VLLMEngineHost(replace(options, worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+                                           logprobs_mode="processed_logprobs"))
         self.version = 0  # 0 = the weights the engine started with
 
     def info(self) -> dict:
@@ -60,10 +64,10 @@ class RolloutWorker:
         if version != self.version:
             raise StaleWeightsError(f"engine holds policy version {self.version}, the request expects {version}")
         completions = await asyncio.gather(*(
-            self.host.complete(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+            self.host.complete(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0)
             for ids in prompts
         ))
-        return [Rollout(c.token_ids, c.finish_reason) for (c,) in completions]
+        return [Rollout(c.token_ids, c.finish_reason, c.token_logprobs) for (c,) in completions]
 
     async def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's log-prob of each response token after the prompt: compared with the

@@ -7,8 +7,9 @@ Two layouts are understood:
   ``{"prompt": [...], "edit_request": ...}``, a list of multiple-choice principles
   (``RLMadisonInstructions.json``, each ending in "Options:"), and few-shot examples written
   as raw ``Human: / Assistant: / CritiqueRequest: / ...`` transcripts;
-* Hugging Face's ``llm-swarm`` ``examples/constitutional-ai``: ``{"constitutions": [{"critic",
-  "revision"}], "system_chat": [[{"role", "content"}, ...]]}``.
+* Hugging Face's ``llm-swarm``, in both of its layouts: ``examples/constitutional-ai``'s
+  ``{"constitutions": [{"critic", "revision"}], "system_chat": [[{"role", "content"}, ...]]}``,
+  and ``examples/hh``'s bare list ``[{"critic", "revision"}, ...]`` (no few-shot examples).
 
 Both importers only translate: they build the raw dict in the YAML file's layout and hand it
 to :func:`constitutions.loader.parse_constitution`, so every check a hand-written YAML file
@@ -57,8 +58,8 @@ class ConstitutionImportError(ValueError):
         super().__init__(f"cannot import {self.source}: {problem}")
 
 
-def _read_json(path: str | Path, expected: type) -> Any:
-    """Parse a JSON file (never pickle) whose top level must be ``expected`` (dict or list)."""
+def _read_json(path: str | Path, expected: type | tuple[type, ...]) -> Any:
+    """Parse a JSON file (never pickle) whose top level must be ``expected`` (dict and/or list)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -69,7 +70,8 @@ def _read_json(path: str | Path, expected: type) -> Any:
     except json.JSONDecodeError as exc:
         raise ConstitutionImportError(path, f"not valid JSON: {exc}") from exc
     if not isinstance(data, expected):
-        wanted = "a JSON object" if expected is dict else "a JSON list"
+        names = {dict: "a JSON object", list: "a JSON list"}
+        wanted = " or ".join(names[t] for t in (expected if isinstance(expected, tuple) else (expected,)))
         raise ConstitutionImportError(path, f"top level must be {wanted}, got {type(data).__name__}")
     return data
 
@@ -252,6 +254,12 @@ def _llm_swarm_chat(path: Path, system_chat: Any) -> list[list[dict[str, str]]]:
     return out
 
 
+LLM_SWARM_LAYOUTS = {
+    list: "a bare list of critic/revision pairs (llm-swarm examples/hh)",
+    dict: "an object with 'constitutions' and 'system_chat' (llm-swarm examples/constitutional-ai)",
+}
+
+
 def import_llm_swarm(
     path: str | Path,
     *,
@@ -259,17 +267,23 @@ def import_llm_swarm(
     version: str = "1.0",
     description: str = "",
 ) -> Constitution:
-    """Build a constitution from an llm-swarm ``constitution.json`` (critiques and few-shot only)."""
+    """Build a constitution from an llm-swarm ``constitution.json`` in either of its layouts
+    (:data:`LLM_SWARM_LAYOUTS`; critiques, and few-shot examples where the file has them).
+    The layout read is named in the description."""
     path = Path(path)
-    raw = _read_json(path, dict)
-    if "constitutions" not in raw:
-        raise ConstitutionImportError(path, "missing field 'constitutions'")
-    entries = raw["constitutions"]
-    if not isinstance(entries, list):
-        raise ConstitutionImportError(path, f"field 'constitutions' must be a list, got {type(entries).__name__}")
+    raw = _read_json(path, (dict, list))
+    if isinstance(raw, list):
+        entries, field, system_chat = raw, "", []
+    else:
+        if "constitutions" not in raw:
+            raise ConstitutionImportError(
+                path, f"missing field 'constitutions' (llm-swarm files are {' or '.join(LLM_SWARM_LAYOUTS.values())})")
+        entries, field, system_chat = raw["constitutions"], "constitutions", raw.get("system_chat", [])
+        if not isinstance(entries, list):
+            raise ConstitutionImportError(path, f"field 'constitutions' must be a list, got {type(entries).__name__}")
     critiques = []
     for i, entry in enumerate(entries):
-        where = f"constitutions[{i}]"
+        where = f"{field}[{i}]"
         if not isinstance(entry, dict):
             raise ConstitutionImportError(path, f"{where}: must be an object, got {type(entry).__name__}")
         critique = _require_text(path, where, entry, "critic").strip()
@@ -278,9 +292,9 @@ def import_llm_swarm(
     data = {
         "name": name,
         "version": version,
-        "description": description or f"Imported from llm-swarm's constitutional-ai example ({path.name})",
+        "description": description or f"Imported from llm-swarm's {path.name}: {LLM_SWARM_LAYOUTS[type(raw)]}",
         "critiques": critiques,
-        "feedback": [],  # the layout has no multiple-choice principles
-        "few_shot": _llm_swarm_chat(path, raw.get("system_chat", [])),
+        "feedback": [],  # neither layout has multiple-choice principles
+        "few_shot": _llm_swarm_chat(path, system_chat),
     }
     return parse_constitution(data, source=str(path))

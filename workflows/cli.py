@@ -110,7 +110,7 @@ def cmd_constitution_import(args: argparse.Namespace) -> int:
             raise UsageError("--from llm-swarm needs the constitution.json FILE")
         constitution = import_llm_swarm(args.file, **meta)
     save_constitution(constitution, args.out)
-    _print_json({"written": args.out, **constitution.summary()})
+    _print_json({"written": args.out, "read": constitution.description, **constitution.summary()})
     return 0
 
 

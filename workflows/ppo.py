@@ -42,8 +42,8 @@ class PPOConfig:
     minibatch: int = option(8, "answers per gradient step on each learner")
     ppo_epochs: int = option(2, "passes over each rollout batch")
     max_new_tokens: int = option(64, "longest sampled answer, in tokens")
-    temperature: float = option(1.0, "rollout sampling temperature (1 samples the policy itself)")
-    top_p: float = option(1.0, "rollout nucleus sampling")
+    temperature: float = option(1.0, "rollout sampling temperature; the learner's log-probs are log softmax(logits/T)")
+    top_p: float = option(1.0, "rollout nucleus sampling: must stay 1 (the learner scores the whole vocabulary)")
     kl_coef: float = option(0.05, "β: per-token penalty on log π − log π_ref (the starting value when adaptive)")
     target_kl: float = option(0.0, "adaptive KL controller target (Ziegler et al. 2019); 0 = fixed β")
     kl_horizon: int = option(10000, "adaptive KL controller horizon, in samples")
@@ -78,6 +78,11 @@ class PPOConfig:
             "max_failures": self.max_failures >= -1,
         }
         require_valid(failing(checks), self.engine.problems(), self.cluster.problems())
+        if self.top_p < 1:
+            raise ConfigError(
+                f"--top-p {self.top_p}: PPO rollouts sample the whole tempered distribution. The learner's "
+                "log-probs are log softmax(logits/T) over the full vocabulary, so an engine sampling a nucleus "
+                "would train a policy other than the one that produced the rollouts (TRL forces top_p=1 too)")
         if bool(self.reward_model) == bool(self.reward_fn):
             raise ConfigError("give exactly one of --reward-model and --reward-fn")
         if self.rollout_batch % self.learners:
@@ -87,13 +92,14 @@ class PPOConfig:
                               f"batch ({self.rollout_batch // self.learners})")
 
 
-def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[list[list[int]], list[str], list[dict]]:
-    """Each usable prompt as chat-template token ids (and its text); rejects with reasons."""
+def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[list[list[int]], list[list[dict]], list[dict]]:
+    """Each usable prompt as chat-template token ids and as its messages (the reward model
+    scores the whole conversation); rejects with reasons."""
     from transformers import AutoTokenizer
 
     prompt_set = load_prompts(cfg.prompts)
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.engine.trust_remote_code)
-    ids, texts, rejects = [], [], [r.to_dict() for r in prompt_set.rejects]
+    ids, conversations, rejects = [], [], [r.to_dict() for r in prompt_set.rejects]
     for row in prompt_set.rows:
         rendered = tokenizer.apply_chat_template(list(row.messages), add_generation_prompt=True, tokenize=False)
         tokens = tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -102,10 +108,10 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
                             f"max_new_tokens {cfg.max_new_tokens} exceeds the context of {max_model_len}"})
             continue
         ids.append(tokens)
-        texts.append(row.prompt)
+        conversations.append(list(row.messages))
     if not ids:
         raise ConfigError(f"{cfg.prompts}: no usable prompts ({len(rejects)} rejected)")
-    return ids, texts, rejects
+    return ids, conversations, rejects
 
 
 def rollout_resources(cfg: PPOConfig) -> WorkerResources:
@@ -168,7 +174,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         "trust_remote_code": cfg.engine.trust_remote_code,  # one switch for the engines and the learners
     }
     max_model_len = cfg.engine.max_model_len or _model_context(policy)
-    prompt_ids, prompt_texts, rejects = render_prompts(cfg, policy, max_model_len)
+    prompt_ids, prompt_messages, rejects = render_prompts(cfg, policy, max_model_len)
     out = Path(cfg.out).expanduser().resolve()
     done, run_id = open_training_run(out, cfg, cfg.cluster.run_name)
     if done:
@@ -200,7 +206,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     try:
         return run_training(TrainJob(
             kind="ppo", out=out, options=options, loop=ppo_loop,
-            loop_config={"settings": settings, "prompt_ids": prompt_ids, "prompt_texts": prompt_texts,
+            loop_config={"settings": settings, "prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
                          "rollout_actors": list(actors)},
             config=cfg, data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
             models=models, run_id=run_id,

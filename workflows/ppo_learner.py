@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -158,12 +159,23 @@ def step_prompts(n_prompts: int, step: int, batch: int, rank: int, world: int, s
     return indices[rank * share:(rank + 1) * share]
 
 
+def learn_from_rollouts(ddp, core: ActorCritic, ref, optimizer, prompts: list[list[int]], responses: list[list[int]],
+                        scores: list[float], s: dict[str, Any], kl_coef: float, *, pad_id: int, seed: int):
+    """Score one rollout batch and update on it: the learner step after sampling. Every tensor
+    goes to the device the models are on (``core``'s parameters); the inputs arrive as lists.
+    Returns the batch, the scored tensors and the update's stats."""
+    device = next(core.parameters()).device
+    batch = pack_rollouts(prompts, responses, pad_id).to(device)
+    scored = score_rollouts(core, ref, batch, torch.tensor(scores, device=device), s, kl_coef)
+    return batch, scored, ppo_update(ddp, optimizer, batch, scored, s, seed=seed)
+
+
 def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.Tensor, s: dict[str, Any], kl_coef: float):
     """Old log-probs, values, KL-shaped rewards and whitened GAE advantages for one batch."""
     model.eval()
     with torch.no_grad():
-        old_logprobs, entropy, values = model(batch)
-    ref_logprobs = sequence_logprobs(ref, batch)
+        old_logprobs, entropy, values = model(batch, s["temperature"])
+    ref_logprobs = sequence_logprobs(ref, batch, s["temperature"])
     rewards, kl = ppo_math.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.mask, kl_coef,
                                           kind=s["kl_estimator"])
     values = values * batch.mask
@@ -175,16 +187,16 @@ def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.T
 
 def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], s: dict[str, Any], seed: int):
     """``ppo_epochs`` passes of clipped policy + value loss over shuffled minibatches."""
-    model.train()
+    model.train()  # dropout is off in every model (ppo_policy.disable_dropout): train mode changes nothing else
     n = batch.input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     stats: dict[str, list[float]] = {}
     for _ in range(s["ppo_epochs"]):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(batch.input_ids.device)
         for start in range(0, n, s["minibatch"]):
             rows = order[start:start + s["minibatch"]]
             mb = batch.select(rows)
-            logprobs, _, values = model(mb)
+            logprobs, _, values = model(mb, s["temperature"])
             pg_loss, pg_stats = ppo_math.policy_loss(logprobs, scored["old_logprobs"][rows],
                                                      scored["advantages"][rows], mb.mask, s["clip_range"])
             vf_loss, vf_stats = ppo_math.value_loss(values, scored["values"][rows], scored["returns"][rows],
@@ -200,13 +212,14 @@ def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Te
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each metric over the learners (on ``device``: NCCL reduces GPU tensors only)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
@@ -301,7 +314,10 @@ def ppo_loop(config: dict[str, Any]) -> None:
                   if s["target_kl"] else ppo_math.FixedKLController(state["kl_coef"]))
 
     prompts: list[list[int]] = config["prompt_ids"]
-    prompt_texts: list[str] = config["prompt_texts"]
+    # the reward model scores the whole conversation, as `cai train rm` trained it; a reward
+    # function gets the question (the last user turn), its documented contract
+    messages: list[list[dict]] = config["prompt_messages"]
+    reward_inputs = messages if s["reward_model"] else [conversation[-1]["content"] for conversation in messages]
     client = RolloutClient(config["rollout_actors"], lambda: weights_blob(core.policy),
                            wait_timeout=s["cluster"]["placement_timeout"] or None)
     sampling = {"max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"], "top_p": s["top_p"]}
@@ -317,14 +333,14 @@ def ppo_loop(config: dict[str, Any]) -> None:
         started = time.monotonic()
         responses = [list(r.token_ids) for r in rollouts]
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
-        scores = torch.tensor(checked_scores(reward([prompt_texts[i] for i in mine], texts), len(texts),
-                                             s["reward_model"] or s["reward_fn"]))
-        batch = pack_rollouts([prompts[i] for i in mine], responses, pad_id)
-        scored = score_rollouts(core, ref, batch, scores, s, kl_control.value)
+        scores = checked_scores(reward([reward_inputs[i] for i in mine], texts), len(texts),
+                                s["reward_model"] or s["reward_fn"])
         timings["scoring_seconds"] = time.monotonic() - started
 
         started = time.monotonic()
-        train_stats = ppo_update(ddp, optimizer, batch, scored, s, seed=s["seed"] * 100003 + step)
+        batch, scored, train_stats = learn_from_rollouts(
+            ddp, core, ref, optimizer, [prompts[i] for i in mine], responses, scores, s, kl_control.value,
+            pad_id=pad_id, seed=s["seed"] * 100003 + step)
         timings["training_seconds"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -334,13 +350,14 @@ def ppo_loop(config: dict[str, Any]) -> None:
 
         sequence_kl = (scored["kl"] * batch.mask).sum(-1).mean().item()
         metrics = mean_over_ranks({
-            "reward": scores.mean().item(),
-            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward": statistics.fmean(scores),
+            "reward_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
             "kl": sequence_kl,
             "entropy": ppo_math.masked_mean(scored["entropy"], batch.mask).item(),
             "response_length": batch.mask.sum(-1).mean().item(),
+            "rollout_logprob_diff": behaviour_logprob_diff(scored["old_logprobs"], batch.mask, rollouts),
             **train_stats, **timings,
-        })
+        }, device)
         kl_control.update(metrics["kl"], s["rollout_batch"])
         state = {"step": step + 1, "kl_coef": kl_control.value,
                  "history": [*state["history"], {"step": step + 1, "kl_coef": kl_control.value, **metrics, **sync,
@@ -364,6 +381,18 @@ def ppo_loop(config: dict[str, Any]) -> None:
                               "history": state["history"], "final_kl_coef": state["kl_coef"]})
 
 
+def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: list[Any]) -> float:
+    """Largest gap between the learner's log-probs of the sampled tokens (at the sampling
+    temperature, before the update) and the engine's own from sampling them. Near 0 when the
+    engine held the learner's weights and both applied the same temperature; PPO's ratio
+    assumes exactly that."""
+    engine = torch.zeros_like(learner, device="cpu")
+    for row, rollout in enumerate(rollouts):
+        engine[row, :len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=engine.dtype)
+    gap = (learner.detach().cpu() - engine).abs() * mask.cpu()
+    return float(gap.max()) if gap.numel() else 0.0
+
+
 def sync_rollout_engines(client: RolloutClient, model: ActorCritic, batch: RolloutBatch, version: int) -> dict:
     """Push the new policy to every live engine and measure how exact the sync is: the
     engine's log-probs of one sampled sequence against the learner's, before and after."""
@@ -375,8 +404,8 @@ def sync_rollout_engines(client: RolloutClient, model: ActorCritic, batch: Rollo
     length = int(batch.mask[row].sum())
     response = batch.response[row, :length].tolist()
     model.eval()
-    with torch.no_grad():
-        learner = model(batch.select(torch.tensor([row])))[0][0, :length]
+    with torch.no_grad():  # the engine's prompt log-probs are at T = 1: so is this check
+        learner = model(batch.select(torch.tensor([row])))[0][0, :length].cpu()
     before = None
     try:  # the engine still holds the previous policy
         before = ray.get(client.actors[0].sequence_logprobs.remote(prompt, response), timeout=60)

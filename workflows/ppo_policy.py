@@ -32,8 +32,13 @@ class RolloutBatch:
     prompt_width: int
 
     def select(self, rows: torch.Tensor) -> RolloutBatch:
+        rows = rows.to(self.input_ids.device)
         return RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
                             self.response[rows], self.mask[rows], self.prompt_width)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                            self.response.to(device), self.mask.to(device), self.prompt_width)
 
 
 def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> RolloutBatch:
@@ -57,7 +62,11 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 class ActorCritic(nn.Module):
     """Policy and value model. ``forward`` returns, over the response columns only,
     log-probs of the sampled tokens (B, T), per-token entropy (B, T) and values (B, T).
-    The value at column t estimates the return from the state before response token t."""
+    The value at column t estimates the return from the state before response token t.
+
+    Log-probs and entropy are those of the distribution the engines sample from at
+    ``temperature``: log softmax(logits / T) over the whole vocabulary (as TRL and OpenRLHF
+    compute them), so the ratio and the KL describe the policy that produced the rollouts."""
 
     def __init__(self, policy: nn.Module, value_backbone: nn.Module):
         super().__init__()
@@ -67,28 +76,49 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: RolloutBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids, "use_cache": False}
-        logits = response_logits(self.policy(**inputs).logits, batch)
+        logits = response_logits(self.policy(**inputs).logits, batch, temperature)
         hidden = self.value_backbone(**inputs).last_hidden_state
         columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
         values = self.value_head(hidden[:, columns]).squeeze(-1)
         return logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
 
 
-def response_logits(logits: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
-    """The logits that predict each response token: columns P-1 .. P+T-2. (B, T, V), float32."""
+def response_logits(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """The logits that predict each response token (columns P-1 .. P+T-2), divided by the
+    sampling temperature. (B, T, V), float32."""
     start = batch.prompt_width - 1
-    return logits[:, start:start + batch.response.shape[1]].float()
+    return logits[:, start:start + batch.response.shape[1]].float() / temperature
 
 
-def sequence_logprobs(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """Log-probs of the response tokens under a plain causal LM (the reference). (B, T)"""
+def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the response tokens under a plain causal LM (the reference) at the
+    sampling temperature. (B, T)"""
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False).logits
-        return logprobs_from_logits(response_logits(logits, batch), batch.response)
+        return logprobs_from_logits(response_logits(logits, batch, temperature), batch.response)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Turn every dropout of a Hugging Face model off, in train mode too; returns how many
+    were on. PPO's first-epoch ratio must be exactly 1 and the value targets deterministic
+    (TRL disables dropout in all four models). ``nn.Dropout`` modules get ``p = 0``; attention
+    dropout in transformers is a float attribute passed to the attention kernel
+    (``attention_dropout``/``dropout`` on the attention module), so those are zeroed too."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
 
 
 def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False) -> ActorCritic:
@@ -98,7 +128,9 @@ def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: b
 
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     backbone = AutoModel.from_pretrained(value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return ActorCritic(policy, backbone)
+    model = ActorCritic(policy, backbone)
+    disable_dropout(model)
+    return model
 
 
 def weights_blob(policy: nn.Module) -> bytes:

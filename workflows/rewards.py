@@ -3,9 +3,11 @@
 A reward is any callable ``(prompts, completions) -> list[float]``: the user prompts (the
 last user turn, as text) and the sampled answers (text, special tokens removed), one score
 per pair. That is the shape of TRL's reward functions, so functions written for TRL's
-GRPO/RLOO trainers work here too. ``--reward-model DIR`` wraps a sequence-classification
-model from ``cai train rm`` in the same interface; ``--reward-fn module:function`` imports a
-function (``vowel_share`` and ``brevity`` below are built in).
+GRPO/RLOO trainers work here too. ``--reward-fn module:function`` imports a function
+(``vowel_share`` and ``brevity`` below are built in). ``--reward-model DIR`` wraps a
+sequence-classification model from ``cai train rm``; it gets each prompt's whole
+conversation (system message and earlier turns included) instead of its last turn, because
+that is what it was trained on.
 """
 
 from __future__ import annotations
@@ -66,10 +68,17 @@ def checked_scores(scores, expected: int, source: str) -> list[float]:
     return values
 
 
+def reward_model_conversation(prompt: str | Sequence[dict[str, str]], completion: str) -> list[dict[str, str]]:
+    """The conversation a reward model scores: every prompt message (system and earlier turns
+    included), then the answer. ``cai train rm`` trains on ``prompt + chosen`` messages
+    rendered by the model's own chat template (TRL's RewardTrainer), so scoring renders the same."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [*messages, {"role": "assistant", "content": completion}]
+
+
 class RewardModelScorer:
     """A reward model (``AutoModelForSequenceClassification`` with one output) as a reward
-    function. Each pair is rendered as a two-turn chat with the reward model's own template,
-    the layout ``cai train rm`` trained it on."""
+    function over (conversation, answer) pairs: see :func:`reward_model_conversation`."""
 
     def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
                  trust_remote_code: bool = False):
@@ -88,20 +97,21 @@ class RewardModelScorer:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def token_ids(self, prompt: str | Sequence[dict[str, str]], completion: str) -> list[int]:
+        """What the model reads: the chat template over the whole conversation, tokenized as
+        ``apply_chat_template(..., tokenize=True)`` does (TRL's tokenization for training)."""
+        text = self.tokenizer.apply_chat_template(reward_model_conversation(prompt, completion), tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, prompts: Sequence[str | Sequence[dict[str, str]]], completions: Sequence[str]) -> list[float]:
         import torch
 
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
-            )
-            for p, c in zip(prompts, completions)
-        ]
+        # a conversation longer than max_length keeps its end: the answer and the token scored
+        rows = [self.token_ids(p, c)[-self.max_length:] for p, c in zip(prompts, completions)]
         scores: list[float] = []
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                       truncation=True, max_length=self.max_length, add_special_tokens=False)
+            for start in range(0, len(rows), self.batch_size):
+                batch = self.tokenizer.pad({"input_ids": rows[start:start + self.batch_size]}, return_tensors="pt")
                 logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
                 scores.extend(logits[:, 0].float().cpu().tolist())
         return scores

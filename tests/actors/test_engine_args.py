@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.engine import EngineOptions, engine_args
+from actors.engine import EngineOptions, engine_args, engine_environment
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -24,6 +24,16 @@ def test_single_gpu_engines_leave_the_executor_to_vllm():
     assert args["tensor_parallel_size"] == 1
     # unset means vLLM's single-process "uni" executor: no worker processes of its own
     assert "distributed_executor_backend" not in args
+
+
+def test_cpu_engines_at_tp_1_run_the_model_inside_the_engine_core():
+    env = engine_environment(EngineOptions(model="m", cpu_kv_cache_gib=2), cpu=True)
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING",
+                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # tensor parallel keeps a process per rank; GPUs keep vLLM's own layout
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_environment(
+        EngineOptions(model="m", tensor_parallel_size=2), cpu=True)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_environment(EngineOptions(model="m"), cpu=False)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -176,6 +176,21 @@ def test_llm_swarm_import_and_round_trip(tmp_path):
     assert loaded == constitution and loaded.sha256 == constitution.sha256
 
 
+def test_llm_swarm_bare_list_layout_imports_and_says_so(tmp_path):
+    """llm-swarm's examples/hh/constitution.json: a bare list of {"critic", "revision"}."""
+    path = write_json(tmp_path / "constitution.json", LLM_SWARM["constitutions"])
+    constitution = import_llm_swarm(path)
+    assert [p.critique for p in constitution.critiques] == [e["critic"] for e in LLM_SWARM["constitutions"]]
+    assert constitution.few_shot == () and constitution.feedback == ()
+    assert "bare list" in constitution.description and "examples/hh" in constitution.description
+    assert "examples/constitutional-ai" in import_llm_swarm(
+        write_json(tmp_path / "object.json", LLM_SWARM)).description
+    with pytest.raises(ConstitutionImportError, match=r"^.*\[1\]: missing field 'revision'"):
+        import_llm_swarm(write_json(tmp_path / "bad.json", [LLM_SWARM["constitutions"][0], {"critic": "x?"}]))
+    with pytest.raises(ConstitutionImportError, match="must be a JSON object or a JSON list"):
+        import_llm_swarm(write_json(tmp_path / "str.json", "a string"))
+
+
 def test_invalid_json_names_the_file(tmp_path):
     broken = tmp_path / "CritiqueRevisionInstructions.json"
     broken.write_text('{"harmful0": {"prompt": [', encoding="utf-8")

@@ -129,9 +129,9 @@ def wait_for_shards(out: Path, count: int, timeout: float = 300) -> None:
 
 
 def test_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tiny_model, tmp_path):
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 60)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 40)
     out = tmp_path / "run"
-    cfg = config(tiny_model, prompts, out, max_new_tokens=32, shard_size=2)
+    cfg = config(tiny_model, prompts, out, max_new_tokens=24, shard_size=2)
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(run_generate(cfg)))
     driver.start()
@@ -140,19 +140,19 @@ def test_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, ti
     os.kill(pid, signal.SIGKILL)
     driver.join(timeout=600)
     assert result, "the run completed"
-    assert result["rows_out"] == 60 and result["rejected"] == 0
+    assert result["rows_out"] == 40 and result["rejected"] == 0
     rows = read_rows(out)
-    assert sorted(r["index"] for r in rows) == list(range(60)), "exactly one row per prompt"
+    assert sorted(r["index"] for r in rows) == list(range(40)), "exactly one row per prompt"
     manifest = json.loads((out / "manifest.json").read_text())
     retried = [s for s in manifest["shards"].values() if s["attempts"] > 1]
     assert retried and all("Actor" in s["last_error"] or "actor" in s["last_error"] for s in retried)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny_model, tmp_path):
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 48)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 32)
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "workflows.cli", "generate", "--model", tiny_model, "--constitution", "harmless",
-            "--prompts", str(prompts), "--out", str(out), "--workers", "1", "--max-new-tokens", "48",
+            "--prompts", str(prompts), "--out", str(out), "--workers", "1", "--max-new-tokens", "24",
             "--shard-size", "2", "--enforce-eager", "--max-model-len", "2048"]
     env = {**os.environ, "RAY_ADDRESS": ray_local["address"]}
     argv.append("--ignore-eos")
@@ -163,15 +163,15 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny
         first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
         first.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "rejects").glob("shard-*.jsonl")}
-    assert 3 <= len(done_before) < 24, "interrupted part-way"
+    assert 3 <= len(done_before) < 16, "interrupted part-way"
 
-    summary = run_generate(config(tiny_model, prompts, out, workers=1, max_new_tokens=48, shard_size=2))
-    assert summary["rows_out"] == 48
+    summary = run_generate(config(tiny_model, prompts, out, workers=1, max_new_tokens=24, shard_size=2))
+    assert summary["rows_out"] == 32
     for name, mtime in done_before.items():
         assert (out / "rejects" / name).stat().st_mtime_ns == mtime, f"{name} was regenerated"
     rows = read_rows(out)
-    assert sorted(r["index"] for r in rows) == list(range(48))
-    assert len({r["id"] for r in rows}) == 48
+    assert sorted(r["index"] for r in rows) == list(range(32))
+    assert len({r["id"] for r in rows}) == 32
 
 
 def test_two_runs_with_the_same_folder_name_run_at_once_on_one_cluster(ray_local, tiny_model, tmp_path):

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from workflows.ppo_learner import step_prompts
-from workflows.ppo_policy import load_actor_critic, pack_rollouts, sequence_logprobs, weights_blob
+from workflows.ppo_policy import (
+    ActorCritic,
+    disable_dropout,
+    load_actor_critic,
+    pack_rollouts,
+    sequence_logprobs,
+    weights_blob,
+)
 
 
 def test_pack_rollouts_aligns_every_response_at_one_column():
@@ -57,3 +66,88 @@ def test_step_prompts_split_a_seeded_order_over_ranks():
     # three steps of 4 cover one pass of 10 and start the next: each prompt once per pass
     first_pass = [i for step in range(3) for i in step_prompts(10, step, 4, 0, 1, seed=1)][:10]
     assert sorted(first_pass) == list(range(10))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_log_probs_are_those_of_the_tempered_distribution(tiny_model, temperature):
+    """log π(token) = log softmax(logits / T): the distribution the engines sample at T."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_actor_critic(tiny_model, tiny_model).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch = pack_rollouts([[10, 11, 12], [20]], [[30, 31], [40, 41, 42]], pad_id=0)
+    with torch.no_grad():
+        logits = model.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids).logits
+        logprobs, entropy, _ = model(batch, temperature)
+    columns = logits[:, batch.prompt_width - 1:batch.prompt_width - 1 + batch.response.shape[1]]
+    tempered = torch.log_softmax(columns / temperature, dim=-1)
+    expected = tempered.gather(-1, batch.response.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-6)
+    assert torch.allclose(sequence_logprobs(ref, batch, temperature), expected, atol=1e-6)
+    assert torch.allclose(entropy, -(tempered.exp() * tempered).sum(-1), atol=1e-5)
+    assert not torch.allclose(logprobs, model(batch)[0], atol=1e-3), "T = 1 gives other numbers"
+
+
+def with_dropout(tiny_model: str, out) -> str:
+    """The tiny model with attention dropout 0.5 (transformers passes it to the attention kernel)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attention_dropout=0.5)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+def test_dropout_is_off_in_the_learner_models_in_train_mode(tiny_model, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = with_dropout(tiny_model, tmp_path / "dropout")
+    batch = pack_rollouts([[10, 11, 12]], [[30, 31, 32]], pad_id=0)
+    model = load_actor_critic(path, path).train()
+    first, second = model(batch)[0], model(batch)[0]
+    assert torch.equal(first, second), "the first-epoch ratio is exactly 1"
+    with torch.no_grad():
+        assert torch.equal(first, model.eval()(batch)[0])
+    # nn.Dropout modules (GPT-2's residual, embedding and attention dropout) too
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).train()
+    assert disable_dropout(gpt2) > 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(gpt2(ids).logits, gpt2(ids).logits)
+
+
+class MetaScalars(TorchFunctionMode):
+    """Lets a step run with its models on the ``meta`` device: scalars read back for logging
+    (``.item()``, ``bool``) become 0/False, everything else runs as is. Mixing a ``meta``
+    tensor with a CPU tensor still raises, as CPU with CUDA would."""
+
+    READS = {torch.Tensor.item: 0.0, torch.Tensor.__bool__: False, torch.Tensor.__float__: 0.0}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and args[0].is_meta:
+            return self.READS[func]
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
+    """The models on ``meta`` stand for a GPU: any input left on the CPU fails the step."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from workflows.ppo_learner import learn_from_rollouts, score_rollouts
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    with torch.device("meta"):
+        core = ActorCritic(AutoModelForCausalLM.from_config(config), AutoModel.from_config(config))
+        ref = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3)
+    settings = dict(kl_estimator="k1", gamma=1.0, lam=0.95, ppo_epochs=2, minibatch=1, clip_range=0.2,
+                    clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+    prompts, responses, scores = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [0.5, 1.0]
+    with MetaScalars():
+        batch, scored, stats = learn_from_rollouts(core, core, ref, optimizer, prompts, responses, scores, settings,
+                                                   0.01, pad_id=0, seed=0)
+        assert batch.input_ids.is_meta and all(t.is_meta for t in scored.values())
+        assert set(stats) >= {"policy_loss", "value_loss", "clipfrac"}
+        # the check itself: the same scoring with the batch left on the CPU fails
+        with pytest.raises(RuntimeError, match="device"):
+            score_rollouts(core, ref, pack_rollouts(prompts, responses, 0), torch.tensor(scores), settings, 0.01)

@@ -36,20 +36,6 @@ def sl_cai_data(ray_local, tiny_model, tmp_path_factory) -> str:
     return str(root / "run")
 
 
-@pytest.fixture(scope="module")
-def rl_cai_data(ray_local, tiny_model, tmp_path_factory) -> str:
-    """RL-CAI pairs made by `cai label` in this test session."""
-    from workflows.label import LabelConfig, run_label
-
-    root = tmp_path_factory.mktemp("rl-cai")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(16)))
-    run_label(load_config(LabelConfig, overrides=dict(
-        policy=tiny_model, constitution="harmless", prompts=str(prompts), out=str(root / "run"), samples=3,
-        max_new_tokens=16, workers=1, shard_size=8, enforce_eager=True, max_model_len=2048)))
-    return str(root / "run")
-
-
 def train_config(tiny_model, data, out, **training) -> TrainConfig:
     values = dict(model=tiny_model, data=[str(d) for d in data], out=str(out), workers=2, batch_size=2,
                   max_length=192, logging_steps=1, save_steps=4, max_steps=8, lr=1e-3)
@@ -80,16 +66,6 @@ def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path
         assert len(completion.token_ids) > 0
     finally:
         ray.kill(host)
-
-
-def test_two_jobs_sharing_a_storage_path_never_share_checkpoints(tiny_model, sl_cai_data, tmp_path):
-    storage = tmp_path / "storage"
-    first, second = (run_train("sft", train_config(tiny_model, [sl_cai_data], tmp_path / part / "sft", workers=1,
-                                                   max_steps=2, save_steps=1, storage_path=str(storage)))
-                     for part in ("a", "b"))
-    assert first["ray_train"]["name"] != second["ray_train"]["name"]
-    assert second["metrics"]["resumed_from_step"] == 0 and second["metrics"]["global_step"] == 2
-    assert first["run_id"].startswith("sft-") and first["run_id"] in first["ray_train"]["name"]
 
 
 def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
@@ -123,13 +99,16 @@ def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
     assert model.config.num_labels == 1
 
 
-def test_dpo_runs_and_saves(tiny_model, rl_cai_data, tmp_path):
+def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
+    # SL-CAI rows are DPO-ready (chosen: the final revision, rejected: the initial answer);
+    # the RL-CAI labels reach a trainer in the pipeline test (label -> rm)
     out = tmp_path / "dpo"
-    summary = run_train("dpo", train_config(tiny_model, [rl_cai_data], out, max_steps=4))
+    summary = run_train("dpo", train_config(tiny_model, [sl_cai_data], out, max_steps=4))
     assert summary["metrics"]["global_step"] == 4
+    assert weights_digest(out) != weights_digest(tiny_model), "the parameters changed"
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
 
 
 def test_bad_data_fails_before_any_worker(tiny_model, tmp_path):
@@ -181,14 +160,16 @@ def kill_workers(storage: Path) -> None:
             pass
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(tiny_model, sl_cai_data, tmp_path, monkeypatch):
-    out = tmp_path / "sft-fault"
-    storage = tmp_path / "storage"
-    # every worker holds once after checkpoint 8 (training.HOLD_ENV): the kill lands at a known step
-    monkeypatch.setenv(HOLD_ENV, "8")
-    config = train_config(tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4, max_failures=1,
-                          storage_path=str(storage))
+@pytest.fixture(scope="module")
+def drilled_sft(tiny_model, sl_cai_data, tmp_path_factory):
+    """One SFT job whose rank-1 worker is killed while the workers hold after checkpoint 8."""
+    root = tmp_path_factory.mktemp("drill")
+    storage = root / "storage"
+    config = train_config(tiny_model, [sl_cai_data], root / "a" / "sft", max_steps=16, save_steps=4,
+                          max_failures=1, storage_path=str(storage))
     result: dict = {}
+    # every worker holds once after checkpoint 8 (training.HOLD_ENV): the kill lands at a known step
+    os.environ[HOLD_ENV] = "8"
     thread = threading.Thread(target=lambda: result.update(run_train("sft", config)))
     thread.start()
     try:
@@ -197,11 +178,27 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tiny_model, sl_cai_data
         os.kill(rank1["pid"], signal.SIGKILL)
         thread.join(timeout=600)
     finally:
+        del os.environ[HOLD_ENV]
         if thread.is_alive():
             kill_workers(storage)
+    return {"result": result, "root": root, "storage": storage}
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(drilled_sft):
+    result = drilled_sft["result"]
     assert result, "the job finished after the restart"
     assert result["metrics"]["global_step"] == 16
     assert result["metrics"]["resumed_from_step"] == 8, "the restarted workers resumed from checkpoint 8"
+
+
+def test_two_jobs_sharing_a_storage_path_never_share_checkpoints(tiny_model, sl_cai_data, drilled_sft):
+    first = drilled_sft["result"]
+    # the same folder name (``sft``) under another parent, into the storage that holds the first job
+    second = run_train("sft", train_config(tiny_model, [sl_cai_data], drilled_sft["root"] / "b" / "sft", workers=1,
+                                           max_steps=2, save_steps=1, storage_path=str(drilled_sft["storage"])))
+    assert first["ray_train"]["name"] != second["ray_train"]["name"]
+    assert second["metrics"]["resumed_from_step"] == 0 and second["metrics"]["global_step"] == 2
+    assert first["run_id"].startswith("sft-") and first["run_id"] in first["ray_train"]["name"]
 
 
 def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_local, tmp_path):

