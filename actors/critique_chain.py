@@ -8,7 +8,10 @@ finished answer goes straight to its critique while other conversations are stil
 The conversation grows as in the paper: prompt, initial answer, then for each round a
 critique request (under a sampled principle), the critique, a revision request and the
 revision, all in one context. Few-shot examples, when used, come first and are identical
-for every row, so the engine's prefix cache serves them.
+for every row, so the engine's prefix cache serves them. They show how to critique and
+revise, so by default the initial answer is sampled from the prompt alone (§3.1): the
+examples end in harmless revisions, and in context they would already push the initial
+answer (the ``rejected`` side of the DPO pairs) toward harmlessness.
 """
 
 from __future__ import annotations
@@ -71,14 +74,17 @@ async def critique_revision_chain(
     *,
     max_new_tokens: int,
     prefix: Sequence[dict[str, str]] = (),
+    prefix_initial: bool = False,
 ) -> ChainResult:
     """Answer the prompt, then critique and revise once per principle id, in order.
 
-    An empty revision keeps the previous answer (noted in ``notes``) rather than training on
-    an empty target; an empty initial answer is an error for the row.
+    ``prefix`` (few-shot examples) precedes the critique and revision steps, and the initial
+    answer too only with ``prefix_initial``. An empty revision keeps the previous answer
+    (noted in ``notes``) rather than training on an empty target; an empty initial answer is
+    an error for the row.
     """
     history = [*prefix, *prompt_messages]
-    reply = await complete(list(history), max_new_tokens)
+    reply = await complete(list(history) if prefix_initial else list(prompt_messages), max_new_tokens)
     initial = _clean(reply.text)
     if not initial:
         raise ChainError("the initial response was empty")

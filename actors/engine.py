@@ -285,6 +285,29 @@ class VLLMEngineHost:
             final = output
         return [None if step is None else step[token].logprob for token, step in zip(prompt_ids, final.prompt_logprobs)]
 
+    async def token_logprobs(self, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+        """Exact log-probs of ``token_ids`` as the next token after ``prompt_ids``, whatever
+        their rank: one engine step per 128 ids (vLLM's ``logprob_token_ids``)."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
+
+        self.check_fits(prompt_ids, 1)
+        found: dict[int, float] = {}
+        for start in range(0, len(token_ids), MAX_LOGPROB_TOKEN_IDS):
+            chunk = list(token_ids[start:start + MAX_LOGPROB_TOKEN_IDS])
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=chunk,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            request_id = f"cai-{os.getpid()}-{next(self._request_ids)}"
+            final = None
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                final = output
+            found.update({tid: entry.logprob for tid, entry in final.outputs[0].logprobs[0].items()})
+        return [found[tid] for tid in token_ids]
+
+    def vocabulary_texts(self) -> list[tuple[int, str]]:
+        """Every token id with its text as decoded alone (for finding a token's variants)."""
+        return [(tid, self.tokenizer.decode([tid])) for tid in range(len(self.tokenizer))]
+
     async def continuation_logprob(self, prefix_ids: list[int], continuation_ids: list[int]) -> float:
         """Summed log-prob of ``continuation_ids`` right after ``prefix_ids``."""
         if not continuation_ids:

@@ -2,9 +2,10 @@
 
 The feedback model's assistant turn is opened with "The answer is: (" (or, with
 chain-of-thought, with its own reasoning and then "Therefore, the answer is: ("), and the
-next token's top-k log-probs are read. Letters missing from the top-k are scored exactly
-with prompt log-probs of the letter token, and each such fallback is counted; nothing ever
-defaults to 0.5.
+next token's top-k log-probs are read, summing each letter's token variants ("A", " A",
+"(A", ...). A letter none of whose variants made the top-k is scored exactly instead: the
+log-probs of all its variant tokens (found once in the vocabulary) as the next token, summed
+the same way. Each such fallback is counted; nothing ever defaults to 0.5.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from actors.preference import (
     COT_ANSWER,
     COT_PREFIX,
     OPTION_LETTERS,
+    letter_variants,
+    logsumexp,
     normalize,
     option_logprobs,
 )
@@ -32,6 +35,12 @@ class FeedbackScorer:
         self.host = host
         self.cot_max_new_tokens = cot_max_new_tokens
         self.top_k = top_k
+        self._variants: dict[str, list[int]] | None = None  # per letter, its token ids (read once)
+
+    def variants(self, letter: str) -> list[int]:
+        if self._variants is None:
+            self._variants = letter_variants(self.host.vocabulary_texts(), len(OPTION_LETTERS))
+        return self._variants[letter]
 
     async def reason(self, messages: list[dict[str, str]]) -> str:
         """The model's step-by-step reasoning, generated greedily after COT_PREFIX."""
@@ -49,7 +58,11 @@ class FeedbackScorer:
         by_letter = option_logprobs(((t.text, t.logprob) for t in top), n_options)
         missing = [letter for letter in OPTION_LETTERS[:n_options] if letter not in by_letter]
         for letter in missing:
-            by_letter[letter] = await self.host.continuation_logprob(prefix_ids, self.host.tokenize(letter))
+            variants = self.variants(letter)
+            if variants:  # the same variants the top-k path would have summed, scored exactly
+                by_letter[letter] = logsumexp(await self.host.token_logprobs(prefix_ids, variants))
+            else:  # no single token spells it: the letter's own tokens in sequence
+                by_letter[letter] = await self.host.continuation_logprob(prefix_ids, self.host.tokenize(letter))
         return normalize(by_letter, n_options), bool(missing)
 
     async def score(self, messages: list[dict[str, str]], n_options: int, cot: bool) -> tuple[list[float], str, bool]:

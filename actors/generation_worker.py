@@ -17,10 +17,10 @@ from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
 from constitutions.loader import parse_constitution
-from constitutions.sampling import sample_critique_ids
+from constitutions.sampling import PrincipleDraw, sample_critique_ids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChainSettings:
     revisions: int
     max_new_tokens: int
@@ -28,6 +28,8 @@ class ChainSettings:
     top_p: float
     few_shot: int
     seed: int
+    few_shot_initial: bool = False
+    principle_draw: PrincipleDraw = "independent"
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
 
@@ -67,12 +69,13 @@ class GenerationWorker:
 
     async def _row(self, row: dict[str, Any]) -> RowResult:
         settings = self.settings
-        principle_ids = sample_critique_ids(self.constitution, settings.revisions, seed=settings.seed, key=row["id"])
+        principle_ids = sample_critique_ids(self.constitution, settings.revisions, seed=settings.seed, key=row["id"],
+                                            draw=settings.principle_draw)
         prompt = [dict(m) for m in row["messages"]]
         try:
             chain = await critique_revision_chain(
                 prompt, principle_ids, self.constitution, self._complete,
-                max_new_tokens=settings.max_new_tokens, prefix=self.prefix,
+                max_new_tokens=settings.max_new_tokens, prefix=self.prefix, prefix_initial=settings.few_shot_initial,
             )
         except (PromptTooLongError, ChainError) as exc:
             return [], reject(row, str(exc), "generate")

@@ -36,6 +36,7 @@ class LabelSettings:
     top_p: float
     repetition_penalty: float
     seed: int
+    both_orders: bool = True
 
 
 class LabelWorker:
@@ -108,6 +109,7 @@ class LabelWorker:
         return await label_pair(
             prompt, (samples[i], samples[j]), principles, self.scorer.score,
             rng=random.Random(f"{self.settings.seed}:order:{key}"), cot=self.settings.cot, few_shot=self.few_shot,
+            both_orders=self.settings.both_orders,
         )
 
     def _output(self, row, prompt, samples, pair, label, generated_tokens: int) -> dict[str, Any]:

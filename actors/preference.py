@@ -3,8 +3,10 @@
 A feedback model sees a conversation, a principle and the candidate responses as lettered
 options, and continues an assistant turn that starts with ``ANSWER_PREFIX`` ("The answer
 is: ("); the normalized probabilities of the option-letter tokens are a soft label. Several
-principles are scored independently (each with its own random option order, to cancel the
-model's position bias) and averaged. In chain-of-thought mode the model reasons first and
+principles are scored independently and averaged. Each principle is scored in both option
+orders and the two labels averaged, which cancels a position bias exactly (RLAIF, Lee et al.
+2023 §2.1.1; ``cai eval compare`` judges the same way); with ``both_orders=False`` each gets
+one random order instead, which cancels the bias only on average over many pairs. In chain-of-thought mode the model reasons first and
 each principle's probability is clamped to [0.4, 0.6], because after reasoning the model
 is overconfident (section 4.1).
 
@@ -141,6 +143,24 @@ def option_logprobs(top: Iterable[tuple[str, float]], n_options: int) -> dict[st
     return {letter: _logsumexp(values) for letter, values in variants.items()}
 
 
+def letter_variants(vocabulary: Iterable[tuple[int, str]], n_options: int) -> dict[str, list[int]]:
+    """Per option letter, the ids of every token that :func:`letter_of` reads as it: the
+    variants the top-k path sums ("A", " A", "(A", "A)", ...), for scoring a letter exactly
+    when none of them made the top-k."""
+    letters = OPTION_LETTERS[:n_options]
+    variants: dict[str, list[int]] = {letter: [] for letter in letters}
+    for token_id, text in vocabulary:
+        letter = letter_of(text) if text.strip() else None
+        if letter in variants:
+            variants[letter].append(token_id)
+    return variants
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    """log Σ exp(values): the log-probability of any of several alternatives."""
+    return _logsumexp(values)
+
+
 def normalize(logprobs_by_letter: dict[str, float], n_options: int) -> list[float]:
     """Probabilities over the ``n_options`` display options (softmax), summing to one."""
     letters = OPTION_LETTERS[:n_options]
@@ -215,9 +235,9 @@ class PairLabel:
     probs: tuple[float, float]  # (P(first better), P(second better)), the ensemble mean
     per_principle: tuple[tuple[float, float], ...]
     principle_ids: tuple[str, ...]
-    orders: tuple[tuple[int, ...], ...]  # display order used for each principle
-    reasonings: tuple[str, ...]  # '' per principle without CoT
-    fallbacks: int  # principle scorings whose letters were not all in the top-k
+    orders: tuple[tuple[int, ...], ...]  # display order of each scoring (per principle, both orders: 2 each)
+    reasonings: tuple[str, ...]  # per scoring; '' without CoT
+    fallbacks: int  # scorings whose letters were not all in the top-k
 
     @property
     def chosen(self) -> int:
@@ -244,37 +264,44 @@ async def label_pair(
     rng: random.Random,
     cot: bool = False,
     few_shot: Sequence[FeedbackExample] = (),
+    both_orders: bool = True,
 ) -> PairLabel:
     """Score the pair under each principle concurrently and average the soft labels.
 
-    Orders are drawn from ``rng`` before any scoring, one per principle in order, so the
-    label depends only on the seed, not on which score call finishes first.
+    With ``both_orders`` every principle is scored as (first, second) and (second, first)
+    and its label is the mean of the two; otherwise in one order drawn from ``rng`` (drawn
+    before any scoring, one per principle in order, so the label depends only on the seed).
+    ``orders``, ``reasonings`` and ``fallbacks`` count scorings: two per principle with
+    ``both_orders``.
     """
     if len(responses) != 2:
         raise ValueError(f"label_pair compares exactly 2 responses, got {len(responses)}")
     if not principles:
         raise ValueError("label_pair needs at least one feedback principle")
-    orders = [option_order(2, rng) for _ in principles]
+    orders_per_principle = [[[0, 1], [1, 0]] if both_orders else [option_order(2, rng)] for _ in principles]
+    scorings = [(p, order) for p, orders in zip(principles, orders_per_principle) for order in orders]
     prompts = [
         comparison_messages(messages, [responses[i] for i in order], p.text, few_shot=few_shot, cot=cot)
-        for p, order in zip(principles, orders)
+        for p, order in scorings
     ]
     results = await asyncio.gather(*(score(prompt, 2, cot) for prompt in prompts))
-    per_principle: list[tuple[float, float]] = []
-    for (probs, _, _), order in zip(results, orders):
+    labels: list[tuple[float, float]] = []
+    for (probs, _, _), (_, order) in zip(results, scorings):
         display = _checked(probs, 2)
         if cot:
             # [0.4, 0.6] is symmetric about 0.5, so the clamped pair still sums to one.
             first = clamp(display[0])
             display = [first, 1.0 - first]
         first, second = undo_order(display, order)
-        per_principle.append((first, second))
+        labels.append((first, second))
+    per_order = len(scorings) // len(principles)
+    per_principle = [tuple(ensemble(labels[k:k + per_order])) for k in range(0, len(labels), per_order)]
     mean = ensemble(per_principle)
     return PairLabel(
         probs=(mean[0], mean[1]),
-        per_principle=tuple(per_principle),
+        per_principle=tuple((a, b) for a, b in per_principle),
         principle_ids=tuple(p.id for p in principles),
-        orders=tuple(tuple(order) for order in orders),
+        orders=tuple(tuple(order) for _, order in scorings),
         reasonings=tuple(reasoning for _, reasoning, _ in results),
         fallbacks=sum(1 for _, _, used_fallback in results if used_fallback),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 from constitutions.schema import Constitution
 
@@ -31,12 +32,25 @@ def sample_ids(ids: Sequence[str], count: int, rng: random.Random) -> list[str]:
     return drawn
 
 
-def sample_critique_ids(constitution: Constitution, rounds: int, *, seed: int, key: str | int) -> list[str]:
-    """Critique/revision principle ids for the ``rounds`` revision rounds of one row."""
+PrincipleDraw = Literal["independent", "without-replacement"]
+
+
+def sample_critique_ids(constitution: Constitution, rounds: int, *, seed: int, key: str | int,
+                        draw: PrincipleDraw = "independent") -> list[str]:
+    """Critique/revision principle ids for the ``rounds`` revision rounds of one row.
+
+    ``independent``: each round draws uniformly from all principles, as §3.1 of the paper
+    does ("randomly sampled" per step; a principle may repeat). ``without-replacement``: no
+    repeats while the principles last (:func:`sample_ids`)."""
     if not constitution.critiques:
         raise ValueError(f"constitution {constitution.name!r} has no critique principles")
     ids = [p.id for p in constitution.critiques]
-    return sample_ids(ids, rounds, principle_rng(seed, key, "critique"))
+    rng = principle_rng(seed, key, "critique")
+    if draw == "independent":
+        return [rng.choice(ids) for _ in range(rounds)]
+    if draw == "without-replacement":
+        return sample_ids(ids, rounds, rng)
+    raise ValueError(f"draw must be 'independent' or 'without-replacement', got {draw!r}")
 
 
 def sample_feedback_ids(constitution: Constitution, count: int, *, seed: int, key: str | int) -> list[str]:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
+from constitutions.sampling import PrincipleDraw
 from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
 from workflows.engine_config import EngineConfig
@@ -57,9 +58,14 @@ class GenerateConfig:
     prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
     revisions: int = option(1, "critique/revision rounds per prompt")
-    few_shot: int = option(0, "few-shot examples from the constitution to prepend (a shared prefix)")
+    few_shot: int = option(0, "few-shot examples from the constitution before each critique and revision (a shared prefix)")
+    few_shot_initial: bool = option(False, "show the few-shot examples when sampling the initial answer too (off: "
+                                    "§3.1 samples it from the prompt alone, so the examples' harmless revisions "
+                                    "do not leak into the initial answer and the 'rejected' column)")
+    principle_draw: PrincipleDraw = option("independent", "each round's critique principle: drawn independently "
+                                           "from all (§3.1), or without repeats while they last")
     max_new_tokens: int = option(256, "token limit for each answer, critique and revision")
-    temperature: float = option(0.7, "sampling temperature")
+    temperature: float = option(1.0, "sampling temperature (1, as the paper samples SL-CAI data)")
     top_p: float = option(1.0, "nucleus sampling probability")
     repetition_penalty: float = option(1.0, "vLLM repetition penalty (>1 discourages repeats; small models loop)")
     ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)")
@@ -90,7 +96,8 @@ class GenerateConfig:
             "shard_size": self.pool.shard_size,
             "limit": self.pool.limit,
             **{k: getattr(self, k) for k in
-               ("revisions", "few_shot", "max_new_tokens", "temperature", "top_p", "repetition_penalty",
+               ("revisions", "few_shot", "few_shot_initial", "principle_draw", "max_new_tokens", "temperature", "top_p",
+                "repetition_penalty",
                 "ignore_eos", "seed")},
         }
 
@@ -102,8 +109,11 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         raise ConfigError(f"--constitution {config.constitution!r} has no critique principles")
     if config.few_shot > len(constitution.few_shot):
         raise ConfigError(f"--few-shot {config.few_shot}: the constitution has {len(constitution.few_shot)} examples")
-    settings = ChainSettings(config.revisions, config.max_new_tokens, config.temperature, config.top_p,
-                             config.few_shot, config.seed, config.ignore_eos, config.repetition_penalty)
+    settings = ChainSettings(
+        revisions=config.revisions, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        top_p=config.top_p, few_shot=config.few_shot, few_shot_initial=config.few_shot_initial,
+        principle_draw=config.principle_draw, seed=config.seed, ignore_eos=config.ignore_eos,
+        repetition_penalty=config.repetition_penalty)
     source = prepare_model(model_path, config.model, config.cluster)
     job = StageJob(
         stage="generate",

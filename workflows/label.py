@@ -64,6 +64,9 @@ class LabelConfig:
     pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare")
     max_pairs: int = option(0, "with --pairs random: pairs per prompt")
     principles: int = option(1, "feedback principles sampled per pair and averaged (M)")
+    both_orders: bool = option(True, "score each principle with the answers in both orders and average, which "
+                               "cancels the feedback model's position bias (RLAIF, Lee et al. 2023 §2.1.1); "
+                               "off: one random order per principle, half the scoring")
     cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]")
     cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning")
     feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question")
@@ -93,7 +96,8 @@ class LabelConfig:
 
     def identity(self, policy: str, feedback: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
         """The settings that change the output; a rerun must match them to resume."""
-        names = ("samples", "pairs", "max_pairs", "principles", "cot", "cot_max_new_tokens", "feedback_few_shot",
+        names = ("samples", "pairs", "max_pairs", "principles", "both_orders", "cot", "cot_max_new_tokens",
+                 "feedback_few_shot",
                  "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
         return {
             "policy": policy, "feedback_model": feedback, "constitution_sha256": constitution_sha,
@@ -112,7 +116,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         samples=config.samples, pairs=config.pairs, max_pairs=config.max_pairs, principles=config.principles,
         cot=config.cot, cot_max_new_tokens=config.cot_max_new_tokens, feedback_few_shot=config.feedback_few_shot,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        repetition_penalty=config.repetition_penalty, seed=config.seed,
+        repetition_penalty=config.repetition_penalty, seed=config.seed, both_orders=config.both_orders,
     )
     policy_source = prepare_model(policy, config.policy, config.cluster)
     feedback_source = prepare_model(feedback, config.feedback_model, config.cluster) if feedback != policy else None

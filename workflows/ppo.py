@@ -35,7 +35,8 @@ class PPOConfig:
     out: str = option(REQUIRED, "directory for the final policy, training_summary.json and metrics.jsonl")
     reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)")
     reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)")
-    value_model: str = option("", "value model backbone (a fresh scalar head is added); default: the reward model, else the policy")
+    value_model: str = option("", "value model: a reward model (backbone and head, so values start at its scores) "
+                              "or a causal LM (backbone, zero head); default: the reward model, else the policy")
     ref_model: str = option("", "frozen reference for the KL penalty; default: the starting policy")
     steps: int = option(20, "PPO steps (one rollout batch and its update each)")
     rollout_batch: int = option(16, "prompts per step, over all learners (one sampled answer each)")
@@ -54,6 +55,12 @@ class PPOConfig:
     gamma: float = option(1.0, "discount")
     lam: float = option(0.95, "GAE λ")
     lr: float = option(1e-5, "learning rate (policy and value)")
+    lr_schedule: Literal["linear", "constant"] = option("linear", "learning rate over the run: decaying linearly to 0 "
+                                                      "(TRL's PPO) or constant")
+    missing_eos_penalty: bool = option(False, "score an answer cut off at --max-new-tokens, before its end of "
+                                       "sequence, as --penalty-reward-value instead of by the reward (TRL's "
+                                       "non_eos_penalty)")
+    penalty_reward_value: float = option(-1.0, "the score of a cut-off answer with --missing-eos-penalty")
     max_grad_norm: float = option(1.0, "gradient clipping")
     learners: int = option(1, "Ray Train workers holding policy, value, reference and reward models (DDP)")
     rollout_workers: int = option(1, "vLLM rollout actors")

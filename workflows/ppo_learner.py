@@ -160,14 +160,15 @@ def step_prompts(n_prompts: int, step: int, batch: int, rank: int, world: int, s
 
 
 def learn_from_rollouts(ddp, core: ActorCritic, ref, optimizer, prompts: list[list[int]], responses: list[list[int]],
-                        scores: list[float], s: dict[str, Any], kl_coef: float, *, pad_id: int, seed: int):
+                        scores: list[float], s: dict[str, Any], kl_coef: float, *, pad_id: int, seed: int,
+                        step: int = 0):
     """Score one rollout batch and update on it: the learner step after sampling. Every tensor
     goes to the device the models are on (``core``'s parameters); the inputs arrive as lists.
     Returns the batch, the scored tensors and the update's stats."""
     device = next(core.parameters()).device
     batch = pack_rollouts(prompts, responses, pad_id).to(device)
     scored = score_rollouts(core, ref, batch, torch.tensor(scores, device=device), s, kl_coef)
-    return batch, scored, ppo_update(ddp, optimizer, batch, scored, s, seed=seed)
+    return batch, scored, ppo_update(ddp, optimizer, batch, scored, s, seed=seed, step=step)
 
 
 def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.Tensor, s: dict[str, Any], kl_coef: float):
@@ -185,15 +186,28 @@ def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.T
             "kl": kl, "entropy": entropy}
 
 
-def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], s: dict[str, Any], seed: int):
-    """``ppo_epochs`` passes of clipped policy + value loss over shuffled minibatches."""
+def updates_per_step(rows: int, s: dict[str, Any]) -> int:
+    """Optimizer steps one PPO step takes on a learner with ``rows`` rollouts."""
+    return s["ppo_epochs"] * -(-rows // s["minibatch"])
+
+
+def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], s: dict[str, Any], seed: int,
+               step: int = 0):
+    """``ppo_epochs`` passes of clipped policy + value loss over shuffled minibatches. The
+    learning rate follows ``s["lr_schedule"]`` over every update of the run: a function of
+    the step, so a restarted run picks it up where it was."""
     model.train()  # dropout is off in every model (ppo_policy.disable_dropout): train mode changes nothing else
     n = batch.input_ids.shape[0]
+    per_step = updates_per_step(n, s)
+    update = step * per_step
     generator = torch.Generator().manual_seed(seed)
     stats: dict[str, list[float]] = {}
     for _ in range(s["ppo_epochs"]):
         order = torch.randperm(n, generator=generator).to(batch.input_ids.device)
         for start in range(0, n, s["minibatch"]):
+            for group in optimizer.param_groups:
+                group["lr"] = ppo_math.learning_rate(s["lr_schedule"], s["lr"], update, s["steps"] * per_step)
+            update += 1
             rows = order[start:start + s["minibatch"]]
             mb = batch.select(rows)
             logprobs, _, values = model(mb, s["temperature"])
@@ -209,7 +223,8 @@ def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Te
             for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats,
                                **vf_stats}.items():
                 stats.setdefault(key, []).append(float(value))
-    return {key: sum(values) / len(values) for key, values in stats.items()}
+    return {**{key: sum(values) / len(values) for key, values in stats.items()},
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -335,12 +350,15 @@ def ppo_loop(config: dict[str, Any]) -> None:
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
         scores = checked_scores(reward([reward_inputs[i] for i in mine], texts), len(texts),
                                 s["reward_model"] or s["reward_fn"])
+        if s["missing_eos_penalty"]:
+            scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
+                                                   s["penalty_reward_value"])
         timings["scoring_seconds"] = time.monotonic() - started
 
         started = time.monotonic()
         batch, scored, train_stats = learn_from_rollouts(
             ddp, core, ref, optimizer, [prompts[i] for i in mine], responses, scores, s, kl_control.value,
-            pad_id=pad_id, seed=s["seed"] * 100003 + step)
+            pad_id=pad_id, seed=s["seed"] * 100003 + step, step=step)
         timings["training_seconds"] = time.monotonic() - started
 
         started = time.monotonic()

@@ -250,3 +250,23 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Does nothing: the coefficient is fixed."""
+
+
+def penalize_missing_eos(scores: list[float], finished: list[bool], penalty_value: float) -> list[float]:
+    """Replace the score of every answer that ran out of tokens before its end of sequence
+    with ``penalty_value`` (TRL PPOv2's ``non_eos_penalty``/``penalty_reward_value``): a
+    reward model scores a truncated answer as if it were complete, and the policy learns to
+    ramble up to the limit."""
+    if len(scores) != len(finished):
+        raise ValueError(f"{len(scores)} scores for {len(finished)} answers")
+    return [score if done else penalty_value for score, done in zip(scores, finished)]
+
+
+def learning_rate(schedule: Literal["constant", "linear"], base: float, update: int, total: int) -> float:
+    """The learning rate for optimizer update ``update`` (0-based) of ``total``: constant, or
+    decaying linearly to 0 at the end (TRL PPOv2's schedule: 1 − update / total)."""
+    if schedule == "constant":
+        return base
+    if schedule == "linear":
+        return base * max(0.0, 1.0 - update / total)
+    raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")

@@ -122,13 +122,30 @@ def disable_dropout(model: nn.Module) -> int:
 
 
 def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False) -> ActorCritic:
-    """The policy from ``policy_path`` and the value backbone from ``value_path`` (a causal LM
-    or a reward model's directory: either way its base transformer), with a fresh head."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    """The policy from ``policy_path``; the value model from ``value_path``.
+
+    A reward model's directory (a one-output sequence classifier, from ``cai train rm``)
+    gives the value model its backbone *and* its scoring head, as TRL and Huang et al. (2024,
+    "The N implementation details of RLHF with PPO") start it: its first values are the
+    reward model's scores of each prefix. A causal LM's directory gives the backbone and a
+    zero head (values start at 0)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    backbone = AutoModel.from_pretrained(value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(value_path, trust_remote_code=trust_remote_code)
+    head = None
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        backbone, head = reward_model.base_model, reward_model.score  # TRL reads the head as `.score` too
+    else:
+        backbone = AutoModel.from_pretrained(value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = ActorCritic(policy, backbone)
+    if head is not None:
+        with torch.no_grad():
+            model.value_head.weight.copy_(head.weight)
+            if head.bias is not None:
+                model.value_head.bias.copy_(head.bias)
     disable_dropout(model)
     return model
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from workflows.cluster_options import ClusterOptions
 from workflows.config import REQUIRED, option, require_valid
@@ -39,6 +39,9 @@ class TrainConfig:
     data: list[str] = option(REQUIRED, "training data: cai generate/label run directories, Parquet/JSONL files or saved datasets")
     out: str = option(REQUIRED, "directory for the trained model and training_summary.json")
     beta: float = option(0.1, "DPO only: strength of the KL constraint to the reference model")
+    sft_targets: Literal["all", "final"] = option("all", "SFT only, on `cai generate` runs: one example per "
+                                                  "revision round (§3.1 fine-tunes on every revision), or the "
+                                                  "final revision only")
     trust_remote_code: bool = option(False, "allow model code from the model directory or hub")
     training: TrainingOptions = option(TrainingOptions(), "Ray Train and optimization")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
@@ -96,8 +99,31 @@ def _to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def _sft_data(paths):
-    data = load_training_data(paths, ["messages"])
+def revision_examples(prompt: list[dict], revisions: list[dict]) -> list[list[dict]]:
+    """One SFT conversation per revision round of an SL-CAI row: the prompt, then that
+    round's revision as the answer (Bai et al. 2022 §3.1 trains on the revisions of every
+    step, not the last one only)."""
+    return [[*prompt, {"role": "assistant", "content": r["revision"]}] for r in revisions]
+
+
+def _sft_data(paths, targets: str = "all"):
+    """``messages`` conversations from every source. With ``targets="all"``, a `cai generate`
+    row (it has ``prompt`` and ``revisions``) gives one conversation per revision round."""
+    import datasets
+
+    def per_round(batch):
+        out = []
+        for messages, prompt, revisions in zip(batch["messages"], batch["prompt"], batch["revisions"]):
+            out += revision_examples(prompt, revisions) if revisions else [messages]
+        return {"messages": out}
+
+    parts = []
+    for path in paths:
+        part = load_training_data([path], ["messages"], keep=("prompt", "revisions"))
+        if targets == "all" and {"prompt", "revisions"} <= set(part.column_names):
+            part = part.map(per_round, batched=True, remove_columns=part.column_names)
+        parts.append(part.select_columns(["messages"]))
+    data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     bad = [i for i, m in enumerate(data["messages"][:1000]) if not m or m[-1]["role"] != "assistant"]
     if bad:
         raise TrainingDataError(f"rows {bad[:5]} of the SFT data do not end with an assistant message")
@@ -109,7 +135,7 @@ def build_sft(cfg: dict[str, Any], output_dir: str):
     from trl import SFTConfig, SFTTrainer
 
     opts = cfg["training"]
-    data = _sft_data(cfg["data"]).map(_to_prompt_completion, remove_columns=["messages"])
+    data = _sft_data(cfg["data"], cfg["sft_targets"]).map(_to_prompt_completion, remove_columns=["messages"])
     train, evaluation = split(data, opts["eval_split"], opts["seed"])
     tokenizer = _tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
@@ -249,9 +275,9 @@ def dpo_loop(cfg: dict[str, Any]) -> None:
 
 LOOPS = {"sft": sft_loop, "rm": rm_loop, "dpo": dpo_loop}
 CHECKS = {
-    "sft": _sft_data,
-    "rm": _rm_data,
-    "dpo": lambda paths: load_training_data(paths, PREFERENCE_COLUMNS),
+    "sft": lambda paths, config: _sft_data(paths, config.sft_targets),
+    "rm": lambda paths, config: _rm_data(paths),
+    "dpo": lambda paths, config: load_training_data(paths, PREFERENCE_COLUMNS),
 }
 
 
@@ -261,11 +287,12 @@ def run_train(kind: str, config: TrainConfig) -> dict[str, Any]:
     from workflows.models import resolve_model
 
     model = resolve_model(config.model)
-    CHECKS[kind](config.data)  # bad data fails here, before any worker starts
+    CHECKS[kind](config.data, config)  # bad data fails here, before any worker starts
     loop_config = {
         "model": model,
         "data": [str(Path(p).expanduser().resolve()) for p in config.data],
         "beta": config.beta,
+        "sft_targets": config.sft_targets,
         "trust_remote_code": config.trust_remote_code,
         "training": asdict(config.training),
     }

@@ -56,8 +56,16 @@ def test_few_shot_prefix_is_shared_and_prepended():
     prefix = few_shot_prefix(HARMLESS, 2)
     assert len(prefix) == sum(len(e) for e in HARMLESS.few_shot[:2])
     model = ScriptedModel()
-    run(critique_revision_chain([{"role": "user", "content": "q"}], [HARMLESS.critiques[0].id], HARMLESS, model,
-                                max_new_tokens=8, prefix=prefix))
+    prompt = [{"role": "user", "content": "q"}]
+    run(critique_revision_chain(prompt, [HARMLESS.critiques[0].id], HARMLESS, model, max_new_tokens=8, prefix=prefix))
+    initial, critique, revision = model.calls
+    assert initial == prompt, "§3.1: the initial answer is sampled from the prompt alone"
+    assert critique[: len(prefix)] == prefix and revision[: len(prefix)] == prefix
+    assert critique[len(prefix):len(prefix) + 2] == [*prompt, {"role": "assistant", "content": "step 1"}]
+    # the old behaviour, on request: the examples precede the initial answer too
+    model = ScriptedModel()
+    run(critique_revision_chain(prompt, [HARMLESS.critiques[0].id], HARMLESS, model, max_new_tokens=8, prefix=prefix,
+                                prefix_initial=True))
     assert all(call[: len(prefix)] == prefix for call in model.calls)
     with pytest.raises(ValueError, match="asked for 99 examples"):
         few_shot_prefix(HARMLESS, 99)

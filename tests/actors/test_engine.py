@@ -35,6 +35,17 @@ def test_next_token_logprobs_form_a_distribution(tiny_engine):
     assert 0 < mass <= 1.0 + 1e-4
 
 
+def test_exact_next_token_logprobs_of_any_ids_match_the_top_k_and_the_prompt_logprobs(tiny_engine):
+    prompt = [1, 40, 41, 42, 43]
+    top = ray.get(tiny_engine.next_token_logprobs.remote(prompt, 5))
+    unlikely = [7, 99, 300]  # whatever their rank
+    exact = ray.get(tiny_engine.token_logprobs.remote(prompt, [t.token_id for t in top[:3]] + unlikely))
+    assert exact[:3] == pytest.approx([t.logprob for t in top[:3]], abs=1e-5)
+    for token_id, logprob in zip(unlikely, exact[3:]):
+        scored = ray.get(tiny_engine.continuation_logprob.remote(prompt, [token_id]))
+        assert logprob == pytest.approx(scored, abs=1e-4)
+
+
 def test_sampling_n_and_raw_token_prompts(tiny_engine):
     completions = ray.get(tiny_engine.complete.remote([1, 40, 41, 42], max_new_tokens=5, temperature=1.0, n=3))
     assert len(completions) == 3 and all(c.prompt_tokens == 4 for c in completions)

@@ -21,6 +21,7 @@ from actors.preference import (
     label_pair,
     letter_of,
     normalize,
+    letter_variants,
     option_logprobs,
     option_order,
     pair_indices,
@@ -158,6 +159,15 @@ def test_normalize_is_a_softmax_summing_to_one():
     assert sum(normalize({"A": -900.0, "B": -901.0, "C": -905.0}, 3)) == pytest.approx(1.0)
 
 
+def test_letter_variants_find_every_token_the_top_k_path_would_count():
+    vocabulary = list(enumerate(["A", " A", "(A", "A)", "B", " B", "An", "a", "(", " ", "", "C"]))
+    assert letter_variants(vocabulary, 2) == {"A": [0, 1, 2, 3], "B": [4, 5]}
+    # the fallback's variants and the top-k path agree token by token
+    for token_id, text in vocabulary:
+        letter = letter_of(text) if text.strip() else None
+        assert (letter in ("A", "B")) == any(token_id in ids for ids in letter_variants(vocabulary, 2).values())
+
+
 def test_normalize_names_the_missing_letters():
     with pytest.raises(MissingOptionError, match="B") as raised:
         normalize({"A": -0.1}, 2)
@@ -232,15 +242,17 @@ def test_label_sums_to_one_and_records_provenance():
     assert sum(result.probs) == pytest.approx(1.0)
     assert all(sum(p) == pytest.approx(1.0) for p in result.per_principle)
     assert result.principle_ids == ("harmless", "honest", "helpful")
-    assert len(result.orders) == 3 and all(sorted(o) == [0, 1] for o in result.orders)
-    assert result.reasonings == ("", "", "") and result.fallbacks == 0
+    assert result.orders == ((0, 1), (1, 0)) * 3, "each principle in both orders"
+    assert result.reasonings == ("",) * 6 and result.fallbacks == 0
+    one = label(both_orders=False)
+    assert len(one.orders) == 3 and all(sorted(o) == [0, 1] for o in one.orders) and len(one.reasonings) == 3
 
 
 def test_order_randomization_is_undone_whatever_the_order():
     seen_orders = set()
     for seed in range(40):
         for responses, good in ((("a good answer", "a bad answer"), 0), (("a bad answer", "a good answer"), 1)):
-            result = label(responses, seed=seed)
+            result = label(responses, seed=seed, both_orders=False)
             seen_orders.update(result.orders)
             assert result.probs[good] == pytest.approx(0.9)
             assert result.chosen == good and result.chosen_prob == pytest.approx(0.9)
@@ -249,9 +261,20 @@ def test_order_randomization_is_undone_whatever_the_order():
 
 def test_position_bias_averages_out_across_orders():
     # A scorer that always prefers slot A: each principle's label follows the display order.
-    result = label(score=FirstSlot(0.8), seed=1)
+    result = label(score=FirstSlot(0.8), seed=1, both_orders=False)
     for order, (first, _) in zip(result.orders, result.per_principle):
         assert first == pytest.approx(0.8 if order == (0, 1) else 0.2)
+
+
+@pytest.mark.parametrize("cot", [False, True])
+def test_both_orders_cancel_a_pure_position_bias_exactly(cot):
+    """A judge that always prefers slot A says nothing about the answers: every label is 0.5."""
+    for p in (0.99, 0.8, 0.3):
+        result = label(score=FirstSlot(p), cot=cot)
+        assert all(pair == pytest.approx((0.5, 0.5)) for pair in result.per_principle)
+        assert result.probs == pytest.approx((0.5, 0.5))
+    # and a judge that sees the answers keeps its verdict, whichever slot it is in
+    assert label(score=PrefersGood(0.9)).probs == pytest.approx((0.9, 0.1))
 
 
 def test_cot_clamps_each_principle_and_keeps_reasoning():
@@ -261,9 +284,9 @@ def test_cot_clamps_each_principle_and_keeps_reasoning():
         assert all(0.4 <= p <= 0.6 for pair in result.per_principle for p in pair)
         assert 0.4 <= result.probs[1] <= result.probs[0] <= 0.6
         assert result.probs == pytest.approx((0.6, 0.4))
-        assert result.reasonings == ("because",) * 3
+        assert result.reasonings == ("because",) * 6
     assert all(cot for _, _, cot in scorer.calls)
-    low = label(score=FirstSlot(0.01), cot=True, principles=PRINCIPLES[:1])
+    low = label(score=FirstSlot(0.01), cot=True, principles=PRINCIPLES[:1], both_orders=False)
     assert sorted(low.probs) == pytest.approx([0.4, 0.6])
 
 
@@ -278,7 +301,7 @@ def test_ensemble_of_principles_is_the_mean():
             text = next(t for t in self.values if t in messages[-1]["content"])
             return [self.values[text], 1 - self.values[text]], "", text.endswith("helpful?")
 
-    result = label(score=PerPrinciple())
+    result = label(score=PerPrinciple(), both_orders=False)
     undone = [first if order == (0, 1) else 1 - first
               for order, first in zip(result.orders, [0.9, 0.6, 0.3])]
     assert [p[0] for p in result.per_principle] == pytest.approx(undone)
@@ -289,11 +312,12 @@ def test_ensemble_of_principles_is_the_mean():
 def test_label_pair_passes_few_shot_and_two_options():
     scorer = PrefersGood()
     label(score=scorer, few_shot=[EXAMPLE], principles=PRINCIPLES[:1])
-    (messages, n_options, cot), = scorer.calls
+    (first, n_options, cot), (second, _, _) = scorer.calls
     assert n_options == 2 and cot is False
-    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert sorted(displayed_options(messages)) == ["a bad answer", "a good answer"]
-    assert PRINCIPLES[0].text in messages[-1]["content"]
+    assert [m["role"] for m in first] == ["user", "assistant", "user"]
+    assert displayed_options(first) == ["a good answer", "a bad answer"]
+    assert displayed_options(second) == ["a bad answer", "a good answer"]
+    assert PRINCIPLES[0].text in first[-1]["content"]
 
 
 def test_label_pair_rejects_bad_scores_and_inputs():

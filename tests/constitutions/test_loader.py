@@ -159,15 +159,33 @@ def test_unreadable_and_invalid_files(tmp_path):
         load_constitution(binary)
 
 
+def test_independent_draws_repeat_principles_as_often_as_chance_says():
+    """§3.1 samples each round's principle independently: with 16 principles and 4 rounds,
+    P(some repeat) = 1 - 16·15·14·13/16^4 ≈ 0.33; without replacement it is 0."""
+    constitution = load_constitution("harmless")
+    n = len(constitution.critiques)
+    rows = [sample_critique_ids(constitution, 4, seed=0, key=f"row-{i}") for i in range(2000)]
+    assert rows[0] == sample_critique_ids(constitution, 4, seed=0, key="row-0"), "seeded"
+    repeated = sum(len(set(r)) < 4 for r in rows) / len(rows)
+    expected = 1 - (n - 1) * (n - 2) * (n - 3) / n**3
+    assert abs(repeated - expected) < 0.05, (repeated, expected)
+    first = [r[0] for r in rows]
+    assert min(first.count(p.id) for p in constitution.critiques) > 2000 / n / 2, "every principle is drawn"
+    assert all(len(set(sample_critique_ids(constitution, 4, seed=0, key=f"row-{i}", draw="without-replacement")))
+               == 4 for i in range(200))
+    with pytest.raises(ValueError, match="draw must be"):
+        sample_critique_ids(constitution, 2, seed=0, key=0, draw="sometimes")
+
+
 def test_principle_sampling_is_seeded_and_recorded_by_id():
     constitution = load_constitution("harmless")
     ids = {p.id for p in constitution.critiques}
-    first = sample_critique_ids(constitution, 4, seed=7, key="row-1")
-    assert first == sample_critique_ids(constitution, 4, seed=7, key="row-1")
+    first = sample_critique_ids(constitution, 4, seed=7, key="row-1", draw="without-replacement")
+    assert first == sample_critique_ids(constitution, 4, seed=7, key="row-1", draw="without-replacement")
     assert set(first) <= ids and len(set(first)) == 4, "no repeats while the pool lasts"
     draws = {tuple(sample_critique_ids(constitution, 4, seed=s, key="row-1")) for s in range(10)}
     assert len(draws) > 1, "different seeds give different draws"
-    many = sample_critique_ids(constitution, len(ids) + 3, seed=0, key=5)
+    many = sample_critique_ids(constitution, len(ids) + 3, seed=0, key=5, draw="without-replacement")
     assert set(many) == ids
     feedback = sample_feedback_ids(constitution, 3, seed=1, key="pair-0")
     assert all(constitution.feedback_principle(i) for i in feedback)

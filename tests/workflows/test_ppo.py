@@ -26,7 +26,8 @@ def ppo_config(tiny_model, prompts, out, **values) -> PPOConfig:
     # with HF sampling, against 0.04 to 0.13 with 16-token answers and one minibatch; at T = 0.7
     # by 0.17 to 0.40 in 4 runs. T != 1 exercises the tempered log-probs end to end.
     base = dict(policy=tiny_model, prompts=str(prompts), out=str(out), reward_fn="vowel_share", steps=STEPS,
-                rollout_batch=16, minibatch=4, ppo_epochs=4, max_new_tokens=8, lr=5e-3, kl_coef=0.01, temperature=0.7,
+                rollout_batch=16, minibatch=4, ppo_epochs=4, max_new_tokens=8, lr=5e-3, lr_schedule="constant", kl_coef=0.01,
+                temperature=0.7,
                 learners=2, rollout_workers=2, save_steps=4, max_failures=1, enforce_eager=True,
                 max_model_len=512, seed=0)
     base.update(values)

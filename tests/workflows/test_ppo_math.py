@@ -12,11 +12,13 @@ from workflows.ppo_math import (
     entropy_from_logits,
     gae_advantages,
     kl_per_token,
+    learning_rate,
     logprobs_from_logits,
     mask_after_eos,
     masked_mean,
     masked_var,
     masked_whiten,
+    penalize_missing_eos,
     policy_loss,
     response_mask,
     shaped_rewards,
@@ -204,3 +206,17 @@ def test_fixed_kl_controller_and_invalid_adaptive_settings():
     assert fixed.value == 0.05
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.2, target=0.0, horizon=10_000)
+
+
+def test_an_answer_without_eos_scores_the_penalty_value():
+    assert penalize_missing_eos([0.9, 0.2, 0.7], [True, False, True], -1.0) == [0.9, -1.0, 0.7]
+    assert penalize_missing_eos([0.5], [True], -1.0) == [0.5]
+    with pytest.raises(ValueError, match="2 scores for 1 answers"):
+        penalize_missing_eos([0.1, 0.2], [True], -1.0)
+
+
+def test_learning_rate_schedules():
+    assert [learning_rate("constant", 1e-3, u, 4) for u in range(4)] == [1e-3] * 4
+    assert [learning_rate("linear", 1.0, u, 4) for u in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="schedule must be"):
+        learning_rate("cosine", 1.0, 0, 4)

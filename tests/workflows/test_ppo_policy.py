@@ -141,13 +141,35 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
         ref = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3)
     settings = dict(kl_estimator="k1", gamma=1.0, lam=0.95, ppo_epochs=2, minibatch=1, clip_range=0.2,
-                    clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+                    clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7,
+                    lr=1e-3, lr_schedule="linear", steps=1)
     prompts, responses, scores = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [0.5, 1.0]
     with MetaScalars():
         batch, scored, stats = learn_from_rollouts(core, core, ref, optimizer, prompts, responses, scores, settings,
                                                    0.01, pad_id=0, seed=0)
         assert batch.input_ids.is_meta and all(t.is_meta for t in scored.values())
         assert set(stats) >= {"policy_loss", "value_loss", "clipfrac"}
+        # 2 epochs x 2 minibatches of one row: the 4th update of 4 runs at 1/4 of the rate
+        assert stats["lr"] == pytest.approx(2.5e-4)
         # the check itself: the same scoring with the batch left on the CPU fails
         with pytest.raises(RuntimeError, match="device"):
             score_rollouts(core, ref, pack_rollouts(prompts, responses, 0), torch.tensor(scores), settings, 0.01)
+
+
+def test_value_model_starts_as_the_reward_model(tiny_model, tmp_path):
+    """Given a reward model, the value at column t is the RM's score of the prompt and the
+    first t response tokens (its head included, not a fresh zero head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    model = load_actor_critic(tiny_model, str(tmp_path / "rm")).eval()
+    batch = pack_rollouts([[10, 11, 12]], [[30, 31, 32, 33]], pad_id=0)
+    with torch.no_grad():
+        _, _, values = model(batch)
+        for t in range(4):
+            ids = batch.input_ids[:, :batch.prompt_width + t]
+            score = rm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
+            assert values[0, t] == pytest.approx(score.item(), abs=1e-5)
+    assert values.abs().max() > 0

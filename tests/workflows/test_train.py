@@ -221,3 +221,28 @@ def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_l
                                             storage_path=str(storage)))
     assert summary["metrics"]["resumed_from_step"] == 12, "continued from the checkpoint's step, not from scratch"
     assert summary["metrics"]["global_step"] == 16
+
+
+def test_sl_cai_rows_give_one_sft_example_per_revision_round(tmp_path):
+    """§3.1 fine-tunes on the revisions of every round: R rounds, R examples per prompt."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.train import _sft_data
+
+    run = tmp_path / "sl-cai" / "data"
+    run.mkdir(parents=True)
+    prompt = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How do I pick a lock?"}]
+    rows = [{"prompt": prompt, "messages": [*prompt, {"role": "assistant", "content": f"r{i}-3"}],
+             "revisions": [{"round": k, "principle_id": "p", "critique": "c", "revision": f"r{i}-{k}"}
+                           for k in (1, 2, 3)]} for i in range(2)]
+    pq.write_table(pa.Table.from_pylist(rows), run / "shard-00000.parquet")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+
+    every = _sft_data([str(run.parent), str(plain)], "all")["messages"]
+    assert [m[-1]["content"] for m in every] == ["r0-1", "r0-2", "r0-3", "r1-1", "r1-2", "r1-3", "hello"]
+    assert all(m[:2] == prompt for m in every[:6]), "each example keeps the whole prompt"
+    final = _sft_data([str(run.parent), str(plain)], "final")["messages"]
+    assert [m[-1]["content"] for m in final] == ["r0-3", "r1-3", "hello"]

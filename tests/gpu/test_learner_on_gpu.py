@@ -1,0 +1,62 @@
+"""The learner's tensor code on a real GPU: skipped where CUDA is absent (CI has none).
+
+Tiny models, no vLLM and no Ray, so it runs wherever a GPU is: a PPO learner step at T = 0.7,
+a reward-model forward and the weights blob the engines load. Run with
+``.venv/bin/python -m pytest tests/gpu`` on a GPU machine; docs/gpu.md records where it ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SETTINGS = dict(kl_estimator="k1", gamma=1.0, lam=0.95, ppo_epochs=2, minibatch=2, clip_range=0.2,
+                clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7, lr=1e-3,
+                lr_schedule="linear", steps=2)
+
+
+def test_a_ppo_learner_step_runs_on_the_gpu_and_changes_the_policy(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from workflows.ppo_learner import learn_from_rollouts
+    from workflows.ppo_policy import load_actor_critic
+
+    core = load_actor_critic(tiny_model, tiny_model).cuda()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
+    before = {k: v.detach().clone() for k, v in core.policy.named_parameters()}
+    optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3, eps=1e-5)
+    prompts, responses = [[10, 11, 12], [20, 21], [30], [40, 41, 42, 43]], [[50, 51], [52, 53, 54], [55], [56, 2]]
+    batch, scored, stats = learn_from_rollouts(core, core, ref, optimizer, prompts, responses, [0.1, 0.9, 0.5, 0.3],
+                                               SETTINGS, 0.05, pad_id=0, seed=0)
+    assert batch.input_ids.is_cuda and all(t.is_cuda for t in scored.values())
+    assert all(v == v for v in stats.values()), "finite stats"
+    changed = [k for k, v in core.policy.named_parameters() if not torch.equal(v, before[k])]
+    assert changed, "the policy changed"
+
+
+def test_reward_model_scores_on_the_gpu_match_the_cpu(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workflows.rewards import RewardModelScorer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "rm")
+    prompts, answers = [[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]], ["Hello."]
+    on_gpu = RewardModelScorer(str(tmp_path / "rm"), device="cuda")(prompts, answers)
+    on_cpu = RewardModelScorer(str(tmp_path / "rm"))(prompts, answers)
+    assert on_gpu == pytest.approx(on_cpu, abs=1e-3)
+
+
+def test_the_weights_blob_gathers_gpu_parameters_to_the_host(tiny_model):
+    from safetensors.torch import load
+    from transformers import AutoModelForCausalLM
+
+    from workflows.ppo_policy import weights_blob
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
+    tensors = load(weights_blob(model))
+    assert set(tensors) == {name for name, _ in model.named_parameters()}
+    assert all(torch.equal(tensors[n], p.detach().cpu()) for n, p in model.named_parameters())
