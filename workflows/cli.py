@@ -274,10 +274,6 @@ def _register_eval(commands) -> None:
         "orders, write results.json, report.md and a plot; rerun the same command to resume.",
     )
     add_config_arguments(compare, EvalCompareConfig)
-    for action in compare._actions:
-        if action.dest in ("model_b", "names"):
-            # `--model-b B --model-b C` adds to the list instead of replacing it (argparse's "extend")
-            action.__class__ = argparse._ExtendAction
     compare.set_defaults(run=cmd_eval_compare)
 
 

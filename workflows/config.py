@@ -57,14 +57,17 @@ def require_valid(*problem_lists: list[str], hint: str = "") -> None:
         raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}{hint}")
 
 
-def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False):
+def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False,
+           repeatable: bool = False):
     """Declare a config field: its default (or ``REQUIRED``) and its one help text.
 
     ``choices`` restricts the values (``Literal[...]`` annotations do the same), ``flag``
-    replaces the derived ``--field-name``, and ``positional`` makes it a positional argument.
+    replaces the derived ``--field-name``, ``positional`` makes it a positional argument, and
+    ``repeatable`` lets a list flag be given several times, each adding to the list
+    (argparse's ``extend``) instead of the last one replacing the others.
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "flag": flag, "positional": positional}
+                "flag": flag, "positional": positional, "repeatable": repeatable}
     if default is REQUIRED:
         # keyword-only, so required fields may follow fields that have defaults
         return dataclasses.field(kw_only=True, metadata=metadata)
@@ -181,6 +184,8 @@ def _argument(name: str, f: dataclasses.Field, hint, default) -> tuple[list[str]
         kwargs["choices"] = meta["choices"] or choices
         if many:
             kwargs["nargs"] = "*" if meta["positional"] else "+"
+            if meta.get("repeatable"):
+                kwargs["action"] = "extend"
         elif meta["positional"]:
             kwargs["nargs"] = "?"  # so the value may come from the YAML file instead
     if meta["positional"]:

@@ -70,9 +70,9 @@ JUDGEMENT_SCHEMA = pa.schema([
 class EvalCompareConfig:
     model_a: str = option(REQUIRED, "baseline model A: a local directory, a hub id, or 'default'")
     model_b: tuple[str, ...] = option(
-        REQUIRED, "challenger model(s), each compared with A (repeat the flag or list several)")
+        REQUIRED, "challenger model(s), each compared with A (repeat the flag or list several)", repeatable=True)
     names: tuple[str, ...] = option(
-        (), "display names, A first then each challenger (default: each model's directory name)")
+        (), "display names, A first then each challenger (default: each model's directory name)", repeatable=True)
     judge: str = option(REQUIRED, "judge (feedback) model that compares the answers")
     constitution: str = option(REQUIRED, "constitution whose feedback principles judge red_team prompts")
     helpful_constitution: str = option(
