@@ -33,7 +33,10 @@ from workflows.generate import GenerateConfig, run_generate
 from workflows.ray_session import connect_ray
 
 SMALL_STORE = 80 * 1024 * 1024
-PROMPTS = 80
+# Enough work that the surviving engine cannot finish it while Ray notices the lost node and
+# moves its bundle (tens of seconds): with 80 prompts a faster engine did, and the run ended
+# before every node was removed. The rerun finishes the rest in about a minute.
+PROMPTS = 320
 PLACEMENT_TIMEOUT_S = 25
 
 
@@ -105,6 +108,8 @@ def main(result_path: str, work: str, model: str) -> None:
         # 4. every worker node goes
         result["shards_before_total_loss"] = done_shards(out)
         result["still_running_before_total_loss"] = driver.is_alive()
+        if not driver.is_alive():
+            raise RuntimeError(f"the run ended before the total loss ({outcome}): give it more work (PROMPTS)")
         lost_at = time.monotonic()
         for node in workers:
             cluster.remove_node(node, allow_graceful=False)
