@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,10 +176,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
         "ref_model": (str(resolve_model(cfg.ref_model)), cfg.ref_model) if cfg.ref_model else (policy, cfg.policy),
     }
     models = {key: pair for key, pair in models.items() if pair[0]}
-    settings = {
-        **asdict(cfg), **{key: path for key, (path, _) in models.items()}, "reward_model": reward_model,
-        "trust_remote_code": cfg.engine.trust_remote_code,  # one switch for the engines and the learners
-    }
+    # the learners get the config itself, its model fields resolved to folders (on each node,
+    # training.local_models swaps in that node's copy)
+    resolved = replace(cfg, **{key: path for key, (path, _) in models.items()})
     max_model_len = cfg.engine.max_model_len or _model_context(policy)
     prompt_ids, prompt_messages, rejects = render_prompts(cfg, policy, max_model_len)
     out = Path(cfg.out).expanduser().resolve()
@@ -213,7 +212,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     try:
         return run_training(TrainJob(
             kind="ppo", out=out, options=options, loop=ppo_loop,
-            loop_config={"settings": settings, "prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
+            loop_config={"config": resolved, "prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
                          "rollout_actors": list(actors)},
             config=cfg, data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
             models=models, run_id=run_id,

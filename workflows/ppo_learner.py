@@ -16,6 +16,11 @@ The reference and reward models live in the learners, beside the policy: one pro
 learner holds all four models, so scoring costs no transfers and scales with ``--learners``.
 On GPU clusters with large models they would move to their own actors; the reward interface
 (a callable over prompt and answer texts) already allows that.
+
+The loop reads as setup (:func:`setup_learner`), step (:func:`ppo_step`) and the final save
+(:func:`ppo_loop`); every setting comes from the run's :class:`workflows.ppo.PPOConfig`
+itself, its model paths resolved for this node. The rollout actors are reached through
+:class:`workflows.rollout_client.RolloutClient`.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,99 +49,13 @@ from workflows.ppo_policy import (
     value_state,
     weights_blob,
 )
-from workflows.ray_session import NAMESPACE
+from workflows.rollout_client import RolloutClient
 from workflows.training import hold_if_drilled, local_models, register_worker, report_final
 
+if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
+    from workflows.ppo import PPOConfig
+
 PPO_STATE = "ppo_state.json"
-
-
-# -- rollouts through the vLLM actors -------------------------------------------------------
-
-
-class RolloutClient:
-    """Sends a learner's prompts to the rollout actors and keeps their weights current.
-
-    Each step pings every actor: one that does not answer within ``ping_timeout`` (dead, or
-    restarting after a crash) sits the step out; one that answers with an old weights
-    version gets the current weights first. A request that fails because its actor died is
-    sent again to another actor, so a crash costs time, not rows.
-    """
-
-    def __init__(self, names: list[str], policy_blob, *, wait_timeout: float | None, ping_timeout: float = 2.0):
-        import ray
-
-        self.actors = [ray.get_actor(name, namespace=NAMESPACE) for name in names]
-        self.policy_blob = policy_blob  # () -> safetensors bytes of the current policy
-        self.ping_timeout, self.wait_timeout = ping_timeout, wait_timeout
-        self.restarts_seen = 0  # actors found restarted (back with old weights)
-        self.live_in_step = len(self.actors)  # fewest actors that answered during the last generate
-
-    def ready_actors(self, version: int, *, after_update: bool = False) -> list[Any]:
-        """The actors that answer now, each holding weights ``version`` (pushed if not)."""
-        import ray
-
-        pings = {actor.weights_version.remote(): actor for actor in self.actors}
-        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.ping_timeout)
-        if not ready:  # all down: wait for the first one back (a restart may wait for a node)
-            ready, _ = ray.wait(list(pings), num_returns=1, timeout=self.wait_timeout)
-        live, stale = [], []
-        for ref in ready:
-            try:
-                held = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                continue
-            if held == version:
-                live.append(pings[ref])
-            else:
-                stale.append(pings[ref])
-                # after an update every engine is one version behind; further behind: restarted
-                self.restarts_seen += held < version - 1 or not after_update
-        if stale:
-            self.push(stale, version)
-        live += stale
-        if not live:
-            raise RuntimeError(f"no rollout actor answered within --placement-timeout ({self.wait_timeout} s)")
-        return live
-
-    def push(self, actors: list[Any], version: int) -> float:
-        """Load the current policy into ``actors``; returns seconds."""
-        import ray
-
-        started = time.monotonic()
-        blob = ray.put(self.policy_blob())
-        for ref in [actor.load_weights.remote(blob, version) for actor in actors]:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # died meanwhile: it gets the weights when it is back
-        return time.monotonic() - started
-
-    def generate(self, prompts: list[list[int]], version: int, sampling: dict[str, Any]) -> list[Any]:
-        import ray
-
-        from actors.rollout_worker import StaleWeightsError
-
-        results: list[Any] = [None] * len(prompts)
-        todo = list(range(len(prompts)))
-        self.live_in_step = len(self.actors)
-        for _ in range(len(self.actors) + 2):
-            actors = self.ready_actors(version)
-            self.live_in_step = min(self.live_in_step, len(actors))
-            chunks = [todo[i::len(actors)] for i in range(len(actors))]
-            calls = {
-                actor.generate.remote([prompts[i] for i in chunk], version=version, **sampling): chunk
-                for actor, chunk in zip(actors, chunks) if chunk
-            }
-            todo = []
-            for ref, chunk in calls.items():
-                try:
-                    for i, rollout in zip(chunk, ray.get(ref)):
-                        results[i] = rollout
-                except (ray.exceptions.RayActorError, StaleWeightsError):
-                    todo += chunk  # died (or restarted) under the request: another actor takes it
-            if not todo:
-                return results
-        raise RuntimeError("rollouts kept failing: every rollout actor died repeatedly")
 
 
 # -- one PPO step ---------------------------------------------------------------------------
@@ -160,65 +80,65 @@ def step_prompts(n_prompts: int, step: int, batch: int, rank: int, world: int, s
 
 
 def learn_from_rollouts(ddp, core: ActorCritic, ref, optimizer, prompts: list[list[int]], responses: list[list[int]],
-                        scores: list[float], s: dict[str, Any], kl_coef: float, *, pad_id: int, seed: int,
+                        scores: list[float], cfg: PPOConfig, kl_coef: float, *, pad_id: int, seed: int,
                         step: int = 0):
     """Score one rollout batch and update on it: the learner step after sampling. Every tensor
     goes to the device the models are on (``core``'s parameters); the inputs arrive as lists.
     Returns the batch, the scored tensors and the update's stats."""
     device = next(core.parameters()).device
     batch = pack_rollouts(prompts, responses, pad_id).to(device)
-    scored = score_rollouts(core, ref, batch, torch.tensor(scores, device=device), s, kl_coef)
-    return batch, scored, ppo_update(ddp, optimizer, batch, scored, s, seed=seed, step=step)
+    scored = score_rollouts(core, ref, batch, torch.tensor(scores, device=device), cfg, kl_coef)
+    return batch, scored, ppo_update(ddp, optimizer, batch, scored, cfg, seed=seed, step=step)
 
 
-def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.Tensor, s: dict[str, Any], kl_coef: float):
+def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.Tensor, cfg: PPOConfig, kl_coef: float):
     """Old log-probs, values, KL-shaped rewards and whitened GAE advantages for one batch."""
     model.eval()
     with torch.no_grad():
-        old_logprobs, entropy, values = model(batch, s["temperature"])
-    ref_logprobs = sequence_logprobs(ref, batch, s["temperature"])
+        old_logprobs, entropy, values = model(batch, cfg.temperature)
+    ref_logprobs = sequence_logprobs(ref, batch, cfg.temperature)
     rewards, kl = ppo_math.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.mask, kl_coef,
-                                          kind=s["kl_estimator"])
+                                          kind=cfg.kl_estimator)
     values = values * batch.mask
-    advantages, returns = ppo_math.gae_advantages(rewards, values, batch.mask, s["gamma"], s["lam"])
+    advantages, returns = ppo_math.gae_advantages(rewards, values, batch.mask, cfg.gamma, cfg.lam)
     advantages = ppo_math.masked_whiten(advantages, batch.mask)
     return {"old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
             "kl": kl, "entropy": entropy}
 
 
-def updates_per_step(rows: int, s: dict[str, Any]) -> int:
+def updates_per_step(rows: int, cfg: PPOConfig) -> int:
     """Optimizer steps one PPO step takes on a learner with ``rows`` rollouts."""
-    return s["ppo_epochs"] * -(-rows // s["minibatch"])
+    return cfg.ppo_epochs * -(-rows // cfg.minibatch)
 
 
-def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], s: dict[str, Any], seed: int,
+def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], cfg: PPOConfig, seed: int,
                step: int = 0):
     """``ppo_epochs`` passes of clipped policy + value loss over shuffled minibatches. The
-    learning rate follows ``s["lr_schedule"]`` over every update of the run: a function of
+    learning rate follows ``cfg.lr_schedule`` over every update of the run: a function of
     the step, so a restarted run picks it up where it was."""
     model.train()  # dropout is off in every model (ppo_policy.disable_dropout): train mode changes nothing else
     n = batch.input_ids.shape[0]
-    per_step = updates_per_step(n, s)
+    per_step = updates_per_step(n, cfg)
     update = step * per_step
     generator = torch.Generator().manual_seed(seed)
     stats: dict[str, list[float]] = {}
-    for _ in range(s["ppo_epochs"]):
+    for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(batch.input_ids.device)
-        for start in range(0, n, s["minibatch"]):
+        for start in range(0, n, cfg.minibatch):
             for group in optimizer.param_groups:
-                group["lr"] = ppo_math.learning_rate(s["lr_schedule"], s["lr"], update, s["steps"] * per_step)
+                group["lr"] = ppo_math.learning_rate(cfg.lr_schedule, cfg.lr, update, cfg.steps * per_step)
             update += 1
-            rows = order[start:start + s["minibatch"]]
+            rows = order[start:start + cfg.minibatch]
             mb = batch.select(rows)
-            logprobs, _, values = model(mb, s["temperature"])
+            logprobs, _, values = model(mb, cfg.temperature)
             pg_loss, pg_stats = ppo_math.policy_loss(logprobs, scored["old_logprobs"][rows],
-                                                     scored["advantages"][rows], mb.mask, s["clip_range"])
+                                                     scored["advantages"][rows], mb.mask, cfg.clip_range)
             vf_loss, vf_stats = ppo_math.value_loss(values, scored["values"][rows], scored["returns"][rows],
-                                                    mb.mask, s["clip_range_value"])
-            loss = pg_loss + s["vf_coef"] * vf_loss
+                                                    mb.mask, cfg.clip_range_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats,
                                **vf_stats}.items():
@@ -294,106 +214,143 @@ def report_step(metrics: dict[str, Any], state: dict[str, Any], save) -> None:
 # -- the loop -------------------------------------------------------------------------------
 
 
-def ppo_loop(config: dict[str, Any]) -> None:
+@dataclass
+class Learner:
+    """What one learner holds for the whole run (see :func:`setup_learner`)."""
+
+    cfg: PPOConfig  # model paths are this node's folders
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    core: ActorCritic  # the model itself; ``ddp`` is its DDP wrapper (or the same) for updates
+    ddp: torch.nn.Module
+    ref: torch.nn.Module
+    reward: Any  # (prompts, completions) -> scores
+    optimizer: torch.optim.Optimizer
+    kl_control: Any
+    client: RolloutClient
+    prompts: list[list[int]]  # token ids of every usable prompt
+    reward_inputs: list[Any]  # what the reward gets per prompt: the conversation or the question
+    pad_id: int
+
+
+def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
+    """Load the models (and the last checkpoint, after a restart or a rerun), wrap them for
+    DDP and connect to the rollout actors. Returns the learner and the run state
+    (``step``, ``kl_coef``, ``history``)."""
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workflows.rewards import RewardModelScorer, checked_scores, load_reward_function
+    from workflows.rewards import RewardModelScorer, load_reward_function
 
-    s = local_models(config["settings"], config.get("model_sources", {}))
+    cfg: PPOConfig = local_models(config["config"], config.get("model_sources", {}))
+    trust = cfg.engine.trust_remote_code  # one switch for the engines and the learners
     register_worker(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(s["seed"] + rank)
-    if not s["use_gpu"]:
+    torch.manual_seed(cfg.seed + rank)
+    if not cfg.use_gpu:
         # Ray sets OMP_NUM_THREADS to the worker's 1 CPU; but rollouts (engines busy) and
         # learning (learners busy) take turns, so on CPU nodes the learners use the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     device = ray.train.torch.get_device()
-    tokenizer = AutoTokenizer.from_pretrained(s["policy"], trust_remote_code=s["trust_remote_code"])
-    model = load_actor_critic(s["policy"], s["value_model"], trust_remote_code=s["trust_remote_code"])
-    ref = AutoModelForCausalLM.from_pretrained(s["ref_model"], dtype=torch.float32,
-                                               trust_remote_code=s["trust_remote_code"]).to(device).eval()
-    if s["reward_model"]:
-        reward = RewardModelScorer(s["reward_model"], device=str(device), trust_remote_code=s["trust_remote_code"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=trust)
+    model = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust)
+    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=torch.float32,
+                                               trust_remote_code=trust).to(device).eval()
+    if cfg.reward_model:
+        reward = RewardModelScorer(cfg.reward_model, device=str(device), trust_remote_code=trust)
     else:
-        reward = load_reward_function(s["reward_fn"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], eps=1e-5)
-    state = restore_checkpoint(model, optimizer) or {"step": 0, "kl_coef": s["kl_coef"], "history": []}
-    resumed_from = state["step"]
+        reward = load_reward_function(cfg.reward_fn)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5)
+    state = restore_checkpoint(model, optimizer) or {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
     model = model.to(device)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     core: ActorCritic = ddp.module if world > 1 else ddp
-    kl_control = (ppo_math.AdaptiveKLController(state["kl_coef"], s["target_kl"], s["kl_horizon"])
-                  if s["target_kl"] else ppo_math.FixedKLController(state["kl_coef"]))
-
-    prompts: list[list[int]] = config["prompt_ids"]
+    kl_control = (ppo_math.AdaptiveKLController(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
+                  if cfg.target_kl else ppo_math.FixedKLController(state["kl_coef"]))
     # the reward model scores the whole conversation, as `cai train rm` trained it; a reward
     # function gets the question (the last user turn), its documented contract
     messages: list[list[dict]] = config["prompt_messages"]
-    reward_inputs = messages if s["reward_model"] else [conversation[-1]["content"] for conversation in messages]
+    reward_inputs = messages if cfg.reward_model else [conversation[-1]["content"] for conversation in messages]
     client = RolloutClient(config["rollout_actors"], lambda: weights_blob(core.policy),
-                           wait_timeout=s["cluster"]["placement_timeout"] or None)
-    sampling = {"max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"], "top_p": s["top_p"]}
+                           wait_timeout=cfg.cluster.placement_timeout or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, ref, reward, optimizer, kl_control, client,
+                      config["prompt_ids"], reward_inputs, pad_id)
+    return learner, state
 
-    while state["step"] < s["steps"]:
-        step, timings = state["step"], {}
-        started = time.monotonic()
-        mine = step_prompts(len(prompts), step, s["rollout_batch"], rank, world, s["seed"])
-        rollouts = client.generate([prompts[i] for i in mine], step, sampling)
-        timings["rollout_seconds"] = time.monotonic() - started
 
-        started = time.monotonic()
-        responses = [list(r.token_ids) for r in rollouts]
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
-        scores = checked_scores(reward([reward_inputs[i] for i in mine], texts), len(texts),
-                                s["reward_model"] or s["reward_fn"])
-        if s["missing_eos_penalty"]:
-            scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
-                                                   s["penalty_reward_value"])
-        timings["scoring_seconds"] = time.monotonic() - started
+def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
+    """One PPO step: rollouts, scoring, the update, the weight sync. Returns the new state,
+    its history ending with this step's metrics (averaged over the learners)."""
+    from workflows.rewards import checked_scores
 
-        started = time.monotonic()
-        batch, scored, train_stats = learn_from_rollouts(
-            ddp, core, ref, optimizer, [prompts[i] for i in mine], responses, scores, s, kl_control.value,
-            pad_id=pad_id, seed=s["seed"] * 100003 + step, step=step)
-        timings["training_seconds"] = time.monotonic() - started
+    cfg, step, timings = learner.cfg, state["step"], {}
+    started = time.monotonic()
+    mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.seed)
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, sampling)
+    timings["rollout_seconds"] = time.monotonic() - started
 
-        started = time.monotonic()
-        sync = sync_rollout_engines(client, core, batch, step + 1) if rank == 0 else {}
-        barrier()
-        timings["sync_seconds"] = time.monotonic() - started
+    started = time.monotonic()
+    responses = [list(r.token_ids) for r in rollouts]
+    texts = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+    scores = checked_scores(learner.reward([learner.reward_inputs[i] for i in mine], texts), len(texts),
+                            cfg.reward_model or cfg.reward_fn)
+    if cfg.missing_eos_penalty:
+        scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
+                                               cfg.penalty_reward_value)
+    timings["scoring_seconds"] = time.monotonic() - started
 
-        sequence_kl = (scored["kl"] * batch.mask).sum(-1).mean().item()
-        metrics = mean_over_ranks({
-            "reward": statistics.fmean(scores),
-            "reward_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "kl": sequence_kl,
-            "entropy": ppo_math.masked_mean(scored["entropy"], batch.mask).item(),
-            "response_length": batch.mask.sum(-1).mean().item(),
-            "rollout_logprob_diff": behaviour_logprob_diff(scored["old_logprobs"], batch.mask, rollouts),
-            **train_stats, **timings,
-        }, device)
-        kl_control.update(metrics["kl"], s["rollout_batch"])
-        state = {"step": step + 1, "kl_coef": kl_control.value,
-                 "history": [*state["history"], {"step": step + 1, "kl_coef": kl_control.value, **metrics, **sync,
-                                                 "rollout_actors_live": client.live_in_step,
-                                                 "rollout_restarts": client.restarts_seen}]}
-        if rank == 0:
-            print(f"cai train ppo: step {step + 1}/{s['steps']} reward {metrics['reward']:.4f} "
-                  f"kl {metrics['kl']:.4f} ({sum(timings.values()):.1f} s)", flush=True)
-        last = state["step"] == s["steps"]
-        save = (lambda d, st=state: save_checkpoint(d, core, tokenizer, optimizer, st)) \
-            if state["step"] % s["save_steps"] == 0 and not last else None
+    started = time.monotonic()
+    batch, scored, train_stats = learn_from_rollouts(
+        learner.ddp, learner.core, learner.ref, learner.optimizer, [learner.prompts[i] for i in mine], responses,
+        scores, cfg, learner.kl_control.value, pad_id=learner.pad_id, seed=cfg.seed * 100003 + step, step=step)
+    timings["training_seconds"] = time.monotonic() - started
+
+    started = time.monotonic()
+    sync = sync_rollout_engines(learner.client, learner.core, batch, step + 1) if learner.rank == 0 else {}
+    barrier()
+    timings["sync_seconds"] = time.monotonic() - started
+
+    metrics = mean_over_ranks({
+        "reward": statistics.fmean(scores),
+        "reward_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        "kl": (scored["kl"] * batch.mask).sum(-1).mean().item(),
+        "entropy": ppo_math.masked_mean(scored["entropy"], batch.mask).item(),
+        "response_length": batch.mask.sum(-1).mean().item(),
+        "rollout_logprob_diff": behaviour_logprob_diff(scored["old_logprobs"], batch.mask, rollouts),
+        **train_stats, **timings,
+    }, learner.device)
+    learner.kl_control.update(metrics["kl"], cfg.rollout_batch)
+    if learner.rank == 0:
+        print(f"cai train ppo: step {step + 1}/{cfg.steps} reward {metrics['reward']:.4f} "
+              f"kl {metrics['kl']:.4f} ({sum(timings.values()):.1f} s)", flush=True)
+    row = {"step": step + 1, "kl_coef": learner.kl_control.value, **metrics, **sync,
+           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.client.restarts_seen}
+    return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}
+
+
+def ppo_loop(config: dict[str, Any]) -> None:
+    """The body of each Ray Train worker: set up, step until ``steps`` (checkpointing every
+    ``save_steps``), then save the final policy."""
+    learner, state = setup_learner(config)
+    cfg, resumed_from = learner.cfg, state["step"]
+    while state["step"] < cfg.steps:
+        state = ppo_step(learner, state)
+        last = state["step"] == cfg.steps
+        save = (lambda d, st=state: save_checkpoint(d, learner.core, learner.tokenizer, learner.optimizer, st)) \
+            if state["step"] % cfg.save_steps == 0 and not last else None
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
             hold_if_drilled(config, state["step"])
 
     def save_final(target: str) -> None:
-        core.policy.save_pretrained(target, safe_serialization=True)
-        tokenizer.save_pretrained(target)
+        learner.core.policy.save_pretrained(target, safe_serialization=True)
+        learner.tokenizer.save_pretrained(target)
 
     report_final(save_final, {"global_step": state["step"], "resumed_from_step": resumed_from,
                               "history": state["history"], "final_kl_coef": state["kl_coef"]})

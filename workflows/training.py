@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,10 +278,12 @@ def learner_nodes(options: TrainingOptions) -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(need, 0) >= 1]
 
 
-def local_models(mapping: dict[str, Any], sources: dict[str, Any]) -> dict[str, Any]:
-    """``mapping`` with each model key set to that model's folder on this node (on a worker:
-    a staged copy is fetched once per node; a missing folder is a clear error naming the node)."""
-    return {**mapping, **{key: source.local_path() for key, source in sources.items()}}
+def local_models(settings: Any, sources: dict[str, Any]) -> Any:
+    """``settings`` (a frozen config, or a dict) with each model field set to that model's
+    folder on this node (on a worker: a staged copy is fetched once per node; a missing
+    folder is a clear error naming the node)."""
+    paths = {key: source.local_path() for key, source in sources.items()}
+    return replace(settings, **paths) if is_dataclass(settings) else {**settings, **paths}
 
 
 def open_training_run(out: Path, config: Any, run_name: str) -> tuple[dict[str, Any] | None, str]:

@@ -12,16 +12,19 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-SETTINGS = dict(kl_estimator="k1", gamma=1.0, lam=0.95, ppo_epochs=2, minibatch=2, clip_range=0.2,
-                clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7, lr=1e-3,
-                lr_schedule="linear", steps=2)
 
 
 def test_a_ppo_learner_step_runs_on_the_gpu_and_changes_the_policy(tiny_model):
     from transformers import AutoModelForCausalLM
 
+    from workflows.config import load_config
+    from workflows.ppo import PPOConfig
     from workflows.ppo_learner import learn_from_rollouts
     from workflows.ppo_policy import load_actor_critic
+
+    cfg = load_config(PPOConfig, overrides=dict(policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share",
+                                                rollout_batch=4, minibatch=2, ppo_epochs=2, temperature=0.7, lr=1e-3,
+                                                steps=2))
 
     core = load_actor_critic(tiny_model, tiny_model).cuda()
     ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
@@ -29,7 +32,7 @@ def test_a_ppo_learner_step_runs_on_the_gpu_and_changes_the_policy(tiny_model):
     optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3, eps=1e-5)
     prompts, responses = [[10, 11, 12], [20, 21], [30], [40, 41, 42, 43]], [[50, 51], [52, 53, 54], [55], [56, 2]]
     batch, scored, stats = learn_from_rollouts(core, core, ref, optimizer, prompts, responses, [0.1, 0.9, 0.5, 0.3],
-                                               SETTINGS, 0.05, pad_id=0, seed=0)
+                                               cfg, 0.05, pad_id=0, seed=0)
     assert batch.input_ids.is_cuda and all(t.is_cuda for t in scored.values())
     assert all(v == v for v in stats.values()), "finite stats"
     changed = [k for k, v in core.policy.named_parameters() if not torch.equal(v, before[k])]

@@ -133,6 +133,8 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
     """The models on ``meta`` stand for a GPU: any input left on the CPU fails the step."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from workflows.config import load_config
+    from workflows.ppo import PPOConfig
     from workflows.ppo_learner import learn_from_rollouts, score_rollouts
 
     config = AutoConfig.from_pretrained(tiny_model)
@@ -140,9 +142,9 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
         core = ActorCritic(AutoModelForCausalLM.from_config(config), AutoModel.from_config(config))
         ref = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3)
-    settings = dict(kl_estimator="k1", gamma=1.0, lam=0.95, ppo_epochs=2, minibatch=1, clip_range=0.2,
-                    clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7,
-                    lr=1e-3, lr_schedule="linear", steps=1)
+    settings = load_config(PPOConfig, overrides=dict(
+        policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=2, minibatch=1,
+        ppo_epochs=2, temperature=0.7, lr=1e-3, lr_schedule="linear", steps=1))
     prompts, responses, scores = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [0.5, 1.0]
     with MetaScalars():
         batch, scored, stats = learn_from_rollouts(core, core, ref, optimizer, prompts, responses, scores, settings,
