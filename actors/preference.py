@@ -123,7 +123,8 @@ def letter_of(token_text: str) -> str | None:
     return text if len(text) == 1 and text in OPTION_LETTERS else None
 
 
-def _logsumexp(values: Sequence[float]) -> float:
+def logsumexp(values: Sequence[float]) -> float:
+    """log Σ exp(values): the log-probability of any of several alternatives."""
     top = max(values)
     return top if top == -math.inf else top + math.log(sum(math.exp(v - top) for v in values))
 
@@ -140,7 +141,7 @@ def option_logprobs(top: Iterable[tuple[str, float]], n_options: int) -> dict[st
         letter = letter_of(text)
         if letter is not None and letter in letters:
             variants.setdefault(letter, []).append(logprob)
-    return {letter: _logsumexp(values) for letter, values in variants.items()}
+    return {letter: logsumexp(values) for letter, values in variants.items()}
 
 
 def letter_variants(vocabulary: Iterable[tuple[int, str]], n_options: int) -> dict[str, list[int]]:
@@ -154,11 +155,6 @@ def letter_variants(vocabulary: Iterable[tuple[int, str]], n_options: int) -> di
         if letter in variants:
             variants[letter].append(token_id)
     return variants
-
-
-def logsumexp(values: Sequence[float]) -> float:
-    """log Σ exp(values): the log-probability of any of several alternatives."""
-    return _logsumexp(values)
 
 
 def normalize(logprobs_by_letter: dict[str, float], n_options: int) -> list[float]:
