@@ -6,7 +6,7 @@ baseline's answer with each challenger's (answer i with answer i) under K feedba
 principles drawn from the constitution of the prompt's category (seeded by the prompt id,
 so every challenger and sample on a prompt is judged under the same principles), each in
 both option orders, with the multiple-choice soft-label machinery of `cai label`
-(:mod:`actors.preference`, :class:`actors.feedback_scorer.FeedbackScorer`).
+(:mod:`core.preference`, :class:`actors.feedback_scorer.FeedbackScorer`).
 Both are plain classes, made Ray actors by the shared stage runner.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.preference import comparison_messages
+from core.preference import comparison_messages
 from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from workflows.eval_stats import challenger_win_prob
+from core.eval_stats import challenger_win_prob
 
 BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]
 

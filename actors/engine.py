@@ -82,7 +82,7 @@ def resolve_dtype(dtype: str) -> str:
 # never one of these: a second value would either raise deep inside vLLM or silently win.
 # The executor and the parallel sizes are reserved even where the fields do not set them:
 # they fix how many GPU processes the engine starts, and the placement reserves exactly
-# ``tensor_parallel_size`` GPUs per engine (workflows/placement.py).
+# ``tensor_parallel_size`` GPUs per engine (workflows/runtime/placement.py).
 RESERVED_ENGINE_KEYS = frozenset({"distributed_executor_backend", "pipeline_parallel_size", "data_parallel_size"})
 
 

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
-from actors.preference import (
+from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
     COT_PREFIX,
@@ -66,7 +66,7 @@ class FeedbackScorer:
         return normalize(by_letter, n_options), bool(missing)
 
     async def score(self, messages: list[dict[str, str]], n_options: int, cot: bool) -> tuple[list[float], str, bool]:
-        """The ``Score`` function of :func:`actors.preference.label_pair`."""
+        """The ``Score`` function of :func:`core.preference.label_pair`."""
         reasoning = await self.reason(messages) if cot else ""
         prefix = f"{COT_PREFIX} {reasoning}{COT_ANSWER}" if cot else ANSWER_PREFIX
         prefix_ids = self.host.render([*messages, {"role": "assistant", "content": prefix}], continue_final=True)

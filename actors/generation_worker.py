@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from actors.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
+from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows

@@ -16,7 +16,7 @@ from typing import Any
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.preference import label_pair, pair_indices
+from core.preference import label_pair, pair_indices
 from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids

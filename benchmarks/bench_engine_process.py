@@ -35,8 +35,8 @@ LAYOUTS = {"mp": "1", "uni": "0"}  # the value of VLLM_ENABLE_V1_MULTIPROCESSING
 
 def trial(args: argparse.Namespace) -> dict:
     from actors.engine import EngineOptions, VLLMEngineHost
-    from workflows.models import resolve_model
-    from workflows.prompt_data import load_prompts
+    from workflows.runtime.models import resolve_model
+    from core.prompt_data import load_prompts
 
     base = [row.prompt for row in load_prompts(ROOT / "data" / "demo_prompts.jsonl").rows]
     prompts = [[{"role": "user", "content": f"{base[i % len(base)]} (case {i})"}] for i in range(args.prompts)]

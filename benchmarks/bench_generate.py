@@ -37,7 +37,7 @@ SAMPLE_SECONDS = 0.05
 
 
 def write_prompts(path: Path, n: int) -> Path:
-    from workflows.prompt_data import load_prompts
+    from core.prompt_data import load_prompts
 
     base = [row.prompt for row in load_prompts(ROOT / "data" / "demo_prompts.jsonl").rows]
     with path.open("w") as handle:
@@ -54,8 +54,8 @@ def run_raw(args: argparse.Namespace, prompts_path: Path) -> dict:
     from actors.engine import resolve_dtype
     from constitutions.loader import load_constitution
     from constitutions.sampling import sample_critique_ids
-    from workflows.models import resolve_model
-    from workflows.prompt_data import load_prompts
+    from workflows.runtime.models import resolve_model
+    from core.prompt_data import load_prompts
 
     model = resolve_model(args.model)
     constitution = load_constitution("harmless")
@@ -103,7 +103,7 @@ def run_raw(args: argparse.Namespace, prompts_path: Path) -> dict:
 
 
 def run_cai(args: argparse.Namespace, prompts_path: Path, out: Path) -> dict:
-    from workflows.config import load_config
+    from core.config import load_config
     from workflows.generate import GenerateConfig, run_generate
 
     config = load_config(GenerateConfig, overrides=dict(

@@ -5,7 +5,7 @@ Produces the results with::
     .venv/bin/python benchmarks/bench_orchestration.py --sizes 10000 100000 1000000 --shard-size 512
 
 Each size runs in a fresh child process (so its peak RSS is its own) that walks the driver
-path of ``workflows/stage_runner.py`` (``run_stage``, which ``cai generate`` uses), with a
+path of ``workflows/runtime/stage_runner.py`` (``run_stage``, which ``cai generate`` uses), with a
 fake engine in place of the Ray actors:
 
 1. data: a synthetic prompts JSONL of N rows (not counted);
@@ -41,9 +41,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workflows.generate import OUTPUT_SCHEMA  # noqa: E402
-from workflows.manifest import RunManifest, ShardState, file_fingerprint  # noqa: E402
-from workflows.shard_pool import ShardQueue  # noqa: E402
-from workflows.shards import (  # noqa: E402
+from core.manifest import RunManifest, ShardState, file_fingerprint  # noqa: E402
+from workflows.runtime.shard_pool import ShardQueue  # noqa: E402
+from core.shards import (  # noqa: E402
     completed_shards,
     read_shard_inputs,
     stage_inputs,

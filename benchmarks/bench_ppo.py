@@ -46,8 +46,8 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="skip vLLM's torch.compile warm-up")
     args = parser.parse_args()
 
-    from workflows.config import load_config
-    from workflows.models import resolve_model
+    from core.config import load_config
+    from workflows.runtime.models import resolve_model
     from workflows.ppo import PPOConfig, run_ppo
 
     policy = str(resolve_model(args.model))

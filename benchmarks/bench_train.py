@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=["sft", "rm"], choices=["sft", "rm"], help="jobs to measure")
     args = parser.parse_args()
 
-    from workflows.config import load_config
-    from workflows.models import resolve_model
+    from core.config import load_config
+    from workflows.runtime.models import resolve_model
     from workflows.train import TrainConfig, run_train
 
     model = resolve_model(args.model)

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from workflows.models import build_tiny_model
+    from workflows.runtime.models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
 
@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory) -> str:
 def ray_local():
     import ray
 
-    from workflows.ray_session import connect_ray
+    from workflows.runtime.ray_session import connect_ray
 
     # 4 logical CPUs on a 2-core machine: room for two 1-CPU workers beside a test engine.
     info = connect_ray(num_cpus=4, include_dashboard=False)

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 
 from actors.engine import EngineOptions, VLLMEngineHost
-from workflows.models import resolve_model
-from workflows.ray_session import NAMESPACE, connect_ray
+from workflows.runtime.models import resolve_model
+from workflows.runtime.ray_session import NAMESPACE, connect_ray
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from workflows.models import materialize_default_model
+from workflows.runtime.models import materialize_default_model
 from workflows.pipeline import load_pipeline_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ Reads top to bottom: config → check models, judge, constitutions and prompts �
 from every model (one sharded stage per model, one engine at a time) → the judge compares
 each (A, challenger) answer pair in both option orders → win rates, intervals, Elo →
 ``results.json``, ``report.md`` and ``report.png``. The arithmetic is in
-:mod:`workflows.eval_stats`, the report in :mod:`workflows.eval_report`, the engine work
+:mod:`core.eval_stats`, the report in :mod:`workflows.eval_report`, the engine work
 in :mod:`actors.compare_worker`.
 
 Run directory::
@@ -38,17 +38,17 @@ import pyarrow as pa
 from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from workflows.cluster_options import ClusterOptions
-from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
-from workflows.engine_config import EngineConfig
+from workflows.runtime.cluster_options import ClusterOptions
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from workflows.runtime.engine_config import EngineConfig
 from workflows.eval_report import write_markdown, write_plot
-from workflows.eval_stats import CATEGORIES, summarize
-from workflows.manifest import file_fingerprint
-from workflows.model_preflight import prepare_model
-from workflows.models import resolve_model
-from workflows.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
-from workflows.shards import MESSAGE, write_jsonl
-from workflows.stage_runner import PoolConfig, StageJob, run_stage
+from core.eval_stats import CATEGORIES, summarize
+from core.manifest import file_fingerprint
+from workflows.runtime.model_preflight import prepare_model
+from workflows.runtime.models import resolve_model
+from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
+from core.shards import MESSAGE, write_jsonl
+from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
 ANSWER_SCHEMA = pa.schema([
     ("index", pa.int64()), ("id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("answers", pa.list_(pa.string())),

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
-from workflows.engine_config import EngineConfig
-from workflows.models import resolve_model
-from workflows.ray_session import NAMESPACE, connect_ray
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.models import resolve_model
+from workflows.runtime.ray_session import NAMESPACE, connect_ray
 
 
 class EvalDataError(ValueError):

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from workflows.eval_stats import CATEGORIES, METRICS
-from workflows.eval_stats import __doc__ as STATS_METHOD
+from core.eval_stats import CATEGORIES, METRICS
+from core.eval_stats import __doc__ as STATS_METHOD
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 CELL_CHARS = 600

@@ -16,14 +16,14 @@ import pyarrow as pa
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
 from constitutions.sampling import PrincipleDraw
-from workflows.cluster_options import ClusterOptions
-from workflows.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
-from workflows.engine_config import EngineConfig
-from workflows.manifest import file_fingerprint
-from workflows.model_preflight import prepare_model
-from workflows.models import resolve_model
-from workflows.shards import MESSAGE
-from workflows.stage_runner import PoolConfig, StageJob, run_stage
+from workflows.runtime.cluster_options import ClusterOptions
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from workflows.runtime.engine_config import EngineConfig
+from core.manifest import file_fingerprint
+from workflows.runtime.model_preflight import prepare_model
+from workflows.runtime.models import resolve_model
+from core.shards import MESSAGE
+from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
 REVISION = pa.struct(
     [("round", pa.int64()), ("principle_id", pa.string()), ("critique", pa.string()), ("revision", pa.string())]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.config import REQUIRED, ConfigError, config_to_dict, load_config, option
+from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
 
 RECORD = "pipeline.json"
 STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm", "ppo": "ppo", "dpo": "dpo",
@@ -75,7 +75,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_pipeline_config(path, overrides: list[str], *, base_dir: Path | None = None) -> PipelineConfig:
     """The config of ``cai run``: the YAML file with dotted ``key=value`` overrides on top.
     With ``base_dir``, relative prompt paths are read from there (the demo's own files)."""
-    from workflows.config import read_yaml
+    from core.config import read_yaml
 
     data = merge(read_yaml(path), parse_overrides(overrides))
     if base_dir is not None:

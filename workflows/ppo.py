@@ -15,15 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.cluster_options import ClusterOptions
-from workflows.config import REQUIRED, ConfigError, failing, option, require_valid
-from workflows.engine_config import EngineConfig
-from workflows.models import resolve_model
+from workflows.runtime.cluster_options import ClusterOptions
+from core.config import REQUIRED, ConfigError, failing, option, require_valid
+from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.models import resolve_model
 from workflows.ppo_learner import ppo_loop
-from workflows.prompt_data import load_prompts
-from workflows.ray_session import NAMESPACE
-from workflows.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
-from workflows.training import TrainingOptions, TrainJob, learner_demand, open_training_run, run_training
+from core.prompt_data import load_prompts
+from workflows.runtime.ray_session import NAMESPACE
+from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
+from workflows.runtime.training import TrainingOptions, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"
 
@@ -140,7 +140,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
                          timeout_s=cfg.cluster.placement_timeout, report=report)
     try:
         if source is not None:
-            from workflows.model_preflight import nodes_of_placement_group, preflight_models
+            from workflows.runtime.model_preflight import nodes_of_placement_group, preflight_models
 
             preflight_models((source,), nodes_of_placement_group(pg), timeout_s=cfg.cluster.placement_timeout or None)
         names = [f"cai-ppo-{run}-rollout-{i}" for i in range(cfg.rollout_workers)]
@@ -160,13 +160,13 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
 def run_ppo(cfg: PPOConfig) -> dict:
     import ray
 
-    from workflows.model_preflight import prepare_model
-    from workflows.ray_session import connect_ray
+    from workflows.runtime.model_preflight import prepare_model
+    from workflows.runtime.ray_session import connect_ray
 
     policy = str(resolve_model(cfg.policy))
     reward_model = str(resolve_model(cfg.reward_model)) if cfg.reward_model else ""
     if cfg.reward_fn:
-        from workflows.rewards import load_reward_function
+        from core.rewards import load_reward_function
 
         load_reward_function(cfg.reward_fn)  # fail here, not on the learners
     models = {

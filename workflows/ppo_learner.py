@@ -20,7 +20,7 @@ On GPU clusters with large models they would move to their own actors; the rewar
 The loop reads as setup (:func:`setup_learner`), step (:func:`ppo_step`) and the final save
 (:func:`ppo_loop`); every setting comes from the run's :class:`workflows.ppo.PPOConfig`
 itself, its model paths resolved for this node. The rollout actors are reached through
-:class:`workflows.rollout_client.RolloutClient`.
+:class:`workflows.runtime.rollout_client.RolloutClient`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workflows import ppo_math
-from workflows.ppo_policy import (
+from core import ppo_math
+from core.ppo_policy import (
     ActorCritic,
     RolloutBatch,
     load_actor_critic,
@@ -49,8 +49,8 @@ from workflows.ppo_policy import (
     value_state,
     weights_blob,
 )
-from workflows.rollout_client import RolloutClient
-from workflows.training import hold_if_drilled, local_models, register_worker, report_final
+from workflows.runtime.rollout_client import RolloutClient
+from workflows.runtime.training import hold_if_drilled, local_models, register_worker, report_final
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
@@ -243,7 +243,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workflows.rewards import RewardModelScorer, load_reward_function
+    from core.rewards import RewardModelScorer, load_reward_function
 
     cfg: PPOConfig = local_models(config["config"], config.get("model_sources", {}))
     trust = cfg.engine.trust_remote_code  # one switch for the engines and the learners
@@ -286,7 +286,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
 def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     """One PPO step: rollouts, scoring, the update, the weight sync. Returns the new state,
     its history ending with this step's metrics (averaged over the learners)."""
-    from workflows.rewards import checked_scores
+    from core.rewards import checked_scores
 
     cfg, step, timings = learner.cfg, state["step"], {}
     started = time.monotonic()

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.cluster_options import ClusterOptions
-from workflows.config import REQUIRED, option, require_valid
-from workflows.training import (
+from workflows.runtime.cluster_options import ClusterOptions
+from core.config import REQUIRED, option, require_valid
+from workflows.runtime.training import (
     TrainingDataError,
     TrainingOptions,
     TrainJob,
@@ -160,7 +160,7 @@ def _soft_label_trainer_class():
     import torch
     from trl import RewardTrainer
 
-    from workflows.losses import soft_preference_loss
+    from core.losses import soft_preference_loss
 
     class SoftLabelRewardTrainer(RewardTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -218,7 +218,7 @@ def measure_reward_model(trainer) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from workflows.losses import pairwise_accuracy
+    from core.losses import pairwise_accuracy
 
     model = trainer.model
     was_training = model.training
@@ -284,7 +284,7 @@ CHECKS = {
 def run_train(kind: str, config: TrainConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from workflows.models import resolve_model
+    from workflows.runtime.models import resolve_model
 
     model = resolve_model(config.model)
     CHECKS[kind](config.data, config)  # bad data fails here, before any worker starts

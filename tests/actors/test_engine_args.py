@@ -97,11 +97,11 @@ def test_every_key_is_an_engine_argument_of_the_installed_vllm(tp):
 @pytest.fixture(scope="module")
 def resolved_in_placement_group(ray_local, tiny_model) -> dict:
     """What vLLM resolves where an engine actor runs: in a placement-group bundle that captures
-    child tasks, as ``workflows.placement.bundle_options`` places it."""
+    child tasks, as ``workflows.runtime.placement.bundle_options`` places it."""
     pytest.importorskip("vllm")
     import ray
 
-    from workflows.placement import WorkerResources, bundle_options, release, reserve_workers
+    from workflows.runtime.placement import WorkerResources, bundle_options, release, reserve_workers
 
     class EngineConfigProbe:  # local, so Ray ships it by value to the worker
         def resolve(self, model: str) -> dict:

@@ -8,7 +8,7 @@ import torch
 
 from actors.engine import EngineOptions
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
-from workflows.ppo_policy import load_actor_critic, pack_rollouts
+from core.ppo_policy import load_actor_critic, pack_rollouts
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[10, 11, 12, 13], [20, 21], [30, 31, 32]]

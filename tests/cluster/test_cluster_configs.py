@@ -110,7 +110,7 @@ def ray_cai_images() -> dict[str, tuple[str, str | None]]:
 
 def stage_placement_timeouts() -> list[float]:
     """placement_timeout of every stage of configs/cluster.yaml, the default where none is set."""
-    from workflows.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
+    from workflows.runtime.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
 
     config = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
     everywhere = config.get("placement_timeout", DEFAULT_PLACEMENT_TIMEOUT_S)
@@ -183,12 +183,12 @@ def test_kinds_and_api_version():
 
 def test_rayjob_runs_a_real_cai_command_with_a_config_in_the_repo():
     """Fails until `cai run` and configs/cluster.yaml exist: the RayJob would fail the same way."""
-    from workflows.submit import cai_subcommands
+    from workflows.cli.registry import command_names
 
     job = load_one(KUBERAY / "rayjob.yaml")["spec"]
     words = shlex.split(job["entrypoint"])
     assert words[0] == "cai"
-    assert words[1] in cai_subcommands(), f"`cai {words[1]}` is not a cai command"
+    assert words[1] in command_names(), f"`cai {words[1]}` is not a cai command"
     config = words[words.index("--config") + 1]
     assert (ROOT / config).is_file(), f"{config} is not in the repository"
     assert yaml.safe_load((ROOT / config).read_text()), f"{config} is empty"

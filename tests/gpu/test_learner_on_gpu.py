@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_a_ppo_learner_step_runs_on_the_gpu_and_changes_the_policy(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from workflows.config import load_config
+    from core.config import load_config
     from workflows.ppo import PPOConfig
     from workflows.ppo_learner import learn_from_rollouts
-    from workflows.ppo_policy import load_actor_critic
+    from core.ppo_policy import load_actor_critic
 
     cfg = load_config(PPOConfig, overrides=dict(policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share",
                                                 rollout_batch=4, minibatch=2, ppo_epochs=2, temperature=0.7, lr=1e-3,
@@ -42,7 +42,7 @@ def test_a_ppo_learner_step_runs_on_the_gpu_and_changes_the_policy(tiny_model):
 def test_reward_model_scores_on_the_gpu_match_the_cpu(tiny_model, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from workflows.rewards import RewardModelScorer
+    from core.rewards import RewardModelScorer
 
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(tmp_path / "rm")
@@ -57,7 +57,7 @@ def test_the_weights_blob_gathers_gpu_parameters_to_the_host(tiny_model):
     from safetensors.torch import load
     from transformers import AutoModelForCausalLM
 
-    from workflows.ppo_policy import weights_blob
+    from core.ppo_policy import weights_blob
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
     tensors = load(weights_blob(model))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from constitutions.loader import load_constitution
-from workflows.cli import build_parser, main
-from workflows.config import ConfigError, load_config
+from workflows.cli.main import build_parser, main
+from core.config import ConfigError, load_config
 from workflows.eval_compare import EvalCompareConfig, display_names, run_eval_compare, stage_prompts
 from workflows.eval_report import markdown_cell
 
@@ -91,7 +91,7 @@ def test_markdown_cells_cannot_break_the_table():
 
 @pytest.fixture(scope="module")
 def challenger_model(tmp_path_factory) -> str:
-    from workflows.models import build_tiny_model
+    from workflows.runtime.models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("challenger"), seed=1))
 

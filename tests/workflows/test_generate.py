@@ -15,9 +15,9 @@ import pytest
 import ray
 
 from constitutions.loader import load_constitution
-from workflows.config import load_config
+from core.config import load_config
 from workflows.generate import GenerateConfig, run_generate
-from workflows.manifest import RunMismatchError
+from core.run_identity import RunMismatchError
 
 pytestmark = pytest.mark.slow
 HARMLESS = load_constitution("harmless")

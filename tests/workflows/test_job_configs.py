@@ -2,7 +2,7 @@
 
 import pytest
 
-from workflows.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from workflows.generate import GenerateConfig
 from workflows.label import LabelConfig
 from workflows.train import TrainConfig

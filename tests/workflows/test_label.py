@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from constitutions.loader import load_constitution
-from workflows.config import load_config
+from core.config import load_config
 from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.label import LabelConfig, run_label
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from workflows.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from workflows.ppo import PPOConfig, run_ppo
-from workflows.training import HOLD_ENV
+from workflows.runtime.training import HOLD_ENV
 
 STEPS = 12
 
@@ -157,16 +157,16 @@ def test_config_needs_exactly_one_reward(tiny_model, tmp_path):
 
 
 def test_unknown_reward_function_is_a_clear_error():
-    from workflows.rewards import RewardError, load_reward_function
+    from core.rewards import RewardError, load_reward_function
 
     with pytest.raises(RewardError, match="cannot be imported"):
-        load_reward_function("workflows.rewards:nothing_here")
+        load_reward_function("core.rewards:nothing_here")
     with pytest.raises(RewardError, match="package.module:function"):
         load_reward_function("nothing_here")
 
 
 def test_a_job_larger_than_the_local_cluster_is_refused_before_any_actor_starts(ray_local, tiny_model, tmp_path):
-    from workflows.placement import PlacementError
+    from workflows.runtime.placement import PlacementError
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from workflows.config import load_config
+from core.config import load_config
 from workflows.train import TrainConfig, run_train
-from workflows.training import HOLD_ENV, TrainingDataError
+from workflows.runtime.training import HOLD_ENV, TrainingDataError
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,172 @@
+"""The models a PPO learner trains and how batches reach them (torch + transformers, no Ray).
+
+* :class:`ActorCritic`: the policy (a causal LM) and the value model (a backbone with a fresh
+  scalar head) in one module, so one DDP wrapper and one optimizer cover both.
+* :func:`pack_rollouts`: prompts and sampled responses as one left-padded batch in which
+  every response starts at the same column, so per-token tensors over the response are
+  plain ``(batch, T)`` slices.
+* :func:`weights_blob`: the policy's parameters as a safetensors blob for the vLLM engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.ppo_math import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class RolloutBatch:
+    """``input_ids``/``attention_mask``/``position_ids``: (B, P+T); ``response``: (B, T)
+    response token ids (pad after the end); ``mask``: (B, T), 1 on real response tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response: torch.Tensor
+    mask: torch.Tensor
+    prompt_width: int
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        rows = rows.to(self.input_ids.device)
+        return RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
+                            self.response[rows], self.mask[rows], self.prompt_width)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                            self.response.to(device), self.mask.to(device), self.prompt_width)
+
+
+def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> RolloutBatch:
+    """Left-pad prompts to width P and right-pad responses to width T (at least 1)."""
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(r) for r in responses))
+    rows, masks, response_rows, response_masks = [], [], [], []
+    for prompt, response in zip(prompts, responses):
+        left, right = width - len(prompt), length - len(response)
+        rows.append([pad_id] * left + list(prompt) + list(response) + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+        response_rows.append(list(response) + [pad_id] * right)
+        response_masks.append([1] * len(response) + [0] * right)
+    attention = torch.tensor(masks)
+    # positions count real tokens only, so left padding does not shift them
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return RolloutBatch(torch.tensor(rows), attention, positions, torch.tensor(response_rows),
+                        torch.tensor(response_masks, dtype=torch.float32), width)
+
+
+class ActorCritic(nn.Module):
+    """Policy and value model. ``forward`` returns, over the response columns only,
+    log-probs of the sampled tokens (B, T), per-token entropy (B, T) and values (B, T).
+    The value at column t estimates the return from the state before response token t.
+
+    Log-probs and entropy are those of the distribution the engines sample from at
+    ``temperature``: log softmax(logits / T) over the whole vocabulary (as TRL and OpenRLHF
+    compute them), so the ratio and the KL describe the policy that produced the rollouts."""
+
+    def __init__(self, policy: nn.Module, value_backbone: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_backbone = value_backbone
+        self.value_head = nn.Linear(value_backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, batch: RolloutBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "position_ids": batch.position_ids, "use_cache": False}
+        logits = response_logits(self.policy(**inputs).logits, batch, temperature)
+        hidden = self.value_backbone(**inputs).last_hidden_state
+        columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
+        values = self.value_head(hidden[:, columns]).squeeze(-1)
+        return logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
+
+
+def response_logits(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """The logits that predict each response token (columns P-1 .. P+T-2), divided by the
+    sampling temperature. (B, T, V), float32."""
+    start = batch.prompt_width - 1
+    return logits[:, start:start + batch.response.shape[1]].float() / temperature
+
+
+def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the response tokens under a plain causal LM (the reference) at the
+    sampling temperature. (B, T)"""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False).logits
+        return logprobs_from_logits(response_logits(logits, batch, temperature), batch.response)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Turn every dropout of a Hugging Face model off, in train mode too; returns how many
+    were on. PPO's first-epoch ratio must be exactly 1 and the value targets deterministic
+    (TRL disables dropout in all four models). ``nn.Dropout`` modules get ``p = 0``; attention
+    dropout in transformers is a float attribute passed to the attention kernel
+    (``attention_dropout``/``dropout`` on the attention module), so those are zeroed too."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
+def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False) -> ActorCritic:
+    """The policy from ``policy_path``; the value model from ``value_path``.
+
+    A reward model's directory (a one-output sequence classifier, from ``cai train rm``)
+    gives the value model its backbone *and* its scoring head, as TRL and Huang et al. (2024,
+    "The N implementation details of RLHF with PPO") start it: its first values are the
+    reward model's scores of each prefix. A causal LM's directory gives the backbone and a
+    zero head (values start at 0)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(value_path, trust_remote_code=trust_remote_code)
+    head = None
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        backbone, head = reward_model.base_model, reward_model.score  # TRL reads the head as `.score` too
+    else:
+        backbone = AutoModel.from_pretrained(value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = ActorCritic(policy, backbone)
+    if head is not None:
+        with torch.no_grad():
+            model.value_head.weight.copy_(head.weight)
+            if head.bias is not None:
+                model.value_head.bias.copy_(head.bias)
+    disable_dropout(model)
+    return model
+
+
+def weights_blob(policy: nn.Module) -> bytes:
+    """The policy's parameters by Hugging Face name, as ``safetensors`` bytes. Built from
+    ``named_parameters`` (tied embeddings appear once; safetensors refuses shared tensors)."""
+    from safetensors.torch import save
+
+    return save({name: p.detach().to("cpu").contiguous() for name, p in policy.named_parameters()})
+
+
+def value_state(model: ActorCritic) -> dict[str, torch.Tensor]:
+    """The value backbone and head, for a checkpoint (safetensors-ready)."""
+    state = {f"backbone.{k}": p.detach().cpu().contiguous() for k, p in model.value_backbone.named_parameters()}
+    state.update({f"head.{k}": p.detach().cpu().contiguous() for k, p in model.value_head.named_parameters()})
+    return state
+
+
+def load_value_state(model: ActorCritic, state: dict[str, torch.Tensor]) -> None:
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    model.value_backbone.load_state_dict(backbone, strict=False)
+    model.value_head.load_state_dict(head)

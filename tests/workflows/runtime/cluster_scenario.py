@@ -1,0 +1,40 @@
+"""Run a multi-node scenario script (``*_scenario.py``) in its own process and read its results.
+
+One process joins one Ray cluster, and pytest's own process may hold the session's
+``ray_local``; so each ``ray.cluster_utils.Cluster`` scenario runs as a script. It gets a short
+private ``RAY_TMPDIR`` (unix socket paths must stay under ~107 characters, and no other
+``ray.init()`` on the machine may find its cluster's address file) and is called as
+``python SCRIPT RESULT.json WORK_DIR [ARGS...]``; it writes its results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run_scenario(script: Path, *args: str, timeout: float) -> tuple[dict, subprocess.CompletedProcess]:
+    """(the script's JSON results, the finished process); fails the test with its output."""
+    ray_tmp = tempfile.mkdtemp(prefix="rays")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        result_path, work = Path(ray_tmp) / "result.json", Path(ray_tmp) / "work"
+        work.mkdir()
+        done = subprocess.run([sys.executable, str(script), str(result_path), str(work), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+        assert done.returncode == 0 and result, (
+            f"{script.name} failed (rc {done.returncode}), got {result}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        )
+        return result, done
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""`cai generate` on a multi-node Ray cluster that grows and loses nodes; writes JSON results.
+
+``test_node_loss.py`` runs this in a subprocess with a private ``RAY_TMPDIR`` (see
+``placement_scenario.py`` for why). The head has no CPUs, so every engine runs on a worker
+node, and the run goes through, in order:
+
+1. no worker node: the pool waits for placement (and says so) instead of failing;
+2. two 1-CPU nodes join mid-wait: the two engines start and shards flow;
+3. a spare node joins and the node hosting worker 0 is removed: its shards go back to the
+   queue and worker 0's bundle moves to the spare node;
+4. every worker node is removed: the run stops with a clear error once the placement timeout
+   has passed with no worker up, its finished shards kept;
+5. a 2-CPU node with its own model cache joins and the same command is run again with
+   ``--stage-model``: the model is copied to that node once and the run finishes the rest.
+
+Usage: python node_loss_scenario.py RESULT.json WORK_DIR MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from core.config import load_config
+from workflows.generate import GenerateConfig, run_generate
+from workflows.runtime.ray_session import connect_ray
+
+SMALL_STORE = 80 * 1024 * 1024
+# Enough work that the surviving engine cannot finish it while Ray notices the lost node and
+# moves its bundle (tens of seconds): with 80 prompts a faster engine did, and the run ended
+# before every node was removed. The rerun finishes the rest in about a minute.
+PROMPTS = 320
+PLACEMENT_TIMEOUT_S = 25
+
+
+def done_shards(out: Path) -> int:
+    return len(list((out / "rejects").glob("shard-*.jsonl")))
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def bundle_node(run_dir: Path, index: int) -> str:
+    """The node id that bundle ``index`` of the run's placement group is on."""
+    run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"]
+    pg = ray.util.get_placement_group(f"cai-generate-{run_id}")
+    return ray.util.placement_group_table(pg)["bundles_to_node_id"][index]
+
+
+def main(result_path: str, work: str, model: str) -> None:
+    work_dir = Path(work)
+    prompts = work_dir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"
+                               for i in range(PROMPTS)))
+    out = work_dir / "run"
+    config = load_config(GenerateConfig, overrides=dict(
+        model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2, revisions=1,
+        max_new_tokens=32, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
+        placement_timeout=PLACEMENT_TIMEOUT_S))
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "object_store_memory": SMALL_STORE})
+    connect_ray(address=cluster.address)
+    result: dict = {}
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = run_generate(config)
+        except Exception as exc:  # noqa: BLE001 - the scenario expects one
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["error_at"] = time.monotonic()
+
+    try:
+        driver = threading.Thread(target=run, daemon=True)
+        driver.start()
+        # 1. nothing fits: the run waits
+        time.sleep(8)  # the first "waiting" line comes after 5 s
+        result["waited_without_nodes"] = driver.is_alive() and not (out / "data").exists()
+        # 2. nodes join mid-wait
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE) for _ in range(2)]
+        wait_until(lambda: done_shards(out) >= 4, 300, "no shard finished after nodes joined")
+        result["shards_before_node_loss"] = done_shards(out)
+        # 3. a spare joins; the node of worker 0 goes
+        spare = cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE)
+        victim_id = bundle_node(out, 0)
+        victim = next(node for node in workers if node.node_id == victim_id)
+        cluster.remove_node(victim, allow_graceful=False)
+        workers.remove(victim)
+        workers.append(spare)
+        wait_until(lambda: bundle_node(out, 0) == spare.node_id, 120, "worker 0's bundle never moved to the spare")
+        shards_at_loss = done_shards(out)
+        wait_until(lambda: done_shards(out) >= shards_at_loss + 8 or not driver.is_alive(), 300,
+                   "no progress after the node loss")
+        result["bundle_moved_to_spare"] = True
+        # 4. every worker node goes
+        result["shards_before_total_loss"] = done_shards(out)
+        result["still_running_before_total_loss"] = driver.is_alive()
+        if not driver.is_alive():
+            raise RuntimeError(f"the run ended before the total loss ({outcome}): give it more work (PROMPTS)")
+        lost_at = time.monotonic()
+        for node in workers:
+            cluster.remove_node(node, allow_graceful=False)
+        driver.join(timeout=PLACEMENT_TIMEOUT_S + 180)
+        result["stopped"] = not driver.is_alive()
+        result["error"] = outcome.get("error", "")
+        result["seconds_to_error"] = round(outcome.get("error_at", time.monotonic()) - lost_at, 1)
+        result["shards_kept"] = done_shards(out)
+        # 5. a node with its own disk (model cache) joins; the same command, with --stage-model,
+        # copies the model there through the object store and finishes the rest
+        node_cache = work_dir / "node-cache"
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE, env_vars={"RAY_CAI_CACHE": str(node_cache)})
+        staged = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, stage_model=True))
+        summary = run_generate(staged)
+        result["staged_copies"] = sorted(p.parent.name for p in node_cache.glob("staged/*/.ray-cai-staged"))
+        result["rerun"] = {k: summary[k] for k in ("rows_in", "rows_out", "rejected", "run_id")}
+        import pyarrow.parquet as pq
+
+        rows = [r for p in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(p, columns=["index"]).to_pylist()]
+        result["indexes"] = sorted(r["index"] for r in rows)
+        manifest = json.loads((out / "manifest.json").read_text())
+        result["retried_shards"] = sum(s["attempts"] > 1 for s in manifest["shards"].values())
+        result["prompts"] = PROMPTS
+        result["placement_timeout"] = PLACEMENT_TIMEOUT_S
+    finally:
+        Path(result_path).write_text(json.dumps(result, indent=1))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,29 @@
+"""How a job behaves on a shared Ray cluster: its run id, how long it waits for placement,
+and how its model reaches the nodes. Nested in every job config (flags ``--run-name``,
+``--placement-timeout``, ``--stage-model``; flat keys in YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.config import failing, option
+
+DEFAULT_PLACEMENT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Run identity, placement waiting and model staging on a shared cluster."""
+
+    run_name: str = option("", "run id naming actors, placement groups, metrics and Ray Train runs; "
+                           "default: the output folder's name plus a suffix kept in the run folder")
+    placement_timeout: float = option(
+        DEFAULT_PLACEMENT_TIMEOUT_S,
+        "seconds to wait for the cluster to place workers (autoscalers need minutes); 0 waits forever",
+    )
+    stage_model: bool = option(False, "copy the model folder to each node's local cache through the object "
+                               "store (once per node) instead of expecting it at the same path everywhere")
+
+    def problems(self) -> list[str]:
+        name_ok = all(c.isalnum() or c in "-_." for c in self.run_name) and len(self.run_name) <= 48
+        return failing({"run_name": name_ok, "placement_timeout": self.placement_timeout >= 0})

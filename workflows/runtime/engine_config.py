@@ -1,0 +1,37 @@
+"""Engine settings shared by every stage that hosts vLLM engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actors.engine import EngineOptions
+from core.config import failing, option
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How each worker's vLLM engine runs."""
+
+    tensor_parallel: int = option(1, "tensor-parallel size of each worker's engine (GPUs per engine)")
+    max_model_len: int = option(0, "context length for the engine; 0 = the model's own")
+    max_num_seqs: int = option(256, "most sequences the engine batches at once")
+    dtype: str = option("auto", "weights dtype: auto (float32 on CPU, the model's own on GPU), bfloat16, float16, float32")
+    enforce_eager: bool = option(False, "skip vLLM's torch.compile warm-up (faster start, slower decode)")
+    trust_remote_code: bool = option(False, "allow model code from the model directory or hub (off: safer)")
+
+    def problems(self) -> list[str]:
+        checks = {
+            "tensor_parallel": self.tensor_parallel >= 1,
+            "max_model_len": self.max_model_len >= 0,
+            "max_num_seqs": self.max_num_seqs >= 1,
+        }
+        return failing(checks)
+
+    def options(self, model: str, seed: int, source: Any = None) -> EngineOptions:
+        """Engine options for ``model``; ``source`` (a ``ModelSource``) tells each node where to find it."""
+        return EngineOptions(
+            model=model, seed=seed, model_source=source, tensor_parallel_size=self.tensor_parallel,
+            max_model_len=self.max_model_len or None, max_num_seqs=self.max_num_seqs, dtype=self.dtype,
+            enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code,
+        )

@@ -1,0 +1,432 @@
+"""What every `cai train` job shares: options, data checks, and the Ray Train launch.
+
+A job is a ``TorchTrainer`` over ``--workers`` workers (gloo on CPU, NCCL on GPU). The
+train loop runs on the workers; it resumes from ``ray.train.get_checkpoint()`` when the
+same command runs again (Ray Train V2: same ``RunConfig(name, storage_path)``), and after a
+worker dies when ``--max-failures`` allows a restart. Rank 0 reports the final model as a
+last checkpoint; the driver copies it to ``--out`` (so ``--out`` only needs to be visible to
+the driver) and writes ``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from workflows.runtime.cluster_options import ClusterOptions
+from core.config import config_to_dict, failing, option
+from core.manifest import file_fingerprint
+from workflows.runtime.placement import check_total_fits
+from core.run_identity import RUN_FILE, training_run_id
+
+FINAL_MODEL = "final_model"
+SUMMARY = "training_summary.json"
+HOLD_ENV = "RAY_CAI_HOLD_AT_STEP"
+"""Fault drills: with ``RAY_CAI_HOLD_AT_STEP=N`` in the driver's environment, every worker
+stops once, right after the checkpoint of step N is reported, and waits to be killed (up to
+``HOLD_SECONDS``). It leaves ``held-rank-R`` beside the worker records, so a drill (or a test)
+knows when to kill a worker or the driver. A restarted job does not hold again."""
+HOLD_SECONDS = 600
+FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
+
+
+class TrainingDataError(ValueError):
+    """Training data is missing, empty, or lacks a column (raised before any worker starts)."""
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a training job runs on Ray Train."""
+
+    workers: int = option(1, "Ray Train workers (one process each; one GPU each with --use-gpu)")
+    use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
+    epochs: float = option(1.0, "passes over the training data")
+    max_steps: int = option(0, "stop after this many optimizer steps; 0 = run all epochs")
+    lr: float = option(5e-5, "peak learning rate")
+    batch_size: int = option(4, "examples per worker per step")
+    grad_accum: int = option(1, "steps of gradient accumulation")
+    max_length: int = option(1024, "token limit per example (longer ones are truncated)")
+    eval_split: float = option(0.1, "fraction of the data held out for evaluation")
+    save_steps: int = option(50, "checkpoint every N optimizer steps")
+    logging_steps: int = option(5, "log the loss every N optimizer steps")
+    storage_path: str = option("", "where Ray Train keeps checkpoints (local dir or s3://...); default OUT/.ray-train")
+    max_failures: int = option(0, "restarts from the last checkpoint when a worker dies")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = option("none", "experiment tracker")
+    seed: int = option(0, "seed for data order, the held-out split and initialization")
+
+    def problems(self) -> list[str]:
+        checks = {
+            "workers": self.workers >= 1, "epochs": self.epochs > 0, "max_steps": self.max_steps >= 0,
+            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "max_length": self.max_length >= 8, "eval_split": 0 <= self.eval_split < 1,
+            "save_steps": self.save_steps >= 1, "logging_steps": self.logging_steps >= 1,
+            "max_failures": self.max_failures >= -1,
+        }
+        return failing(checks)
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def _dataset_files(path: Path) -> tuple[str, dict[str, Any]]:
+    """How ``datasets`` should read a --data path: a run directory of cai generate/label,
+    a saved dataset, a directory of Parquet, or one JSONL/JSON/Parquet file."""
+    if path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if not kind:
+            raise TrainingDataError(f"{path}: unsupported data file type {path.suffix!r}")
+        return kind, {"data_files": str(path)}
+    if (path / "data").is_dir():
+        path = path / "data"
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise TrainingDataError(f"{path}: no Parquet files (expected the output of cai generate / cai label)")
+    return "parquet", {"data_files": [str(f) for f in files]}
+
+
+def load_training_data(paths: Sequence[str], required: Sequence[str], *, keep: Sequence[str] = ()):
+    """Concatenate the --data sources, checking each has the required columns and rows.
+    Keeps only ``required`` and ``keep`` columns, so mixed sources line up."""
+    import datasets
+
+    parts = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise TrainingDataError(f"training data {str(path)!r} does not exist")
+        if (path / "dataset_info.json").exists():
+            part = datasets.load_from_disk(str(path))
+        else:
+            kind, files = _dataset_files(path)
+            part = datasets.load_dataset(kind, split="train", **files)
+        missing = [c for c in required if c not in part.column_names]
+        if missing:
+            raise TrainingDataError(f"{path}: missing column(s) {missing} (columns: {part.column_names})")
+        if len(part) == 0:
+            raise TrainingDataError(f"{path}: no rows")
+        part = part.select_columns([c for c in part.column_names if c in (*required, *keep)])
+        parts.append(part)
+    if not parts:
+        raise TrainingDataError("no --data given")
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def split(dataset, eval_split: float, seed: int):
+    """(train, eval or None): a seeded split, identical on every worker and every rerun."""
+    if not eval_split or len(dataset) < 4:
+        return dataset, None
+    parts = dataset.train_test_split(test_size=eval_split, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def data_lineage(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Where the data came from: each source and, for cai run directories, its identity."""
+    out = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        entry: dict[str, Any] = {"path": str(path.resolve())}
+        manifest = path / "manifest.json"
+        if manifest.exists():
+            data = json.loads(manifest.read_text())
+            entry.update(stage=data.get("stage"), identity=data.get("identity"), summary=data.get("summary"))
+        elif path.is_file():
+            entry["sha256"] = file_fingerprint(path)
+        out.append(entry)
+    return out
+
+
+# -- on the workers -----------------------------------------------------------------------
+
+
+def worker_output_dir(name: str) -> str:
+    """A scratch directory per worker rank for the HF trainer's own checkpoints."""
+    import ray.train
+
+    context = ray.train.get_context()
+    path = Path(tempfile.gettempdir()) / "cai-train" / name / f"rank-{context.get_world_rank()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def register_worker(loop_config: dict[str, Any]) -> None:
+    """Record this worker's rank, pid and node next to the checkpoints: operators (and the
+    fault tests) can find the process behind each rank."""
+    import ray.train
+
+    context = ray.train.get_context()
+    directory = Path(loop_config["workers_dir"])
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"rank": context.get_world_rank(), "pid": os.getpid(), "node": os.uname().nodename, "time": time.time()}
+    (directory / f"rank-{info['rank']}.json").write_text(json.dumps(info))
+
+
+def hold_if_drilled(loop_config: dict[str, Any], step: int) -> None:
+    """The fault drill (see ``HOLD_ENV``): call after the checkpoint of ``step`` is reported.
+    Holds once per rank, then never again (a restarted job runs through)."""
+    if not step or loop_config.get("hold_at_step") != step:
+        return
+    import ray.train
+
+    marker = Path(loop_config["workers_dir"]) / f"held-rank-{ray.train.get_context().get_world_rank()}"
+    if marker.exists():
+        return
+    marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
+    print(f"cai train: holding after step {step} (fault drill)", flush=True)
+    time.sleep(HOLD_SECONDS)
+
+
+def hold_callback(loop_config: dict[str, Any]):
+    """The fault drill as a Hugging Face trainer callback, or None when no drill is asked."""
+    from transformers import TrainerCallback
+
+    if not loop_config.get("hold_at_step"):
+        return None
+
+    class HoldAfterCheckpoint(TrainerCallback):
+        # on_step_begin of step N+1: checkpoint N has been saved and reported by now
+        def on_step_begin(self, args, state, control, **kwargs):
+            hold_if_drilled(loop_config, state.global_step)
+
+    return HoldAfterCheckpoint()
+
+
+def resume_checkpoint() -> tuple[str | None, str | None]:
+    """(HF checkpoint dir to resume from, finished model dir), from Ray Train's latest."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, None
+    print(f"cai train: resuming from {checkpoint.path}", flush=True)
+    local = checkpoint.to_directory()
+    final = Path(local) / FINAL_MODEL
+    if final.exists():
+        return None, str(final)
+    hf = Path(local) / "checkpoint"
+    return (str(hf) if hf.exists() else None), None
+
+
+def report_final(save: Callable[[str], None], metrics: dict[str, Any]) -> None:
+    """Rank 0 saves the final model into a checkpoint; other ranks report metrics only."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics={**metrics, "final": 1})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save(str(Path(tmp) / FINAL_MODEL))
+        ray.train.report(metrics={**metrics, "final": 1}, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def step_of(checkpoint_dir: str | None) -> int:
+    """The optimizer step an HF checkpoint directory was saved at (0 when starting fresh)."""
+    if not checkpoint_dir:
+        return 0
+    state = Path(checkpoint_dir) / "trainer_state.json"
+    return int(json.loads(state.read_text()).get("global_step", 0)) if state.exists() else 0
+
+
+# -- on the driver ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    kind: str  # sft | rm | dpo
+    out: Path
+    options: TrainingOptions
+    loop: Callable[[dict[str, Any]], None]
+    loop_config: dict[str, Any]
+    config: Any
+    data: Sequence[str]
+    # writes job-specific files (e.g. PPO's metrics.jsonl) into the output before it is published
+    extra_outputs: Callable[[Path, dict[str, Any]], None] | None = None
+    cluster: ClusterOptions = ClusterOptions()
+    # loop_config key -> (resolved path, as given): checked (or staged) on the learners' nodes
+    models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    run_id: str = ""  # from open_training_run, when the caller needed it first
+
+
+def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
+    """The summary in ``out`` when the same config already trained there, else None."""
+    summary_path = out.expanduser().resolve() / SUMMARY
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if _trained_by(summary.get("config") or {}) == _trained_by(config_to_dict(config)):
+            return {**summary, "already_done": True}
+    return None
+
+
+def _trained_by(config: dict[str, Any]) -> dict[str, Any]:
+    # How the job met the cluster (run name, placement timeout, staging) does not change the model.
+    return {key: value for key, value in config.items() if key != "cluster"}
+
+
+def learner_nodes(options: TrainingOptions) -> list[str]:
+    """Ids of the alive nodes where Ray Train could put a learner (a CPU, and a GPU on GPU)."""
+    import ray
+
+    need = "GPU" if options.use_gpu else "CPU"
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(need, 0) >= 1]
+
+
+def local_models(settings: Any, sources: dict[str, Any]) -> Any:
+    """``settings`` (a frozen config, or a dict) with each model field set to that model's
+    folder on this node (on a worker: a staged copy is fetched once per node; a missing
+    folder is a clear error naming the node)."""
+    paths = {key: source.local_path() for key, source in sources.items()}
+    return replace(settings, **paths) if is_dataclass(settings) else {**settings, **paths}
+
+
+def open_training_run(out: Path, config: Any, run_name: str) -> tuple[dict[str, Any] | None, str]:
+    """(summary, "") when ``out`` already holds this config's finished job; else (None, run id).
+
+    A finished job of another config in ``out`` is retrained under a fresh run id, so its
+    Ray Train checkpoints (final model included) are never resumed by mistake."""
+    done = finished_summary(out, config)
+    if done:
+        return done, ""
+    stale = out / SUMMARY
+    run_id = training_run_id(out, run_name, fresh=stale.exists())
+    stale.unlink(missing_ok=True)
+    return None, run_id
+
+
+def learner_demand(options: TrainingOptions) -> dict[str, dict[str, float]]:
+    """What Ray Train's worker group holds: one CPU per worker (its default), one GPU each on GPU."""
+    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if options.use_gpu else {})}
+    shape = " + ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    return {f"{options.workers} learner(s) x {shape}": {k: v * options.workers for k, v in per_worker.items()}}
+
+
+def run_training(job: TrainJob) -> dict[str, Any]:
+    """Launch (or resume) the TorchTrainer, copy the final model to --out, write the summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.runtime.model_preflight import prepare_model, preflight_models
+    from workflows.runtime.ray_session import connect_ray
+
+    out = job.out.expanduser().resolve()
+    done, run_id = (None, job.run_id) if job.run_id else open_training_run(out, job.config, job.cluster.run_name)
+    if done:
+        return done
+    storage = job.options.storage_path or str(out.parent / f".{out.name}.ray-train")
+    name = f"cai-train-{job.kind}-{run_id}"
+    def note(line: str) -> None:
+        print(f"cai train {job.kind} [{run_id}]: {line}", file=sys.stderr, flush=True)
+
+    cluster = connect_ray()
+    check_total_fits(learner_demand(job.options), fixed=cluster.get("local", False),
+                     what=f"cai train {job.kind}", report=note)
+    # Ray Train waits this long for its worker group, then (controller_failure_limit=0) fails
+    # instead of retrying for ever; the variable is propagated to its controller (Ray 2.60).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.placement_timeout or FOREVER_S)
+    sources = {key: prepare_model(path, spec, job.cluster) for key, (path, spec) in job.models.items()}
+    if sources:
+        checked = preflight_models(tuple(sources.values()), learner_nodes(job.options),
+                                   timeout_s=job.cluster.placement_timeout or None)
+        note(f"model(s) ready on {len(checked)} node(s) that can host a learner")
+    started = time.monotonic()
+    trainer = TorchTrainer(
+        job.loop,
+        train_loop_config={
+            **job.loop_config,
+            "model_sources": sources,
+            "workers_dir": str(Path(storage) / name / "workers"),
+            "name": name,
+            "hold_at_step": int(os.environ.get(HOLD_ENV, "0") or 0),
+        },
+        scaling_config=ScalingConfig(num_workers=job.options.workers, use_gpu=job.options.use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.options.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name} finished without a final checkpoint")
+    with result.checkpoint.as_directory() as local:
+        final = Path(local) / FINAL_MODEL
+        if not final.exists():
+            raise RuntimeError(f"the last checkpoint of {name} holds no final model")
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(final, staging)
+    metrics = dict(result.metrics or {})
+    summary = {
+        "kind": job.kind,
+        "out": str(out),
+        "metrics": {k: v for k, v in metrics.items() if k not in ("history", "final")},
+        "history": metrics.get("history", []),
+        "wall_seconds": round(time.monotonic() - started, 2),
+        "run_id": run_id,
+        "ray_train": {"name": name, "storage_path": storage},
+        "data": data_lineage(job.data),
+        "config": config_to_dict(job.config),
+    }
+    if job.extra_outputs:
+        job.extra_outputs(staging, summary)
+    (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
+    shutil.copy2(out / RUN_FILE, staging / RUN_FILE)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return summary
+
+
+def evaluate_split(trainer) -> dict[str, float]:
+    """The trainer's own evaluation on the held-out split (empty without one)."""
+    if trainer.eval_dataset is None:
+        return {}
+    return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+
+
+def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], str], tuple[Any, Any, Any]]) -> None:
+    """The body of every job's train loop, on each worker: resume or start, train a
+    Hugging Face / TRL trainer wired to Ray Train, report the final model.
+
+    ``build(loop_config, output_dir)`` returns (trainer, tokenizer, measure), where
+    ``measure(trainer) -> metrics`` runs before and after training."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    loop_config = local_models(loop_config, loop_config.get("model_sources", {}))
+    register_worker(loop_config)
+    resume, finished = resume_checkpoint()
+    if finished:  # a rerun after the job completed: hand back the same model
+        report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
+        return
+    trainer, tokenizer, measure = build(loop_config, worker_output_dir(loop_config["name"]))
+    trainer.add_callback(RayTrainReportCallback())
+    hold = hold_callback(loop_config)
+    if hold is not None:
+        trainer.add_callback(hold)
+    trainer = prepare_trainer(trainer)
+    before = measure(trainer) if not resume else {}
+    run = trainer.train(resume_from_checkpoint=resume)
+    after = measure(trainer)
+    history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "resumed_from_step": step_of(resume),
+        "global_step": trainer.state.global_step,
+        "history": history,
+        **{f"before_{k}": v for k, v in before.items()},
+        **after,
+        **{k: v for k, v in run.metrics.items() if isinstance(v, (int, float))},  # train_runtime, samples/s
+    }
+
+    def save(target: str) -> None:
+        trainer.model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+
+    report_final(save, metrics)
