@@ -20,10 +20,11 @@ from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
 from core.preference import comparison_messages
-from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
+from actors.shard_work import OccupancySampler, RowRejected, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
 from core.eval_stats import challenger_win_prob
+from core.sampling import SamplingConfig
 
 BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]
 
@@ -31,9 +32,7 @@ BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[or
 @dataclass(frozen=True)
 class AnswerSettings:
     samples: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    sampling: SamplingConfig
     seed: int
 
 
@@ -51,22 +50,13 @@ class AnswerWorker:
         return self.host.info()
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="answer",
+                              expected=(PromptTooLongError,))
 
-    async def _row(self, row: dict[str, Any]) -> RowResult:
+    async def _row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         settings = self.settings
         prompt = [dict(m) for m in row["messages"]]
-        try:
-            completions = await self.host.complete(
-                prompt, n=settings.samples, max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, top_p=settings.top_p,
-            )
-        except PromptTooLongError as exc:
-            return [], reject(row, str(exc), "answer")
-        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
-            if engine_dead(exc):
-                raise
-            return [], reject(row, f"generation error: {type(exc).__name__}: {exc}", "answer")
+        completions = await self.host.complete(prompt, settings.sampling, n=settings.samples)
         tokens = sum(len(c.token_ids) for c in completions)
         self.metrics.tokens(tokens)
         self.metrics.prompt_done()
@@ -79,7 +69,7 @@ class AnswerWorker:
             "model": self.model_name,
             "seed": settings.seed,
             "generated_tokens": tokens,
-        }], None
+        }]
 
 
 @dataclass(frozen=True)
@@ -122,23 +112,13 @@ class JudgeWorker:
         return self.scorer.host.info()
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+        return await run_rows(shard_index, rows, self._judge_row, self.sampler, self.metrics, stage="judge",
+                              expected=(PromptTooLongError, ValueError))
 
-    async def _row(self, row: dict[str, Any]) -> RowResult:
+    async def _judge_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         item = self.items.get(row["id"])
         if item is None or "missing" in item:
-            reason = item["missing"] if item else "no answers for this prompt id"
-            return [], reject(row, reason, "judge")
-        try:
-            return await self._judge_row(row, item), None
-        except (PromptTooLongError, ValueError) as exc:
-            return [], reject(row, f"judge: {exc}", "judge")
-        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
-            if engine_dead(exc):
-                raise
-            return [], reject(row, f"judging error: {type(exc).__name__}: {exc}", "judge")
-
-    async def _judge_row(self, row: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+            raise RowRejected(item["missing"] if item else "no answers for this prompt id")
         settings = self.settings
         constitution = self.constitutions[item["category"]]
         ids = sample_feedback_ids(constitution, settings.principles, seed=settings.seed, key=row["id"])

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from core.sampling import SamplingConfig, greedy
+
 
 class PromptTooLongError(ValueError):
     """A prompt plus the requested new tokens does not fit the model's context."""
@@ -216,31 +218,28 @@ class VLLMEngineHost:
     async def complete(
         self,
         prompt: list[dict[str, str]] | list[int],
+        sampling: SamplingConfig,
         *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
         n: int = 1,
         logprobs: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
-        repetition_penalty: float = 1.0,
     ) -> list[Completion]:
         """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         prompt_ids = prompt if prompt and isinstance(prompt[0], int) else self.render(prompt)
-        self.check_fits(prompt_ids, max_new_tokens)
+        self.check_fits(prompt_ids, sampling.max_new_tokens)
         params = SamplingParams(
             n=n,
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
             logprobs=logprobs,
             stop=stop,
             ignore_eos=ignore_eos,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=sampling.repetition_penalty,
             # one output holding all n samples when the request finishes: no per-token streaming
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -267,7 +266,7 @@ class VLLMEngineHost:
 
     async def next_token_logprobs(self, prompt: list[dict[str, str]] | list[int], k: int) -> tuple[TokenLogprob, ...]:
         """The top-``k`` next-token log-probs after the prompt: one engine step, greedy."""
-        (completion,) = await self.complete(prompt, max_new_tokens=1, temperature=0.0, logprobs=k)
+        (completion,) = await self.complete(prompt, greedy(1), logprobs=k)
         return completion.top_logprobs[0]
 
     async def prompt_logprobs(self, prompt_ids: list[int]) -> list[float | None]:

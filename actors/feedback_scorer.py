@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from core.sampling import greedy
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -46,9 +47,8 @@ class FeedbackScorer:
         """The model's step-by-step reasoning, generated greedily after COT_PREFIX."""
         prompt = self.host.render([*messages, {"role": "assistant", "content": COT_PREFIX}], continue_final=True)
         self.host.check_fits(prompt, self.cot_max_new_tokens)
-        (completion,) = await self.host.complete(
-            prompt, max_new_tokens=self.cot_max_new_tokens, temperature=0.0, stop=["Therefore", "The answer is"]
-        )
+        (completion,) = await self.host.complete(prompt, greedy(self.cot_max_new_tokens),
+                                                 stop=["Therefore", "The answer is"])
         return completion.text.strip()
 
     async def letter_probabilities(self, prefix_ids: list[int], n_options: int) -> tuple[list[float], bool]:

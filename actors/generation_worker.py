@@ -9,29 +9,27 @@ and the process exits so the pool replaces the actor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
+from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
+from core.sampling import SamplingConfig
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChainSettings:
     revisions: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    sampling: SamplingConfig
     few_shot: int
     seed: int
     few_shot_initial: bool = False
     principle_draw: PrincipleDraw = "independent"
     ignore_eos: bool = False
-    repetition_penalty: float = 1.0
 
 
 class GenerationWorker:
@@ -56,33 +54,20 @@ class GenerationWorker:
         return self.host.info()
 
     async def _complete(self, messages: list[dict[str, str]], max_new_tokens: int) -> Reply:
-        (completion,) = await self.host.complete(
-            messages,
-            max_new_tokens=max_new_tokens,
-            temperature=self.settings.temperature,
-            top_p=self.settings.top_p,
-            ignore_eos=self.settings.ignore_eos,
-            repetition_penalty=self.settings.repetition_penalty,
-        )
+        sampling = replace(self.settings.sampling, max_new_tokens=max_new_tokens)
+        (completion,) = await self.host.complete(messages, sampling, ignore_eos=self.settings.ignore_eos)
         self.metrics.tokens(len(completion.token_ids))
         return Reply(completion.text, completion.prompt_tokens, len(completion.token_ids))
 
-    async def _row(self, row: dict[str, Any]) -> RowResult:
+    async def _row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         settings = self.settings
         principle_ids = sample_critique_ids(self.constitution, settings.revisions, seed=settings.seed, key=row["id"],
                                             draw=settings.principle_draw)
         prompt = [dict(m) for m in row["messages"]]
-        try:
-            chain = await critique_revision_chain(
-                prompt, principle_ids, self.constitution, self._complete,
-                max_new_tokens=settings.max_new_tokens, prefix=self.prefix, prefix_initial=settings.few_shot_initial,
-            )
-        except (PromptTooLongError, ChainError) as exc:
-            return [], reject(row, str(exc), "generate")
-        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
-            if engine_dead(exc):
-                raise
-            return [], reject(row, f"generation error: {type(exc).__name__}: {exc}", "generate")
+        chain = await critique_revision_chain(
+            prompt, principle_ids, self.constitution, self._complete,
+            max_new_tokens=settings.sampling.max_new_tokens, prefix=self.prefix, prefix_initial=settings.few_shot_initial,
+        )
         self.metrics.prompt_done()
         final = {"role": "assistant", "content": chain.final_response}
         return [{
@@ -105,8 +90,9 @@ class GenerationWorker:
             "prompt_tokens": chain.prompt_tokens,
             "generated_tokens": chain.generated_tokens,
             "error": "; ".join(chain.notes) or None,
-        }], None
+        }]
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Run every row's chain; return output rows (input order), rejects and counters."""
-        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
+        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="generate",
+                              expected=(PromptTooLongError, ChainError))

@@ -17,9 +17,10 @@ from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
 from core.preference import label_pair, pair_indices
-from actors.shard_work import OccupancySampler, RowResult, engine_dead, reject, run_rows
+from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
+from core.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,7 @@ class LabelSettings:
     cot: bool
     cot_max_new_tokens: int
     feedback_few_shot: bool
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    repetition_penalty: float
+    sampling: SamplingConfig
     seed: int
     both_orders: bool = True
 
@@ -67,27 +65,15 @@ class LabelWorker:
         return {"policy": self.policy.info(), "feedback": self.scorer.host.info()}
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics)
-
-    async def _row(self, row: dict[str, Any]) -> RowResult:
-        try:
-            return await self._label_row(row), None
-        except (PromptTooLongError, ValueError) as exc:
-            return [], reject(row, str(exc), "label")
-        except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
-            if engine_dead(exc):
-                raise
-            return [], reject(row, f"labelling error: {type(exc).__name__}: {exc}", "label")
+        return await run_rows(shard_index, rows, self._label_row, self.sampler, self.metrics, stage="label",
+                              expected=(PromptTooLongError, ValueError))
 
     async def _label_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         import asyncio
 
         settings = self.settings
         prompt = [dict(m) for m in row["messages"]]
-        completions = await self.policy.complete(
-            prompt, n=settings.samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-        )
+        completions = await self.policy.complete(prompt, settings.sampling, n=settings.samples)
         samples = [c.text.strip() for c in completions]
         sample_tokens = sum(len(c.token_ids) for c in completions)
         self.metrics.tokens(sample_tokens)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from core.sampling import SamplingConfig
 
 WEIGHT_SYNC_EXTENSION = "actors.vllm_weight_sync.WeightSyncExtension"
 
@@ -57,14 +58,13 @@ class RolloutWorker:
         return {"version": version, "seconds": time.monotonic() - started}
 
     async def generate(
-        self, prompts: list[list[int]], *, version: int, max_new_tokens: int, temperature: float = 1.0,
-        top_p: float = 1.0,
+        self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig,
     ) -> list[Rollout]:
         """One sampled response per prompt (token ids), all submitted at once."""
         if version != self.version:
             raise StaleWeightsError(f"engine holds policy version {self.version}, the request expects {version}")
         completions = await asyncio.gather(*(
-            self.host.complete(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0)
+            self.host.complete(ids, sampling, logprobs=0)
             for ids in prompts
         ))
         return [Rollout(c.token_ids, c.finish_reason, c.token_logprobs) for (c,) in completions]

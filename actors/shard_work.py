@@ -2,8 +2,10 @@
 engine, turn row failures into rejects, measure batch occupancy, report the shard.
 
 A worker's ``run_shard(shard, rows)`` is ``await run_rows(shard, rows, self._row, ...)``
-where ``_row(row)`` returns ``(output rows, reject or None)`` and raises only for failures
-that must sink the shard (a dead engine).
+where ``_row(row)`` returns the row's output rows. Row failures are handled here, once, for
+every worker: a :class:`RowRejected` or one of the worker's ``expected`` errors (a prompt
+too long, a chain that produced nothing) rejects the row with its message; any other error
+rejects it naming the error; a dead engine sinks the shard (the pool reruns it elsewhere).
 """
 
 from __future__ import annotations
@@ -20,8 +22,25 @@ SAMPLE_SECONDS = 0.05
 RowResult = tuple[list[dict[str, Any]], dict[str, Any] | None]
 
 
+class RowRejected(Exception):
+    """This row cannot be processed, for the reason given (it goes to ``rejects/``)."""
+
+
 def reject(row: dict[str, Any], reason: str, stage: str) -> dict[str, Any]:
     return {"index": row["index"], "id": row["id"], "reason": reason, "stage": stage}
+
+
+async def guarded_row(row: dict[str, Any], process_row: Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]],
+                      stage: str, expected: tuple[type[BaseException], ...] = ()) -> RowResult:
+    """``(output rows, None)``, or ``([], reject)`` when the row fails; a dead engine raises."""
+    try:
+        return await process_row(row), None
+    except (RowRejected, *expected) as exc:
+        return [], reject(row, str(exc), stage)
+    except Exception as exc:  # noqa: BLE001 - one row's failure must not sink the shard
+        if engine_dead(exc):
+            raise
+        return [], reject(row, f"{stage} error: {type(exc).__name__}: {exc}", stage)
 
 
 def engine_dead(exc: BaseException) -> bool:
@@ -59,15 +78,18 @@ class OccupancySampler:
 async def run_rows(
     shard: int,
     rows: list[dict[str, Any]],
-    process_row: Callable[[dict[str, Any]], Awaitable[RowResult]],
+    process_row: Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]],
     sampler: OccupancySampler,
     metrics: StageMetrics,
+    *,
+    stage: str,
+    expected: tuple[type[BaseException], ...] = (),
 ) -> dict[str, Any]:
     """Every row's work at once; output rows in input order, rejects, counters."""
     started, started_at = time.monotonic(), time.time()
     sampler.start()
     try:
-        results = await asyncio.gather(*(process_row(row) for row in rows))
+        results = await asyncio.gather(*(guarded_row(row, process_row, stage, expected) for row in rows))
     except Exception as exc:
         if engine_dead(exc):
             # The engine cannot recover in this process: exit so Ray reports the actor dead

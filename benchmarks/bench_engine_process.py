@@ -37,6 +37,7 @@ def trial(args: argparse.Namespace) -> dict:
     from actors.engine import EngineOptions, VLLMEngineHost
     from workflows.runtime.models import resolve_model
     from core.prompt_data import load_prompts
+    from core.sampling import greedy
 
     base = [row.prompt for row in load_prompts(ROOT / "data" / "demo_prompts.jsonl").rows]
     prompts = [[{"role": "user", "content": f"{base[i % len(base)]} (case {i})"}] for i in range(args.prompts)]
@@ -44,8 +45,7 @@ def trial(args: argparse.Namespace) -> dict:
                                         enforce_eager=args.enforce_eager))
 
     async def generate() -> int:
-        outs = await asyncio.gather(*(host.complete(p, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                                    ignore_eos=True) for p in prompts))
+        outs = await asyncio.gather(*(host.complete(p, greedy(args.max_new_tokens), ignore_eos=True) for p in prompts))
         return sum(len(c.token_ids) for (c,) in outs)
 
     started = time.monotonic()

@@ -60,7 +60,7 @@ def main() -> None:
 
     from core.config import load_config
     from workflows.runtime.models import resolve_model
-    from workflows.train import TrainConfig, run_train
+    from workflows.train import RMConfig, SFTConfig, run_train
 
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -71,11 +71,11 @@ def main() -> None:
             continue
         per_example = tokens_per_example(model, kind)
         for workers in args.workers:
-            config = load_config(TrainConfig, overrides=dict(
+            config = load_config({"sft": SFTConfig, "rm": RMConfig}[kind], overrides=dict(
                 model=model, data=[str(data)], out=str(work / f"{kind}-{workers}"), workers=workers,
                 batch_size=args.batch_size, max_steps=args.steps, save_steps=10_000, logging_steps=5,
                 eval_split=0.0, max_length=512, lr=1e-5))
-            metrics = run_train(kind, config)["metrics"]
+            metrics = run_train(config)["metrics"]
             samples = metrics["train_samples_per_second"]
             rows.append((kind, workers, per_example, samples, samples * per_example, metrics["train_runtime"]))
     print(f"\nmodel {args.model}, {args.steps} steps, batch {args.batch_size} per worker\n")

@@ -58,16 +58,18 @@ def require_valid(*problem_lists: list[str], hint: str = "") -> None:
 
 
 def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False,
-           repeatable: bool = False):
+           repeatable: bool = False, identity: bool = False):
     """Declare a config field: its default (or ``REQUIRED``) and its one help text.
 
     ``choices`` restricts the values (``Literal[...]`` annotations do the same), ``flag``
     replaces the derived ``--field-name``, ``positional`` makes it a positional argument, and
     ``repeatable`` lets a list flag be given several times, each adding to the list
-    (argparse's ``extend``) instead of the last one replacing the others.
+    (argparse's ``extend``) instead of the last one replacing the others. ``identity`` marks
+    a setting that changes a run's output: :func:`identity` collects them, and a rerun into
+    the same folder must match them to resume (or to count as done).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "flag": flag, "positional": positional, "repeatable": repeatable}
+                "flag": flag, "positional": positional, "repeatable": repeatable, "identity": identity}
     if default is REQUIRED:
         # keyword-only, so required fields may follow fields that have defaults
         return dataclasses.field(kw_only=True, metadata=metadata)
@@ -361,3 +363,47 @@ def config_to_dict(cfg) -> dict:
 def config_help(cls) -> dict[str, str]:
     """Field name -> help text, nested fields included, in declaration order (for docs)."""
     return {path[-1]: f.metadata["help"] for path, f, _ in _walk(cls)}
+
+
+def config_options(cls) -> dict[str, dataclasses.Field]:
+    """Option name -> field for every option of ``cls``, nested configs flattened: the names
+    of its flags (``--name-with-dashes``) and of its YAML keys."""
+    return {name: f for name, (f, _) in _leaves(cls).items()}
+
+
+def option_flag(name: str, f: dataclasses.Field) -> str:
+    """The command-line flag of option ``name`` (its metadata may rename it)."""
+    return _flag(name, f)
+
+
+def _plain(value):
+    """A value as JSON reads it back (tuples as lists, paths as strings), so identities compare
+    equal to the ones recorded in manifests and summaries."""
+    return json.loads(json.dumps(config_to_dict(value)))
+
+
+def identity(cfg, **resolved) -> dict[str, Any]:
+    """The settings of ``cfg`` declared with ``option(..., identity=True)``, flat, plus
+    ``resolved`` values that stand for inputs (a model's resolved path, a file's fingerprint).
+    A run folder records it at the first start; a rerun resumes only with the same identity."""
+    values = _flat_values(cfg)
+    chosen = {name: values[name] for name, f in config_options(type(cfg)).items() if f.metadata.get("identity")}
+    return _plain({**chosen, **resolved})
+
+
+def recorded_identity(cls, recorded: dict[str, Any]) -> dict[str, Any]:
+    """The identity settings of ``cls`` found in a recorded config (``config_to_dict`` of an
+    older or newer layout: nested groups or flat keys), for runs recorded before identities were."""
+    groups = {path[-1] for path, _, hint in _walk(cls) if _is_config_class(hint)}
+    flat: dict[str, Any] = {}
+
+    def collect(data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            if key in groups and isinstance(value, dict):
+                collect(value)
+            else:
+                flat.setdefault(key, value)
+
+    collect(recorded)
+    names = [name for name, f in config_options(cls).items() if f.metadata.get("identity")]
+    return _plain({name: flat[name] for name in names if name in flat})

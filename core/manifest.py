@@ -80,8 +80,10 @@ class RunManifest:
                        run_id=settle_run_id(Path(run_dir), None, run_name))
         data = json.loads(path.read_text(encoding="utf-8"))
         previous = data.get("identity", {})
-        if data.get("stage") != stage or previous != identity:
-            differing = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        # A key the recorded identity lacks was added by a later version (e.g. a new sampling
+        # setting at its default): runs recorded before it still resume.
+        if data.get("stage") != stage or previous != {k: v for k, v in identity.items() if k in previous}:
+            differing = sorted(k for k in previous if previous.get(k) != identity.get(k))
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in differing[:8])
             raise RunMismatchError(
                 f"{run_dir} holds a different {data.get('stage')!r} run ({detail or 'stage differs'}); "

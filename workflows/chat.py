@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from core.sampling import SamplingConfig, greedy
 from workflows.runtime.models import resolve_model
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 
@@ -25,8 +26,7 @@ def chat(
     model: str,
     prompts: list[str],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
+    sampling: SamplingConfig = greedy(128),
     num_gpus: float = 0,
     enforce_eager: bool = False,
 ) -> list[ChatResult]:
@@ -41,7 +41,7 @@ def chat(
     )
     try:
         refs = [
-            host.complete.remote([{"role": "user", "content": p}], max_new_tokens=max_new_tokens, temperature=temperature)
+            host.complete.remote([{"role": "user", "content": p}], sampling)
             for p in prompts
         ]
         return [

@@ -39,7 +39,7 @@ from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, J
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
 from workflows.runtime.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
 from workflows.runtime.engine_config import EngineConfig
 from workflows.eval_report import write_markdown, write_plot
 from core.eval_stats import CATEGORIES, summarize
@@ -47,6 +47,7 @@ from core.manifest import file_fingerprint
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
+from core.sampling import SamplingConfig
 from core.shards import MESSAGE, write_jsonl
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
@@ -86,11 +87,10 @@ class EvalCompareConfig:
         1, "answers per model and prompt; answer i of A is compared with answer i of each challenger")
     principles: int = option(2, "feedback principles per comparison, sampled per prompt id (recorded), averaged")
     feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question")
-    max_new_tokens: int = option(256, "token limit for each answer")
-    temperature: float = option(0.0, "sampling temperature for the answers (0 = greedy, usual for evaluation)")
-    top_p: float = option(1.0, "nucleus sampling probability for the answers")
     seed: int = option(0, "seed for principle sampling (per prompt id) and the engines")
     report_samples: int = option(3, "prompts per category shown with their answers side by side in report.md")
+    sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "how the answers are sampled (greedy by "
+                                      "default, usual for evaluation)")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines (the same settings for every model and the judge)")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
@@ -103,15 +103,12 @@ class EvalCompareConfig:
             "names": names_ok,
             "samples_per_prompt": self.samples_per_prompt >= 1,
             "principles": self.principles >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_p": 0 < self.top_p <= 1,
             "report_samples": self.report_samples >= 0,
         }
         bad = failing(checks)
         hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
-        if self.samples_per_prompt > 1 and self.temperature == 0:
+        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
+        if self.samples_per_prompt > 1 and self.sampling.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
@@ -188,9 +185,9 @@ def stage_prompts(config: EvalCompareConfig, out: Path) -> dict[str, Any]:
             "rows_in": len(usable) + len(rejects), "usable": len(usable), "rejected": len(rejects)}
 
 
-def _as_json(identity: dict[str, Any]) -> dict[str, Any]:
+def _as_json(values: dict[str, Any]) -> dict[str, Any]:
     # The manifest compares identities after a JSON round trip (tuples come back as lists).
-    return json.loads(json.dumps(identity))
+    return json.loads(json.dumps(values))
 
 
 def _sub_run(cluster: ClusterOptions, part: str) -> ClusterOptions:
@@ -204,8 +201,7 @@ def _stage_pool(config: EvalCompareConfig) -> PoolConfig:
 
 
 def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: dict[str, Any], out: Path):
-    settings = AnswerSettings(config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p,
-                              config.seed)
+    settings = AnswerSettings(config.samples_per_prompt, config.sampling, config.seed)
     source = prepare_model(model.path, model.spec, config.cluster)
     job = StageJob(
         stage="compare-answers",
@@ -213,7 +209,8 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         prompts=str(prompts["path"]),
         pool=_stage_pool(config),
         identity=_as_json({"model": model.path, "prompts": file_fingerprint(prompts["path"]),
-                           "shard_size": config.pool.shard_size, **dataclasses.asdict(settings)}),
+                           "shard_size": config.pool.shard_size, "samples": settings.samples, "seed": settings.seed,
+                           **identity(config.sampling)}),
         config=config_to_dict(config),
         output_schema=ANSWER_SCHEMA,
         worker_cls=AnswerWorker,
@@ -321,7 +318,8 @@ def run_eval_compare(config: EvalCompareConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot = write_plot(out / "report.png", results)
     report = write_markdown(out / "report.md", results, rows, plot, config.report_samples)
-    return short_summary(out, results, report, plot)
+    already_done = all(run["already_done"] for run in [*answer_runs.values(), judge_run])
+    return {**short_summary(out, results, report, plot), "already_done": already_done}
 
 
 def short_summary(out: Path, results: dict[str, Any], report: Path, plot: Path) -> dict[str, Any]:

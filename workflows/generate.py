@@ -17,11 +17,12 @@ from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
 from constitutions.sampling import PrincipleDraw
 from workflows.runtime.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
 from workflows.runtime.engine_config import EngineConfig
 from core.manifest import file_fingerprint
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
+from core.sampling import SamplingConfig
 from core.shards import MESSAGE
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
@@ -57,19 +58,17 @@ class GenerateConfig:
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
     prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
-    revisions: int = option(1, "critique/revision rounds per prompt")
-    few_shot: int = option(0, "few-shot examples from the constitution before each critique and revision (a shared prefix)")
+    revisions: int = option(1, "critique/revision rounds per prompt", identity=True)
+    few_shot: int = option(0, "few-shot examples from the constitution before each critique and revision (a shared prefix)", identity=True)
     few_shot_initial: bool = option(False, "show the few-shot examples when sampling the initial answer too (off: "
                                     "§3.1 samples it from the prompt alone, so the examples' harmless revisions "
-                                    "do not leak into the initial answer and the 'rejected' column)")
+                                    "do not leak into the initial answer and the 'rejected' column)", identity=True)
     principle_draw: PrincipleDraw = option("independent", "each round's critique principle: drawn independently "
-                                           "from all (§3.1), or without repeats while they last")
-    max_new_tokens: int = option(256, "token limit for each answer, critique and revision")
-    temperature: float = option(1.0, "sampling temperature (1, as the paper samples SL-CAI data)")
-    top_p: float = option(1.0, "nucleus sampling probability")
-    repetition_penalty: float = option(1.0, "vLLM repetition penalty (>1 discourages repeats; small models loop)")
-    ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)")
-    seed: int = option(0, "seed for principle sampling (per row id) and the engines")
+                                           "from all (§3.1), or without repeats while they last", identity=True)
+    ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)", identity=True)
+    seed: int = option(0, "seed for principle sampling (per row id) and the engines", identity=True)
+    sampling: SamplingConfig = option(SamplingConfig(), "how answers, critiques and revisions are sampled "
+                                      "(temperature 1, as the paper samples SL-CAI data)")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engine in each worker")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
@@ -78,28 +77,10 @@ class GenerateConfig:
         checks = {
             "revisions": self.revisions >= 0,
             "few_shot": self.few_shot >= 0,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "repetition_penalty": self.repetition_penalty > 0,
         }
-        require_valid(failing(checks), self.pool.problems(), self.engine.problems(), self.cluster.problems())
+        require_valid(failing(checks), self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems())
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
-
-    def identity(self, model_path: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
-        """The settings that change the output; a rerun must match them to resume."""
-        return {
-            "model": model_path,
-            "constitution_sha256": constitution_sha,
-            "prompts": prompts_fingerprint,
-            "shard_size": self.pool.shard_size,
-            "limit": self.pool.limit,
-            **{k: getattr(self, k) for k in
-               ("revisions", "few_shot", "few_shot_initial", "principle_draw", "max_new_tokens", "temperature", "top_p",
-                "repetition_penalty",
-                "ignore_eos", "seed")},
-        }
 
 
 def run_generate(config: GenerateConfig) -> dict[str, Any]:
@@ -110,17 +91,17 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     if config.few_shot > len(constitution.few_shot):
         raise ConfigError(f"--few-shot {config.few_shot}: the constitution has {len(constitution.few_shot)} examples")
     settings = ChainSettings(
-        revisions=config.revisions, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        top_p=config.top_p, few_shot=config.few_shot, few_shot_initial=config.few_shot_initial,
-        principle_draw=config.principle_draw, seed=config.seed, ignore_eos=config.ignore_eos,
-        repetition_penalty=config.repetition_penalty)
+        revisions=config.revisions, sampling=config.sampling, few_shot=config.few_shot,
+        few_shot_initial=config.few_shot_initial, principle_draw=config.principle_draw, seed=config.seed,
+        ignore_eos=config.ignore_eos)
     source = prepare_model(model_path, config.model, config.cluster)
     job = StageJob(
         stage="generate",
         out=Path(config.out).expanduser(),
         prompts=config.prompts,
         pool=config.pool,
-        identity=config.identity(model_path, constitution.sha256, file_fingerprint(config.prompts)),
+        identity=identity(config, model=model_path, constitution_sha256=constitution.sha256,
+                          prompts=file_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,

@@ -16,11 +16,12 @@ import pyarrow as pa
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from workflows.runtime.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, option, require_valid
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
 from workflows.runtime.engine_config import EngineConfig
 from core.manifest import file_fingerprint
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
+from core.sampling import SamplingConfig
 from core.shards import MESSAGE
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
@@ -60,21 +61,19 @@ class LabelConfig:
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
     prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
-    samples: int = option(2, "answers sampled per prompt (K >= 2)")
-    pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare")
-    max_pairs: int = option(0, "with --pairs random: pairs per prompt")
-    principles: int = option(1, "feedback principles sampled per pair and averaged (M)")
+    samples: int = option(2, "answers sampled per prompt (K >= 2)", identity=True)
+    pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare", identity=True)
+    max_pairs: int = option(0, "with --pairs random: pairs per prompt", identity=True)
+    principles: int = option(1, "feedback principles sampled per pair and averaged (M)", identity=True)
     both_orders: bool = option(True, "score each principle with the answers in both orders and average, which "
                                "cancels the feedback model's position bias (RLAIF, Lee et al. 2023 §2.1.1); "
-                               "off: one random order per principle, half the scoring")
-    cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]")
-    cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning")
-    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question")
-    max_new_tokens: int = option(256, "token limit for each sampled answer")
-    temperature: float = option(1.0, "sampling temperature for the answers (diversity matters here)")
-    top_p: float = option(1.0, "nucleus sampling probability for the answers")
-    repetition_penalty: float = option(1.0, "vLLM repetition penalty for the answers")
-    seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines")
+                               "off: one random order per principle, half the scoring", identity=True)
+    cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]", identity=True)
+    cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning", identity=True)
+    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question", identity=True)
+    seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines", identity=True)
+    sampling: SamplingConfig = option(SamplingConfig(), "how the K answers are sampled (temperature 1: "
+                                      "diversity matters here)")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines in each worker")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
@@ -85,25 +84,10 @@ class LabelConfig:
             "max_pairs": self.max_pairs >= 0 and (self.pairs == "random") == (self.max_pairs > 0),
             "principles": self.principles >= 1,
             "cot_max_new_tokens": self.cot_max_new_tokens >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "repetition_penalty": self.repetition_penalty > 0,
         }
         bad = failing(checks)
         hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
-
-    def identity(self, policy: str, feedback: str, constitution_sha: str, prompts_fingerprint: str) -> dict[str, Any]:
-        """The settings that change the output; a rerun must match them to resume."""
-        names = ("samples", "pairs", "max_pairs", "principles", "both_orders", "cot", "cot_max_new_tokens",
-                 "feedback_few_shot",
-                 "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
-        return {
-            "policy": policy, "feedback_model": feedback, "constitution_sha256": constitution_sha,
-            "prompts": prompts_fingerprint, "shard_size": self.pool.shard_size, "limit": self.pool.limit,
-            **{k: getattr(self, k) for k in names},
-        }
+        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
 
 
 def run_label(config: LabelConfig) -> dict[str, Any]:
@@ -115,8 +99,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     settings = LabelSettings(
         samples=config.samples, pairs=config.pairs, max_pairs=config.max_pairs, principles=config.principles,
         cot=config.cot, cot_max_new_tokens=config.cot_max_new_tokens, feedback_few_shot=config.feedback_few_shot,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        repetition_penalty=config.repetition_penalty, seed=config.seed, both_orders=config.both_orders,
+        sampling=config.sampling, seed=config.seed, both_orders=config.both_orders,
     )
     policy_source = prepare_model(policy, config.policy, config.cluster)
     feedback_source = prepare_model(feedback, config.feedback_model, config.cluster) if feedback != policy else None
@@ -126,7 +109,8 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         out=Path(config.out).expanduser(),
         prompts=config.prompts,
         pool=config.pool,
-        identity=config.identity(policy, feedback, constitution.sha256, file_fingerprint(config.prompts)),
+        identity=identity(config, policy=policy, feedback_model=feedback, constitution_sha256=constitution.sha256,
+                          prompts=file_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,

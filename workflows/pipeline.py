@@ -5,9 +5,10 @@
 
 Each stage is the same job its own command runs (``cai generate``, ``cai train sft``, ...),
 configured from one section of the pipeline config and writing into ``OUT/<stage>``.
-``OUT/pipeline.json`` records each stage's config, status, output and time; a rerun skips
-every stage recorded done with the same config whose output is still there, so it continues
-where it stopped (and the stage that stopped resumes from its own shards or checkpoints).
+``OUT/pipeline.json`` records each stage's config, status, output and time. A rerun runs
+every stage again, and each decides by its own rule whether it is done (its folder records
+the same identity and all its work): done stages return at once, the stage that stopped
+resumes from its own shards or checkpoints.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     from workflows.generate import GenerateConfig, run_generate
     from workflows.label import LabelConfig, run_label
     from workflows.ppo import PPOConfig, run_ppo
-    from workflows.train import TrainConfig, run_train
+    from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
 
     root = Path(cfg.out).expanduser().resolve()
     out = {name: root / directory for name, directory in STAGE_DIRS.items()}
@@ -117,9 +118,9 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         Stage("generate", _section(GenerateConfig, "generate", cfg.generate, dict(
             model=base, constitution=cfg.constitution, prompts=cfg.prompts, out=str(out["generate"]))),
             run_generate, out["generate"]),
-        Stage("sft", _section(TrainConfig, "sft", cfg.sft, dict(
+        Stage("sft", _section(SFTConfig, "sft", cfg.sft, dict(
             model=base, data=[str(out["generate"])], out=str(out["sft"]))),
-            lambda c: run_train("sft", c), out["sft"]),
+            run_train, out["sft"]),
         Stage("label", _section(LabelConfig, "label", cfg.label, dict(
             policy=str(out["sft"]), feedback_model=cfg.feedback_model or base, constitution=cfg.constitution,
             prompts=cfg.prompts, out=str(out["label"]))),
@@ -128,17 +129,17 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     if cfg.rl == "ppo":
         stages += [
             # the preference model starts from the base model, as in the paper (not from the SFT policy)
-            Stage("rm", _section(TrainConfig, "rm", cfg.rm, dict(
+            Stage("rm", _section(RMConfig, "rm", cfg.rm, dict(
                 model=base, data=[str(out["label"])], out=str(out["rm"]))),
-                lambda c: run_train("rm", c), out["rm"]),
+                run_train, out["rm"]),
             Stage("ppo", _section(PPOConfig, "ppo", cfg.ppo, dict(
                 policy=str(out["sft"]), reward_model=str(out["rm"]), prompts=cfg.prompts, out=str(out["ppo"]))),
                 run_ppo, out["ppo"]),
         ]
     else:
-        stages.append(Stage("dpo", _section(TrainConfig, "dpo", cfg.dpo, dict(
+        stages.append(Stage("dpo", _section(DPOConfig, "dpo", cfg.dpo, dict(
             model=str(out["sft"]), data=[str(out["label"])], out=str(out["dpo"]))),
-            lambda c: run_train("dpo", c), out["dpo"]))
+            run_train, out["dpo"]))
     if cfg.eval_prompts:
         from workflows.eval_compare import EvalCompareConfig, run_eval_compare
 
@@ -169,15 +170,12 @@ def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> 
     record = _read_record(root)
     record["config"] = config_to_dict(cfg)
     for index, stage in enumerate(stages, 1):
-        entry = record["stages"].get(stage.name, {})
-        config = config_to_dict(stage.config)
-        if entry.get("status") == "done" and entry.get("config") == config and stage.out.exists():
-            log(f"cai run: [{index}/{len(stages)}] {stage.name}: done already, skipped ({stage.out})")
-            record["stages"][stage.name] = {**entry, "skipped": True}
-            continue
+        # Each stage decides for itself whether it is done (its manifest or training summary
+        # holds its identity and all its work) and then returns at once, so a rerun continues
+        # where the last run stopped and a changed setting reruns (or refuses) that stage.
         log(f"cai run: [{index}/{len(stages)}] {stage.name} → {stage.out}")
-        record["stages"][stage.name] = {"status": "running", "out": str(stage.out), "config": config,
-                                        "started_at": time.time()}
+        record["stages"][stage.name] = {"status": "running", "out": str(stage.out),
+                                        "config": config_to_dict(stage.config), "started_at": time.time()}
         _write_record(root, record)
         started = time.monotonic()
         try:
@@ -186,7 +184,10 @@ def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> 
             record["stages"][stage.name].update(status="failed", error=f"{type(exc).__name__}: {exc}"[:1000])
             _write_record(root, record)
             raise
-        record["stages"][stage.name].update(status="done", skipped=False, seconds=round(time.monotonic() - started, 1),
+        skipped = bool(summary.get("already_done"))
+        if skipped:
+            log(f"cai run: [{index}/{len(stages)}] {stage.name}: done already, skipped")
+        record["stages"][stage.name].update(status="done", skipped=skipped, seconds=round(time.monotonic() - started, 1),
                                             summary=_brief(summary))
         _write_record(root, record)
     report = root / STAGE_DIRS["eval"] / "report.md"

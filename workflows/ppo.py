@@ -21,75 +21,75 @@ from workflows.runtime.engine_config import EngineConfig
 from workflows.runtime.models import resolve_model
 from workflows.ppo_learner import ppo_loop
 from core.prompt_data import load_prompts
+from core.sampling import SamplingConfig
 from workflows.runtime.ray_session import NAMESPACE
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
-from workflows.runtime.training import TrainingOptions, TrainJob, learner_demand, open_training_run, run_training
+from workflows.runtime.training import LearnerOptions, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    policy: str = option(REQUIRED, "starting policy (typically the SL-CAI SFT model): directory, hub id or 'default'")
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    policy: str = option(REQUIRED, "starting policy (typically the SL-CAI SFT model): directory, hub id or 'default'", identity=True)
+    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory", identity=True)
     out: str = option(REQUIRED, "directory for the final policy, training_summary.json and metrics.jsonl")
-    reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)")
-    reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)")
+    reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)", identity=True)
+    reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)", identity=True)
     value_model: str = option("", "value model: a reward model (backbone and head, so values start at its scores) "
-                              "or a causal LM (backbone, zero head); default: the reward model, else the policy")
-    ref_model: str = option("", "frozen reference for the KL penalty; default: the starting policy")
-    steps: int = option(20, "PPO steps (one rollout batch and its update each)")
-    rollout_batch: int = option(16, "prompts per step, over all learners (one sampled answer each)")
-    minibatch: int = option(8, "answers per gradient step on each learner")
-    ppo_epochs: int = option(2, "passes over each rollout batch")
-    max_new_tokens: int = option(64, "longest sampled answer, in tokens")
-    temperature: float = option(1.0, "rollout sampling temperature; the learner's log-probs are log softmax(logits/T)")
-    top_p: float = option(1.0, "rollout nucleus sampling: must stay 1 (the learner scores the whole vocabulary)")
-    kl_coef: float = option(0.05, "β: per-token penalty on log π − log π_ref (the starting value when adaptive)")
-    target_kl: float = option(0.0, "adaptive KL controller target (Ziegler et al. 2019); 0 = fixed β")
-    kl_horizon: int = option(10000, "adaptive KL controller horizon, in samples")
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "per-token KL estimator in the reward")
-    clip_range: float = option(0.2, "ε of the clipped policy loss")
-    clip_range_value: float = option(0.2, "clip range of the value loss")
-    vf_coef: float = option(0.1, "weight of the value loss")
-    gamma: float = option(1.0, "discount")
-    lam: float = option(0.95, "GAE λ")
-    lr: float = option(1e-5, "learning rate (policy and value)")
+                              "or a causal LM (backbone, zero head); default: the reward model, else the policy", identity=True)
+    ref_model: str = option("", "frozen reference for the KL penalty; default: the starting policy", identity=True)
+    steps: int = option(20, "PPO steps (one rollout batch and its update each)", identity=True)
+    rollout_batch: int = option(16, "prompts per step, over all learners (one sampled answer each)", identity=True)
+    minibatch: int = option(8, "answers per gradient step on each learner", identity=True)
+    ppo_epochs: int = option(2, "passes over each rollout batch", identity=True)
+    kl_coef: float = option(0.05, "β: per-token penalty on log π − log π_ref (the starting value when adaptive)", identity=True)
+    target_kl: float = option(0.0, "adaptive KL controller target (Ziegler et al. 2019); 0 = fixed β", identity=True)
+    kl_horizon: int = option(10000, "adaptive KL controller horizon, in samples", identity=True)
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "per-token KL estimator in the reward", identity=True)
+    clip_range: float = option(0.2, "ε of the clipped policy loss", identity=True)
+    clip_range_value: float = option(0.2, "clip range of the value loss", identity=True)
+    vf_coef: float = option(0.1, "weight of the value loss", identity=True)
+    gamma: float = option(1.0, "discount", identity=True)
+    lam: float = option(0.95, "GAE λ", identity=True)
     lr_schedule: Literal["linear", "constant"] = option("linear", "learning rate over the run: decaying linearly to 0 "
-                                                      "(TRL's PPO) or constant")
+                                                      "(TRL's PPO) or constant", identity=True)
     missing_eos_penalty: bool = option(False, "score an answer cut off at --max-new-tokens, before its end of "
                                        "sequence, as --penalty-reward-value instead of by the reward (TRL's "
-                                       "non_eos_penalty)")
-    penalty_reward_value: float = option(-1.0, "the score of a cut-off answer with --missing-eos-penalty")
-    max_grad_norm: float = option(1.0, "gradient clipping")
-    learners: int = option(1, "Ray Train workers holding policy, value, reference and reward models (DDP)")
+                                       "non_eos_penalty)", identity=True)
+    penalty_reward_value: float = option(-1.0, "the score of a cut-off answer with --missing-eos-penalty", identity=True)
+    max_grad_norm: float = option(1.0, "gradient clipping", identity=True)
+    learners: int = option(1, "Ray Train workers holding policy, value, reference and reward models (DDP)", identity=True)
     rollout_workers: int = option(1, "vLLM rollout actors")
-    use_gpu: bool = option(False, "learners on GPUs (NCCL) and one GPU per rollout engine (times --tensor-parallel)")
-    save_steps: int = option(10, "checkpoint every N steps")
-    storage_path: str = option("", "where Ray Train keeps checkpoints; default beside --out")
-    max_failures: int = option(0, "learner restarts from the last checkpoint when one dies")
-    seed: int = option(0, "seed for prompt order, initialization and sampling")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64), "how rollouts are sampled: the learner's "
+                                      "log-probs are log softmax(logits/T) over the whole vocabulary, so --top-p and "
+                                      "--repetition-penalty stay 1")
+    learner: LearnerOptions = option(LearnerOptions(lr=1e-5, save_steps=10), "the Ray Train learners: optimizer "
+                                     "(one learning rate for policy and value), devices, checkpoints")
     engine: EngineConfig = option(EngineConfig(), "rollout engines")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
         checks = {
             "steps": self.steps >= 1, "rollout_batch": self.rollout_batch >= 1, "minibatch": self.minibatch >= 1,
-            "ppo_epochs": self.ppo_epochs >= 1, "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature > 0, "top_p": 0 < self.top_p <= 1, "kl_coef": self.kl_coef >= 0,
+            "ppo_epochs": self.ppo_epochs >= 1, "temperature": self.sampling.temperature > 0,
+            "kl_coef": self.kl_coef >= 0,
             "target_kl": self.target_kl >= 0, "kl_horizon": self.kl_horizon >= 1, "clip_range": self.clip_range > 0,
             "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
-            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1, "lr": self.lr > 0,
+            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
             "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
-            "rollout_workers": self.rollout_workers >= 1, "save_steps": self.save_steps >= 1,
-            "max_failures": self.max_failures >= -1,
+            "rollout_workers": self.rollout_workers >= 1,
         }
-        require_valid(failing(checks), self.engine.problems(), self.cluster.problems())
-        if self.top_p < 1:
+        require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
+                      self.cluster.problems())
+        if self.sampling.top_p < 1 or self.sampling.repetition_penalty != 1:
+            flag = "--top-p" if self.sampling.top_p < 1 else "--repetition-penalty"
+            value = self.sampling.top_p if self.sampling.top_p < 1 else self.sampling.repetition_penalty
             raise ConfigError(
-                f"--top-p {self.top_p}: PPO rollouts sample the whole tempered distribution. The learner's "
+                f"{flag} {value}: PPO rollouts sample the whole tempered distribution. The learner's "
                 "log-probs are log softmax(logits/T) over the full vocabulary, so an engine sampling a nucleus "
-                "would train a policy other than the one that produced the rollouts (TRL forces top_p=1 too)")
+                "(or penalizing repeats) would train a policy other than the one that produced the rollouts "
+                "(TRL forces top_p=1 too)")
         if bool(self.reward_model) == bool(self.reward_fn):
             raise ConfigError("give exactly one of --reward-model and --reward-fn")
         if self.rollout_batch % self.learners:
@@ -110,9 +110,9 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
     for row in prompt_set.rows:
         rendered = tokenizer.apply_chat_template(list(row.messages), add_generation_prompt=True, tokenize=False)
         tokens = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        if len(tokens) + cfg.max_new_tokens > max_model_len:
+        if len(tokens) + cfg.sampling.max_new_tokens > max_model_len:
             rejects.append({"index": row.index, "id": row.id, "reason": f"prompt of {len(tokens)} tokens + "
-                            f"max_new_tokens {cfg.max_new_tokens} exceeds the context of {max_model_len}"})
+                            f"max_new_tokens {cfg.sampling.max_new_tokens} exceeds the context of {max_model_len}"})
             continue
         ids.append(tokens)
         conversations.append(list(row.messages))
@@ -123,7 +123,7 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
 
 def rollout_resources(cfg: PPOConfig) -> WorkerResources:
     """One rollout engine: a CPU, and its tensor-parallel GPUs on GPU clusters (one bundle, one node)."""
-    return WorkerResources(cpus=1, gpus=cfg.engine.tensor_parallel if cfg.use_gpu else 0)
+    return WorkerResources(cpus=1, gpus=cfg.engine.tensor_parallel if cfg.learner.use_gpu else 0)
 
 
 def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = None,
@@ -147,7 +147,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
         actors = [
             ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, max_restarts=3, max_task_retries=0,
                                               **bundle_options(pg, i, resources))
-            .remote(cfg.engine.options(policy, cfg.seed, source))
+            .remote(cfg.engine.options(policy, cfg.learner.seed, source))
             for i, name in enumerate(names)
         ]
         ray.get([actor.info.remote() for actor in actors])
@@ -197,8 +197,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
     def note(line: str) -> None:
         print(f"cai train ppo [{run_id}]: {line}", file=sys.stderr, flush=True)
 
-    options = TrainingOptions(workers=cfg.learners, use_gpu=cfg.use_gpu, storage_path=cfg.storage_path,
-                              max_failures=cfg.max_failures, seed=cfg.seed, lr=cfg.lr)
     engines = rollout_resources(cfg)
     shape = " + ".join(f"{v:g} {k}" for k, v in engines.bundle().items())
     rollout_demand = {f"{cfg.rollout_workers} rollout engine(s) x {shape}":
@@ -206,15 +204,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
     cluster = connect_ray()
     # Rollout engines and learners hold their resources at the same time: refuse what can never
     # fit before anything starts (Ray Train would otherwise retry its worker group for ever).
-    check_total_fits({**rollout_demand, **learner_demand(options)}, fixed=cluster.get("local", False),
-                     what="cai train ppo", report=note)
+    check_total_fits({**rollout_demand, **learner_demand(cfg.learners, cfg.learner.use_gpu)},
+                     fixed=cluster.get("local", False), what="cai train ppo", report=note)
     actors, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
     try:
         return run_training(TrainJob(
-            kind="ppo", out=out, options=options, loop=ppo_loop,
-            loop_config={"config": resolved, "prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
-                         "rollout_actors": list(actors)},
-            config=cfg, data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
+            kind="ppo", out=out, workers=cfg.learners, learner=cfg.learner, loop=ppo_loop, config=cfg,
+            settings=resolved, loop_data={"prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
+                                          "rollout_actors": list(actors)},
+            data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
             models=models, run_id=run_id,
         ))
     finally:

@@ -50,7 +50,7 @@ from core.ppo_policy import (
     weights_blob,
 )
 from workflows.runtime.rollout_client import RolloutClient
-from workflows.runtime.training import hold_if_drilled, local_models, register_worker, report_final
+from workflows.runtime.training import WorkerContext, hold_if_drilled, local_models, register_worker, report_final
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
@@ -95,8 +95,8 @@ def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.T
     """Old log-probs, values, KL-shaped rewards and whitened GAE advantages for one batch."""
     model.eval()
     with torch.no_grad():
-        old_logprobs, entropy, values = model(batch, cfg.temperature)
-    ref_logprobs = sequence_logprobs(ref, batch, cfg.temperature)
+        old_logprobs, entropy, values = model(batch, cfg.sampling.temperature)
+    ref_logprobs = sequence_logprobs(ref, batch, cfg.sampling.temperature)
     rewards, kl = ppo_math.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.mask, kl_coef,
                                           kind=cfg.kl_estimator)
     values = values * batch.mask
@@ -126,11 +126,11 @@ def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Te
         order = torch.randperm(n, generator=generator).to(batch.input_ids.device)
         for start in range(0, n, cfg.minibatch):
             for group in optimizer.param_groups:
-                group["lr"] = ppo_math.learning_rate(cfg.lr_schedule, cfg.lr, update, cfg.steps * per_step)
+                group["lr"] = ppo_math.learning_rate(cfg.lr_schedule, cfg.learner.lr, update, cfg.steps * per_step)
             update += 1
             rows = order[start:start + cfg.minibatch]
             mb = batch.select(rows)
-            logprobs, _, values = model(mb, cfg.temperature)
+            logprobs, _, values = model(mb, cfg.sampling.temperature)
             pg_loss, pg_stats = ppo_math.policy_loss(logprobs, scored["old_logprobs"][rows],
                                                      scored["advantages"][rows], mb.mask, cfg.clip_range)
             vf_loss, vf_stats = ppo_math.value_loss(values, scored["values"][rows], scored["returns"][rows],
@@ -245,13 +245,14 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
 
     from core.rewards import RewardModelScorer, load_reward_function
 
-    cfg: PPOConfig = local_models(config["config"], config.get("model_sources", {}))
+    worker: WorkerContext = config["worker"]
+    cfg: PPOConfig = local_models(config["config"], worker.model_sources)
     trust = cfg.engine.trust_remote_code  # one switch for the engines and the learners
-    register_worker(config)
+    register_worker(worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
-    if not cfg.use_gpu:
+    torch.manual_seed(cfg.learner.seed + rank)
+    if not cfg.learner.use_gpu:
         # Ray sets OMP_NUM_THREADS to the worker's 1 CPU; but rollouts (engines busy) and
         # learning (learners busy) take turns, so on CPU nodes the learners use the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
@@ -264,7 +265,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
         reward = RewardModelScorer(cfg.reward_model, device=str(device), trust_remote_code=trust)
     else:
         reward = load_reward_function(cfg.reward_fn)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, eps=1e-5)
     state = restore_checkpoint(model, optimizer) or {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
     model = model.to(device)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -290,9 +291,8 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
 
     cfg, step, timings = learner.cfg, state["step"], {}
     started = time.monotonic()
-    mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.seed)
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
-    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, sampling)
+    mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.learner.seed)
+    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, cfg.sampling)
     timings["rollout_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -308,7 +308,7 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     batch, scored, train_stats = learn_from_rollouts(
         learner.ddp, learner.core, learner.ref, learner.optimizer, [learner.prompts[i] for i in mine], responses,
-        scores, cfg, learner.kl_control.value, pad_id=learner.pad_id, seed=cfg.seed * 100003 + step, step=step)
+        scores, cfg, learner.kl_control.value, pad_id=learner.pad_id, seed=cfg.learner.seed * 100003 + step, step=step)
     timings["training_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -343,10 +343,10 @@ def ppo_loop(config: dict[str, Any]) -> None:
         state = ppo_step(learner, state)
         last = state["step"] == cfg.steps
         save = (lambda d, st=state: save_checkpoint(d, learner.core, learner.tokenizer, learner.optimizer, st)) \
-            if state["step"] % cfg.save_steps == 0 and not last else None
+            if state["step"] % cfg.learner.save_steps == 0 and not last else None
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
-            hold_if_drilled(config, state["step"])
+            hold_if_drilled(config["worker"], state["step"])
 
     def save_final(target: str) -> None:
         learner.core.policy.save_pretrained(target, safe_serialization=True)

@@ -13,13 +13,14 @@ Each ``*_loop`` runs on the Ray Train workers; ``run_*`` checks the data on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from workflows.runtime.cluster_options import ClusterOptions
 from core.config import REQUIRED, option, require_valid
 from workflows.runtime.training import (
+    LearnerOptions,
     TrainingDataError,
     TrainingOptions,
     TrainJob,
@@ -33,21 +34,45 @@ from workflows.runtime.training import (
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str = option(REQUIRED, "starting model: a local directory, a hub id, or 'default'")
-    data: list[str] = option(REQUIRED, "training data: cai generate/label run directories, Parquet/JSONL files or saved datasets")
+@dataclass(frozen=True, kw_only=True)
+class TrainJobConfig:
+    """What every `cai train sft|rm|dpo` job takes; each job's config adds its own fields."""
+
+    kind: ClassVar[str]
+    model: str = option(REQUIRED, "starting model: a local directory, a hub id, or 'default'", identity=True)
+    data: list[str] = option(REQUIRED, "training data: cai generate/label run directories, Parquet/JSONL files or "
+                             "saved datasets", identity=True)
     out: str = option(REQUIRED, "directory for the trained model and training_summary.json")
-    beta: float = option(0.1, "DPO only: strength of the KL constraint to the reference model")
-    sft_targets: Literal["all", "final"] = option("all", "SFT only, on `cai generate` runs: one example per "
-                                                  "revision round (§3.1 fine-tunes on every revision), or the "
-                                                  "final revision only")
-    trust_remote_code: bool = option(False, "allow model code from the model directory or hub")
-    training: TrainingOptions = option(TrainingOptions(), "Ray Train and optimization")
+    trust_remote_code: bool = option(False, "allow model code from the model directory or hub", identity=True)
+    training: TrainingOptions = option(TrainingOptions(), "the Hugging Face / TRL trainer")
+    learner: LearnerOptions = option(LearnerOptions(), "the Ray Train learners: optimizer, devices, checkpoints")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        require_valid(self.training.problems(), [] if self.beta > 0 else ["beta"], self.cluster.problems())
+        require_valid(self.training.problems(), self.learner.problems(), self.cluster.problems())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(TrainJobConfig):
+    kind: ClassVar[str] = "sft"
+    sft_targets: Literal["all", "final"] = option("all", "on `cai generate` runs: one example per revision round "
+                                                  "(§3.1 fine-tunes on every revision), or the final revision only",
+                                                  identity=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RMConfig(TrainJobConfig):
+    kind: ClassVar[str] = "rm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig(TrainJobConfig):
+    kind: ClassVar[str] = "dpo"
+    beta: float = option(0.1, "strength of the KL constraint to the reference model", identity=True)
+
+    def __post_init__(self) -> None:
+        require_valid(self.training.problems(), self.learner.problems(), self.cluster.problems(),
+                      [] if self.beta > 0 else ["beta"])
 
 
 def _model_dtype(use_gpu: bool):
@@ -56,36 +81,37 @@ def _model_dtype(use_gpu: bool):
     return torch.bfloat16 if use_gpu else torch.float32
 
 
-def _common_args(cfg: dict[str, Any], output_dir: str, has_eval: bool) -> dict[str, Any]:
-    opts = cfg["training"]
+def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
+    """The Hugging Face TrainingArguments every job shares."""
+    opts, learner = cfg.training, cfg.learner
     return dict(
         output_dir=output_dir,
-        per_device_train_batch_size=opts["batch_size"],
-        per_device_eval_batch_size=opts["batch_size"],
-        gradient_accumulation_steps=opts["grad_accum"],
-        learning_rate=opts["lr"],
-        num_train_epochs=opts["epochs"],
-        max_steps=opts["max_steps"] or -1,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=learner.lr,
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps or -1,
         save_strategy="steps",
-        save_steps=opts["save_steps"],
+        save_steps=learner.save_steps,
         save_total_limit=2,
-        logging_steps=opts["logging_steps"],
+        logging_steps=opts.logging_steps,
         eval_strategy="no",
-        report_to=[] if opts["report_to"] == "none" else [opts["report_to"]],
-        seed=opts["seed"],
-        data_seed=opts["seed"],
-        use_cpu=not opts["use_gpu"],
-        bf16=opts["use_gpu"],
-        ddp_backend="nccl" if opts["use_gpu"] else "gloo",
+        report_to=[] if opts.report_to == "none" else [opts.report_to],
+        seed=learner.seed,
+        data_seed=learner.seed,
+        use_cpu=not learner.use_gpu,
+        bf16=learner.use_gpu,
+        ddp_backend="nccl" if learner.use_gpu else "gloo",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
 
-def _tokenizer(cfg: dict[str, Any]):
+def _tokenizer(cfg: TrainJobConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -130,25 +156,25 @@ def _sft_data(paths, targets: str = "all"):
     return data
 
 
-def build_sft(cfg: dict[str, Any], output_dir: str):
+def build_sft(cfg: SFTConfig, output_dir: str):
+    import trl
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
 
-    opts = cfg["training"]
-    data = _sft_data(cfg["data"], cfg["sft_targets"]).map(_to_prompt_completion, remove_columns=["messages"])
-    train, evaluation = split(data, opts["eval_split"], opts["seed"])
+    data = _sft_data(cfg.data, cfg.sft_targets).map(_to_prompt_completion, remove_columns=["messages"])
+    train, evaluation = split(data, cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg["model"], dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+        cfg.model, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
     )
-    args = SFTConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
-                     completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    args = trl.SFTConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length,
+                         completion_only_loss=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                             processing_class=tokenizer)
     return trainer, tokenizer, evaluate_split
 
 
-def sft_loop(cfg: dict[str, Any]) -> None:
-    hf_train_loop(cfg, build_sft)
+def sft_loop(loop_config: dict[str, Any]) -> None:
+    hf_train_loop(loop_config, build_sft)
 
 
 # -- reward model -------------------------------------------------------------------------
@@ -191,24 +217,23 @@ def _rm_data(paths):
     return data.add_column("margin", [1.0] * len(data))  # hard labels: standard Bradley–Terry
 
 
-def build_rm(cfg: dict[str, Any], output_dir: str):
+def build_rm(cfg: RMConfig, output_dir: str):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
 
-    opts = cfg["training"]
-    train, evaluation = split(_rm_data(cfg["data"]), opts["eval_split"], opts["seed"])
+    train, evaluation = split(_rm_data(cfg.data), cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
-        cfg["model"], num_labels=1, dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+        cfg.model, num_labels=1, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
+    args = RewardConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length,
                         center_rewards_coefficient=None)
     trainer = _soft_label_trainer_class()(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
     if len(trainer.train_dataset) == 0:  # TRL drops pairs longer than max_length
-        raise TrainingDataError(f"every training pair is longer than --max-length {opts['max_length']} tokens")
+        raise TrainingDataError(f"every training pair is longer than --max-length {cfg.training.max_length} tokens")
     return trainer, tokenizer, measure_reward_model
 
 
@@ -243,59 +268,50 @@ def measure_reward_model(trainer) -> dict[str, float]:
     return metrics
 
 
-def rm_loop(cfg: dict[str, Any]) -> None:
-    hf_train_loop(cfg, build_rm)
+def rm_loop(loop_config: dict[str, Any]) -> None:
+    hf_train_loop(loop_config, build_rm)
 
 
 # -- DPO ----------------------------------------------------------------------------------
 
 
-def build_dpo(cfg: dict[str, Any], output_dir: str):
+def build_dpo(cfg: DPOConfig, output_dir: str):
+    import trl
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
 
-    opts = cfg["training"]
-    data = load_training_data(cfg["data"], PREFERENCE_COLUMNS)
-    train, evaluation = split(data, opts["eval_split"], opts["seed"])
+    data = load_training_data(cfg.data, PREFERENCE_COLUMNS)
+    train, evaluation = split(data, cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg["model"], dtype=_model_dtype(opts["use_gpu"]), trust_remote_code=cfg["trust_remote_code"]
+        cfg.model, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
     )
-    args = DPOConfig(**_common_args(cfg, output_dir, evaluation is not None), max_length=opts["max_length"],
-                     beta=cfg["beta"])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+    args = trl.DPOConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length, beta=cfg.beta)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                             processing_class=tokenizer)
     return trainer, tokenizer, evaluate_split
 
 
-def dpo_loop(cfg: dict[str, Any]) -> None:
-    hf_train_loop(cfg, build_dpo)
+def dpo_loop(loop_config: dict[str, Any]) -> None:
+    hf_train_loop(loop_config, build_dpo)
 
 
 # -- driver -------------------------------------------------------------------------------
 
 LOOPS = {"sft": sft_loop, "rm": rm_loop, "dpo": dpo_loop}
 CHECKS = {
-    "sft": lambda paths, config: _sft_data(paths, config.sft_targets),
-    "rm": lambda paths, config: _rm_data(paths),
-    "dpo": lambda paths, config: load_training_data(paths, PREFERENCE_COLUMNS),
+    "sft": lambda config: _sft_data(config.data, config.sft_targets),
+    "rm": lambda config: _rm_data(config.data),
+    "dpo": lambda config: load_training_data(config.data, PREFERENCE_COLUMNS),
 }
 
 
-def run_train(kind: str, config: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def run_train(config: TrainJobConfig) -> dict[str, Any]:
+    """Check the data on the driver (bad data fails before any worker starts), then train."""
     from workflows.runtime.models import resolve_model
 
     model = resolve_model(config.model)
-    CHECKS[kind](config.data, config)  # bad data fails here, before any worker starts
-    loop_config = {
-        "model": model,
-        "data": [str(Path(p).expanduser().resolve()) for p in config.data],
-        "beta": config.beta,
-        "sft_targets": config.sft_targets,
-        "trust_remote_code": config.trust_remote_code,
-        "training": asdict(config.training),
-    }
-    return run_training(TrainJob(kind=kind, out=Path(config.out), options=config.training, loop=LOOPS[kind],
-                                 loop_config=loop_config, config=config, data=config.data, cluster=config.cluster,
-                                 models={"model": (model, config.model)}))
+    CHECKS[config.kind](config)
+    settings = replace(config, model=model, data=[str(Path(p).expanduser().resolve()) for p in config.data])
+    return run_training(TrainJob(kind=config.kind, out=Path(config.out), workers=config.training.workers,
+                                 learner=config.learner, loop=LOOPS[config.kind], config=config, settings=settings,
+                                 data=config.data, cluster=config.cluster, models={"model": (model, config.model)}))

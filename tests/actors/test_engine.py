@@ -6,6 +6,7 @@ import pytest
 import ray
 
 from actors.engine import PromptTooLongError
+from core.sampling import SamplingConfig, greedy
 
 
 def test_engine_actor_returns_text_and_top_k_logprobs(tiny_engine):
@@ -13,7 +14,7 @@ def test_engine_actor_returns_text_and_top_k_logprobs(tiny_engine):
     assert info["max_model_len"] == 1024
     completions = ray.get(
         tiny_engine.complete.remote(
-            [{"role": "user", "content": "Is it honest?"}], max_new_tokens=12, temperature=0.0, logprobs=3, n=1
+            [{"role": "user", "content": "Is it honest?"}], greedy(12), logprobs=3, n=1
         )
     )
     (completion,) = completions
@@ -47,10 +48,10 @@ def test_exact_next_token_logprobs_of_any_ids_match_the_top_k_and_the_prompt_log
 
 
 def test_sampling_n_and_raw_token_prompts(tiny_engine):
-    completions = ray.get(tiny_engine.complete.remote([1, 40, 41, 42], max_new_tokens=5, temperature=1.0, n=3))
+    completions = ray.get(tiny_engine.complete.remote([1, 40, 41, 42], SamplingConfig(max_new_tokens=5), n=3))
     assert len(completions) == 3 and all(c.prompt_tokens == 4 for c in completions)
 
 
 def test_overlong_prompt_is_refused_with_a_clear_error(tiny_engine):
     with pytest.raises(PromptTooLongError, match="exceeds the model's context of 1024 tokens"):
-        ray.get(tiny_engine.complete.remote([{"role": "user", "content": "word " * 2000}], max_new_tokens=8))
+        ray.get(tiny_engine.complete.remote([{"role": "user", "content": "word " * 2000}], greedy(8)))

@@ -9,6 +9,7 @@ import torch
 from actors.engine import EngineOptions
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from core.ppo_policy import load_actor_critic, pack_rollouts
+from core.sampling import SamplingConfig
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[10, 11, 12, 13], [20, 21], [30, 31, 32]]
@@ -27,7 +28,8 @@ def rollout_engine(ray_local, tiny_model):
 def test_sampling_log_probs_are_the_learners_at_the_same_temperature(rollout_engine, tiny_model, temperature):
     """The engine reports log softmax(logits / T) of each sampled token; the learner computes
     the same numbers from its own copy of the weights, so PPO's ratio starts at exactly 1."""
-    rollouts = ray.get(rollout_engine.generate.remote(PROMPTS, version=0, max_new_tokens=12, temperature=temperature))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature)
+    rollouts = ray.get(rollout_engine.generate.remote(PROMPTS, version=0, sampling=sampling))
     assert all(len(r.logprobs) == len(r.token_ids) > 0 for r in rollouts)
     learner = load_actor_critic(tiny_model, tiny_model).eval()
     batch = pack_rollouts(PROMPTS, [list(r.token_ids) for r in rollouts], pad_id=0)
@@ -42,4 +44,4 @@ def test_sampling_log_probs_are_the_learners_at_the_same_temperature(rollout_eng
 
 def test_a_request_for_another_weights_version_is_refused(rollout_engine):
     with pytest.raises(StaleWeightsError, match="holds policy version 0"):
-        ray.get(rollout_engine.generate.remote(PROMPTS[:1], version=3, max_new_tokens=4))
+        ray.get(rollout_engine.generate.remote(PROMPTS[:1], version=3, sampling=SamplingConfig(max_new_tokens=4)))

@@ -1,11 +1,16 @@
-"""Job configs refuse invalid combinations with messages that name the flags."""
+"""Job configs: each field declared once and read by the CLI, the YAML loader and the run
+identity; invalid combinations refused with messages that name the flags."""
+
+import re
 
 import pytest
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError, config_options, identity, load_config, option_flag, recorded_identity
+from workflows.cli.main import main
+from workflows.cli.registry import COMMANDS
 from workflows.generate import GenerateConfig
 from workflows.label import LabelConfig
-from workflows.train import TrainConfig
+from workflows.train import DPOConfig, SFTConfig
 
 BASE = dict(constitution="harmless", prompts="p.jsonl", out="o")
 
@@ -25,5 +30,54 @@ def test_label_config_needs_two_samples_and_consistent_pairs():
 
 
 def test_train_config_names_invalid_flags():
-    with pytest.raises(ConfigError, match=r"--eval-split, --beta"):
-        load_config(TrainConfig, overrides=dict(model="m", data=["d"], out="o", eval_split=1.5, beta=0))
+    with pytest.raises(ConfigError, match=r"^invalid value for --eval-split, --beta$"):
+        load_config(DPOConfig, overrides=dict(model="m", data=["d"], out="o", eval_split=1.5, beta=0))
+    with pytest.raises(ConfigError, match=r"unknown key 'beta'"):  # DPO's own field
+        load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", beta=0.2))
+
+
+JOB_CONFIGS = [command.config for command in COMMANDS if command.config is not None]
+
+
+def test_the_cli_the_yaml_loader_and_the_identity_read_the_dataclass_fields(capsys):
+    """Each job's flags, its YAML keys and its run identity all come from one declaration per field."""
+    for command in COMMANDS:
+        if command.config is None:
+            continue
+        options = config_options(command.config)
+        with pytest.raises(SystemExit):
+            main([*command.words, "--help"])
+        shown = set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+        declared = {option_flag(name, f) for name, f in options.items() if not f.metadata["positional"]}
+        assert shown - {"--help", "--config"} == declared, command.words
+        with pytest.raises(ConfigError) as error:
+            load_config(command.config, overrides={"not_an_option": 1})
+        valid = error.value.args[0].split("valid keys: ")[1].split(", ")
+        assert set(options) <= set(valid), command.words
+        marked = {name for name, f in options.items() if f.metadata["identity"]}
+        # eval compare names each of its stage runs by the settings its workers get; eval feedback writes no run
+        assert marked or command.words[0] == "eval", f"{command.words}: no field is part of the run's identity"
+
+
+def test_identities_keep_the_keys_of_the_manifests_already_written():
+    """Run folders written before identities came from field metadata still resume."""
+    generate = load_config(GenerateConfig, overrides=dict(model="m", **BASE))
+    assert set(identity(generate, model="/m", constitution_sha256="c", prompts="p")) == {
+        "model", "constitution_sha256", "prompts", "shard_size", "limit", "revisions", "few_shot", "few_shot_initial",
+        "principle_draw", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "ignore_eos", "seed"}
+    label = load_config(LabelConfig, overrides=dict(policy="m", **BASE))
+    assert set(identity(label, policy="/m", feedback_model="/f", constitution_sha256="c", prompts="p")) == {
+        "policy", "feedback_model", "constitution_sha256", "prompts", "shard_size", "limit", "samples", "pairs",
+        "max_pairs", "principles", "both_orders", "cot", "cot_max_new_tokens", "feedback_few_shot", "max_new_tokens",
+        "temperature", "top_p", "repetition_penalty", "seed"}
+
+
+def test_a_training_summary_of_the_old_layout_reads_as_the_same_identity():
+    sft = load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", lr=1e-3, workers=2))
+    old = {"model": "m", "data": ["d"], "out": "o", "beta": 0.1, "sft_targets": "all", "trust_remote_code": False,
+           "training": {"workers": 2, "use_gpu": False, "epochs": 1.0, "max_steps": 0, "lr": 1e-3, "batch_size": 4,
+                        "grad_accum": 1, "max_length": 1024, "eval_split": 0.1, "save_steps": 50,
+                        "logging_steps": 5, "storage_path": "", "max_failures": 0, "report_to": "none", "seed": 0},
+           "cluster": {"run_name": ""}}
+    assert recorded_identity(SFTConfig, old) == identity(sft)
+    assert recorded_identity(SFTConfig, {**old, "training": {**old["training"], "lr": 2e-3}}) != identity(sft)

@@ -45,7 +45,7 @@ def test_a_bad_section_names_the_section(tmp_path):
     assert [s.name for s in plan(load_config(PipelineConfig, overrides={**base, "rl": "dpo"}))][-1] == "dpo"
     # YAML 1.1 reads 1e-6 as a string; a float option takes it as the number
     (ppo,) = [s for s in plan(load_config(PipelineConfig, overrides={**base, "ppo": {"lr": "1e-6"}})) if s.name == "ppo"]
-    assert ppo.config.lr == 1e-6
+    assert ppo.config.learner.lr == 1e-6
 
 
 ENGINE = {"enforce_eager": True, "max_model_len": 1024}

@@ -15,7 +15,6 @@ import ray
 
 from core.config import ConfigError, load_config
 from workflows.ppo import PPOConfig, run_ppo
-from workflows.runtime.training import HOLD_ENV
 
 STEPS = 12
 
@@ -72,7 +71,7 @@ def kill_learner_at_hold(storage: Path, step: int, killed: dict) -> None:
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, tiny_model, tmp_path_factory):
     """One run with two faults: a rollout actor killed after the first checkpoint (step 4),
-    and a learner killed while the learners hold after checkpoint 8 (training.HOLD_ENV)."""
+    and a learner killed while the learners hold after checkpoint 8 (the fault drill, --hold-at-step)."""
     root = tmp_path_factory.mktemp("ppo")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something about topic {i}."}) + "\n" for i in range(32)))
@@ -85,11 +84,8 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     ]
     for killer in killers:
         killer.start()
-    os.environ[HOLD_ENV] = "8"
-    try:
-        summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test"))
-    finally:
-        del os.environ[HOLD_ENV]
+    summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test",
+                                 hold_at_step=8))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "history": history, "out": out, "killed": killed, "prompts": prompts,
             "storage": storage}

@@ -16,8 +16,8 @@ import pytest
 import ray
 
 from core.config import load_config
-from workflows.train import TrainConfig, run_train
-from workflows.runtime.training import HOLD_ENV, TrainingDataError
+from workflows.train import DPOConfig, RMConfig, SFTConfig, TrainJobConfig, run_train
+from workflows.runtime.training import TrainingDataError
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,11 @@ def sl_cai_data(ray_local, tiny_model, tmp_path_factory) -> str:
     return str(root / "run")
 
 
-def train_config(tiny_model, data, out, **training) -> TrainConfig:
+def train_config(kind, tiny_model, data, out, **training) -> TrainJobConfig:
     values = dict(model=tiny_model, data=[str(d) for d in data], out=str(out), workers=2, batch_size=2,
                   max_length=192, logging_steps=1, save_steps=4, max_steps=8, lr=1e-3)
     values.update(training)
-    return load_config(TrainConfig, overrides=values)
+    return load_config({"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}[kind], overrides=values)
 
 
 def weights_digest(directory) -> str:
@@ -49,7 +49,7 @@ def weights_digest(directory) -> str:
 
 def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path):
     out = tmp_path / "sft"
-    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=10))
+    summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, max_steps=10))
     losses = [h["loss"] for h in summary["history"]]
     assert len(losses) >= 5 and all(l == l and abs(l) < 1e4 for l in losses), "finite losses"
     assert losses[-1] < losses[0]
@@ -88,7 +88,7 @@ def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
                 "chosen_prob": 0.9,
             }) + "\n")
     out = tmp_path / "rm"
-    summary = run_train("rm", train_config(tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
+    summary = run_train(train_config("rm", tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
                                            batch_size=4))
     metrics = summary["metrics"]
     assert metrics["train_pairwise_accuracy"] >= 0.8
@@ -103,7 +103,7 @@ def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
     # SL-CAI rows are DPO-ready (chosen: the final revision, rejected: the initial answer);
     # the RL-CAI labels reach a trainer in the pipeline test (label -> rm)
     out = tmp_path / "dpo"
-    summary = run_train("dpo", train_config(tiny_model, [sl_cai_data], out, max_steps=4))
+    summary = run_train(train_config("dpo", tiny_model, [sl_cai_data], out, max_steps=4))
     assert summary["metrics"]["global_step"] == 4
     assert weights_digest(out) != weights_digest(tiny_model), "the parameters changed"
     from transformers import AutoModelForCausalLM
@@ -115,12 +115,12 @@ def test_bad_data_fails_before_any_worker(tiny_model, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     with pytest.raises(TrainingDataError, match=r"missing column\(s\) \['rejected'\]"):
-        run_train("dpo", train_config(tiny_model, [rows], tmp_path / "x"))
+        run_train(train_config("dpo", tiny_model, [rows], tmp_path / "x"))
     rows.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_prob": 1.5}) + "\n")
     with pytest.raises(TrainingDataError, match=r"chosen_prob outside \[0, 1\]"):
-        run_train("rm", train_config(tiny_model, [rows], tmp_path / "x"))
+        run_train(train_config("rm", tiny_model, [rows], tmp_path / "x"))
     with pytest.raises(TrainingDataError, match="does not exist"):
-        run_train("sft", train_config(tiny_model, [tmp_path / "nothing"], tmp_path / "x"))
+        run_train(train_config("sft", tiny_model, [tmp_path / "nothing"], tmp_path / "x"))
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -165,12 +165,11 @@ def drilled_sft(tiny_model, sl_cai_data, tmp_path_factory):
     """One SFT job whose rank-1 worker is killed while the workers hold after checkpoint 8."""
     root = tmp_path_factory.mktemp("drill")
     storage = root / "storage"
-    config = train_config(tiny_model, [sl_cai_data], root / "a" / "sft", max_steps=16, save_steps=4,
-                          max_failures=1, storage_path=str(storage))
+    # every worker holds once after checkpoint 8 (the fault drill): the kill lands at a known step
+    config = train_config("sft", tiny_model, [sl_cai_data], root / "a" / "sft", max_steps=16, save_steps=4,
+                          max_failures=1, storage_path=str(storage), hold_at_step=8)
     result: dict = {}
-    # every worker holds once after checkpoint 8 (training.HOLD_ENV): the kill lands at a known step
-    os.environ[HOLD_ENV] = "8"
-    thread = threading.Thread(target=lambda: result.update(run_train("sft", config)))
+    thread = threading.Thread(target=lambda: result.update(run_train(config)))
     thread.start()
     try:
         wait_for(lambda: held_at(storage, 8), 300, "the workers never held at step 8")
@@ -178,7 +177,6 @@ def drilled_sft(tiny_model, sl_cai_data, tmp_path_factory):
         os.kill(rank1["pid"], signal.SIGKILL)
         thread.join(timeout=600)
     finally:
-        del os.environ[HOLD_ENV]
         if thread.is_alive():
             kill_workers(storage)
     return {"result": result, "root": root, "storage": storage}
@@ -194,7 +192,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(drilled_sft):
 def test_two_jobs_sharing_a_storage_path_never_share_checkpoints(tiny_model, sl_cai_data, drilled_sft):
     first = drilled_sft["result"]
     # the same folder name (``sft``) under another parent, into the storage that holds the first job
-    second = run_train("sft", train_config(tiny_model, [sl_cai_data], drilled_sft["root"] / "b" / "sft", workers=1,
+    second = run_train(train_config("sft", tiny_model, [sl_cai_data], drilled_sft["root"] / "b" / "sft", workers=1,
                                            max_steps=2, save_steps=1, storage_path=str(drilled_sft["storage"])))
     assert first["ray_train"]["name"] != second["ray_train"]["name"]
     assert second["metrics"]["resumed_from_step"] == 0 and second["metrics"]["global_step"] == 2
@@ -207,7 +205,7 @@ def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_l
     argv = [sys.executable, "-m", "workflows.cli", "train", "sft", "--model", tiny_model, "--data", sl_cai_data,
             "--out", str(out), "--workers", "2", "--batch-size", "2", "--max-length", "192", "--max-steps", "16",
             "--save-steps", "4", "--logging-steps", "1", "--lr", "1e-3", "--storage-path", str(storage)]
-    first = subprocess.Popen(argv, env={**os.environ, "RAY_ADDRESS": ray_local["address"], HOLD_ENV: "12"},
+    first = subprocess.Popen([*argv, "--hold-at-step", "12"], env={**os.environ, "RAY_ADDRESS": ray_local["address"]},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: held_at(storage, 12), 300, "the workers never held at step 12")
@@ -217,7 +215,7 @@ def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_l
         first.wait()
         kill_workers(storage)
     assert not (out / "training_summary.json").exists(), "stopped part-way"
-    summary = run_train("sft", train_config(tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4,
+    summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4,
                                             storage_path=str(storage)))
     assert summary["metrics"]["resumed_from_step"] == 12, "continued from the checkpoint's step, not from scratch"
     assert summary["metrics"]["global_step"] == 16

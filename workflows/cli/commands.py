@@ -39,13 +39,10 @@ def cmd_models_default(args: argparse.Namespace) -> int:
 def cmd_models_chat(args: argparse.Namespace) -> int:
     from workflows.chat import chat
 
-    for result in chat(
-        args.model,
-        args.prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        num_gpus=args.gpus,
-    ):
+    from core.sampling import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for result in chat(args.model, args.prompts, sampling=sampling, num_gpus=args.gpus):
         print(f"### {result.prompt}\n{result.response.strip()}\n")
     return 0
 

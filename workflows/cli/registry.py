@@ -21,7 +21,7 @@ from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.generate import GenerateConfig, run_generate
 from workflows.label import LabelConfig, run_label
 from workflows.ppo import PPOConfig, run_ppo
-from workflows.train import TrainConfig, run_train
+from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,9 +70,9 @@ GROUPS = {
 
 _RESUME = " Rerun the same command to resume."
 _TRAIN = {
-    "sft": "supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer) as a Ray Train job",
-    "rm": "a reward model with the soft-label Bradley-Terry loss on RL-CAI pairs, as a Ray Train job",
-    "dpo": "direct preference optimization on chosen/rejected pairs (TRL DPOTrainer) as a Ray Train job",
+    SFTConfig: "supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer) as a Ray Train job",
+    RMConfig: "a reward model with the soft-label Bradley-Terry loss on RL-CAI pairs, as a Ray Train job",
+    DPOConfig: "direct preference optimization on chosen/rejected pairs (TRL DPOTrainer) as a Ray Train job",
 }
 _PPO = "PPO against a reward model or reward function: Ray Train learners, vLLM rollout actors"
 
@@ -110,8 +110,8 @@ COMMANDS: tuple[Command, ...] = (
             help="RL-CAI: sample answers and label preference pairs with AI feedback, on vLLM actors",
             description="Sample K answers per prompt, compare pairs under constitutional principles, write soft "
             "labels." + _RESUME),
-    *(Command(words=("train", kind), config=TrainConfig, job=functools.partial(run_train, kind), help=text,
-              description=text + "." + _RESUME) for kind, text in _TRAIN.items()),
+    *(Command(words=("train", config.kind), config=config, job=run_train, help=text, description=text + "." + _RESUME)
+      for config, text in _TRAIN.items()),
     Command(words=("train", "ppo"), config=PPOConfig, job=_ppo_summary, help=_PPO,
             description=_PPO + " with in-memory weight sync." + _RESUME),
     Command(words=("eval", "feedback"), config=EvalFeedbackConfig, job=run_eval_feedback,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.sampling import SamplingConfig
 from workflows.runtime.ray_session import NAMESPACE
 
 
@@ -67,7 +68,7 @@ class RolloutClient:
                 pass  # died meanwhile: it gets the weights when it is back
         return time.monotonic() - started
 
-    def generate(self, prompts: list[list[int]], version: int, sampling: dict[str, Any]) -> list[Any]:
+    def generate(self, prompts: list[list[int]], version: int, sampling: SamplingConfig) -> list[Any]:
         import ray
 
         from actors.rollout_worker import StaleWeightsError
@@ -80,7 +81,7 @@ class RolloutClient:
             self.live_in_step = min(self.live_in_step, len(actors))
             chunks = [todo[i::len(actors)] for i in range(len(actors))]
             calls = {
-                actor.generate.remote([prompts[i] for i in chunk], version=version, **sampling): chunk
+                actor.generate.remote([prompts[i] for i in chunk], version=version, sampling=sampling): chunk
                 for actor, chunk in zip(actors, chunks) if chunk
             }
             todo = []

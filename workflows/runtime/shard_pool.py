@@ -83,6 +83,11 @@ def _is_actor_death(exc: BaseException) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
+    """One line saying what went wrong: for a task that raised, the worker's own exception
+    (a RayTaskError's first line only names the task and its pid)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 

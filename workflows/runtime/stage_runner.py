@@ -41,8 +41,8 @@ from core.shards import completed_shards, read_shard_inputs, stage_inputs, verif
 class PoolConfig:
     """How a stage fans out: shards, workers and their resources, retries."""
 
-    shard_size: int = option(64, "prompts per shard: the unit of scheduling, writing and retry")
-    limit: int = option(0, "use only the first N prompts; 0 = all")
+    shard_size: int = option(64, "prompts per shard: the unit of scheduling, writing and retry", identity=True)
+    limit: int = option(0, "use only the first N prompts; 0 = all", identity=True)
     workers: int = option(0, "worker actors (one engine each); 0 = as many as the cluster's resources fit")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
     gpus_per_worker: float = option(0.0, "GPUs reserved per worker (at least --tensor-parallel on GPU nodes)")
@@ -128,7 +128,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         summary["max_num_seqs"] = job.max_num_seqs
     manifest.summary = {**manifest.summary, **summary}
     manifest.save()
-    return {"out": str(job.out), **summary}
+    return {"out": str(job.out), **summary, "already_done": not pending}
 
 
 def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name: str, cluster: dict[str, Any],

@@ -17,24 +17,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from workflows.runtime.cluster_options import ClusterOptions
-from core.config import config_to_dict, failing, option
+from core.config import config_to_dict, failing, identity, option, recorded_identity
 from core.manifest import file_fingerprint
 from workflows.runtime.placement import check_total_fits
 from core.run_identity import RUN_FILE, training_run_id
 
 FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"
-HOLD_ENV = "RAY_CAI_HOLD_AT_STEP"
-"""Fault drills: with ``RAY_CAI_HOLD_AT_STEP=N`` in the driver's environment, every worker
-stops once, right after the checkpoint of step N is reported, and waits to be killed (up to
-``HOLD_SECONDS``). It leaves ``held-rank-R`` beside the worker records, so a drill (or a test)
-knows when to kill a worker or the driver. A restarted job does not hold again."""
-HOLD_SECONDS = 600
+HOLD_SECONDS = 600  # how long a fault drill holds a learner (see LearnerOptions.hold_at_step)
 FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
 
 
@@ -43,34 +38,58 @@ class TrainingDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrainingOptions:
-    """How a training job runs on Ray Train."""
+class LearnerOptions:
+    """How the Ray Train learners of every training job (sft, rm, dpo, ppo) run and save."""
 
-    workers: int = option(1, "Ray Train workers (one process each; one GPU each with --use-gpu)")
-    use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
-    epochs: float = option(1.0, "passes over the training data")
-    max_steps: int = option(0, "stop after this many optimizer steps; 0 = run all epochs")
-    lr: float = option(5e-5, "peak learning rate")
-    batch_size: int = option(4, "examples per worker per step")
-    grad_accum: int = option(1, "steps of gradient accumulation")
-    max_length: int = option(1024, "token limit per example (longer ones are truncated)")
-    eval_split: float = option(0.1, "fraction of the data held out for evaluation")
+    lr: float = option(5e-5, "peak learning rate", identity=True)
+    use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo); PPO's rollout engines take GPUs "
+                           "too (--tensor-parallel each)", identity=True)
+    seed: int = option(0, "seed for data order, the held-out split, initialization and sampling", identity=True)
     save_steps: int = option(50, "checkpoint every N optimizer steps")
-    logging_steps: int = option(5, "log the loss every N optimizer steps")
-    storage_path: str = option("", "where Ray Train keeps checkpoints (local dir or s3://...); default OUT/.ray-train")
+    storage_path: str = option("", "where Ray Train keeps checkpoints (local dir or s3://...); default beside --out")
     max_failures: int = option(0, "restarts from the last checkpoint when a worker dies")
+    hold_at_step: int = option(0, "fault drill (tests set it): every learner stops once, right after the checkpoint "
+                               "of this step is reported, and waits to be killed; 0 = never")
+
+    def problems(self) -> list[str]:
+        checks = {"lr": self.lr > 0, "save_steps": self.save_steps >= 1, "max_failures": self.max_failures >= -1,
+                  "hold_at_step": self.hold_at_step >= 0}
+        return failing(checks)
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a Hugging Face / TRL trainer job (sft, rm, dpo) runs on Ray Train."""
+
+    workers: int = option(1, "Ray Train workers (one process each; one GPU each with --use-gpu)", identity=True)
+    epochs: float = option(1.0, "passes over the training data", identity=True)
+    max_steps: int = option(0, "stop after this many optimizer steps; 0 = run all epochs", identity=True)
+    batch_size: int = option(4, "examples per worker per step", identity=True)
+    grad_accum: int = option(1, "steps of gradient accumulation", identity=True)
+    max_length: int = option(1024, "token limit per example (longer ones are truncated)", identity=True)
+    eval_split: float = option(0.1, "fraction of the data held out for evaluation", identity=True)
+    logging_steps: int = option(5, "log the loss every N optimizer steps")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = option("none", "experiment tracker")
-    seed: int = option(0, "seed for data order, the held-out split and initialization")
 
     def problems(self) -> list[str]:
         checks = {
             "workers": self.workers >= 1, "epochs": self.epochs > 0, "max_steps": self.max_steps >= 0,
-            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "max_length": self.max_length >= 8, "eval_split": 0 <= self.eval_split < 1,
-            "save_steps": self.save_steps >= 1, "logging_steps": self.logging_steps >= 1,
-            "max_failures": self.max_failures >= -1,
+            "logging_steps": self.logging_steps >= 1,
         }
         return failing(checks)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the driver tells each learner beside its job's config: where to record itself,
+    the Ray Train run's name, and the models to find (or fetch) on its node."""
+
+    workers_dir: str
+    name: str
+    model_sources: dict[str, Any]
+    hold_at_step: int = 0
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -156,26 +175,27 @@ def worker_output_dir(name: str) -> str:
     return str(path)
 
 
-def register_worker(loop_config: dict[str, Any]) -> None:
+def register_worker(worker: WorkerContext) -> None:
     """Record this worker's rank, pid and node next to the checkpoints: operators (and the
     fault tests) can find the process behind each rank."""
     import ray.train
 
     context = ray.train.get_context()
-    directory = Path(loop_config["workers_dir"])
+    directory = Path(worker.workers_dir)
     directory.mkdir(parents=True, exist_ok=True)
     info = {"rank": context.get_world_rank(), "pid": os.getpid(), "node": os.uname().nodename, "time": time.time()}
     (directory / f"rank-{info['rank']}.json").write_text(json.dumps(info))
 
 
-def hold_if_drilled(loop_config: dict[str, Any], step: int) -> None:
-    """The fault drill (see ``HOLD_ENV``): call after the checkpoint of ``step`` is reported.
-    Holds once per rank, then never again (a restarted job runs through)."""
-    if not step or loop_config.get("hold_at_step") != step:
+def hold_if_drilled(worker: WorkerContext, step: int) -> None:
+    """The fault drill (``--hold-at-step``): call after the checkpoint of ``step`` is reported.
+    Holds once per rank, up to ``HOLD_SECONDS``, and leaves ``held-rank-R`` beside the worker
+    records so a test knows when to kill a worker or the driver; a restarted job runs through."""
+    if not step or worker.hold_at_step != step:
         return
     import ray.train
 
-    marker = Path(loop_config["workers_dir"]) / f"held-rank-{ray.train.get_context().get_world_rank()}"
+    marker = Path(worker.workers_dir) / f"held-rank-{ray.train.get_context().get_world_rank()}"
     if marker.exists():
         return
     marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
@@ -183,17 +203,17 @@ def hold_if_drilled(loop_config: dict[str, Any], step: int) -> None:
     time.sleep(HOLD_SECONDS)
 
 
-def hold_callback(loop_config: dict[str, Any]):
+def hold_callback(worker: WorkerContext):
     """The fault drill as a Hugging Face trainer callback, or None when no drill is asked."""
     from transformers import TrainerCallback
 
-    if not loop_config.get("hold_at_step"):
+    if not worker.hold_at_step:
         return None
 
     class HoldAfterCheckpoint(TrainerCallback):
         # on_step_begin of step N+1: checkpoint N has been saved and reported by now
         def on_step_begin(self, args, state, control, **kwargs):
-            hold_if_drilled(loop_config, state.global_step)
+            hold_if_drilled(worker, state.global_step)
 
     return HoldAfterCheckpoint()
 
@@ -240,50 +260,49 @@ def step_of(checkpoint_dir: str | None) -> int:
 
 @dataclass(frozen=True)
 class TrainJob:
-    kind: str  # sft | rm | dpo
+    kind: str  # sft | rm | dpo | ppo
     out: Path
-    options: TrainingOptions
+    workers: int
+    learner: LearnerOptions
     loop: Callable[[dict[str, Any]], None]
-    loop_config: dict[str, Any]
-    config: Any
+    config: Any  # the job's config as given: recorded in the summary, decides "done already"
+    settings: Any  # the same config resolved for the learners (model paths, data paths)
     data: Sequence[str]
     # writes job-specific files (e.g. PPO's metrics.jsonl) into the output before it is published
     extra_outputs: Callable[[Path, dict[str, Any]], None] | None = None
     cluster: ClusterOptions = ClusterOptions()
-    # loop_config key -> (resolved path, as given): checked (or staged) on the learners' nodes
+    # settings field -> (resolved path, as given): checked (or staged) on the learners' nodes
     models: dict[str, tuple[str, str]] = field(default_factory=dict)
     run_id: str = ""  # from open_training_run, when the caller needed it first
+    loop_data: dict[str, Any] = field(default_factory=dict)  # more for the loop (PPO: prompts, rollout actors)
 
 
 def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
-    """The summary in ``out`` when the same config already trained there, else None."""
+    """The summary in ``out`` when a job of the same identity already finished there, else None.
+
+    Summaries written before identities were recorded are read through their config."""
     summary_path = out.expanduser().resolve() / SUMMARY
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if _trained_by(summary.get("config") or {}) == _trained_by(config_to_dict(config)):
+        recorded = summary.get("identity") or recorded_identity(type(config), summary.get("config") or {})
+        if recorded == identity(config):
             return {**summary, "already_done": True}
     return None
 
 
-def _trained_by(config: dict[str, Any]) -> dict[str, Any]:
-    # How the job met the cluster (run name, placement timeout, staging) does not change the model.
-    return {key: value for key, value in config.items() if key != "cluster"}
-
-
-def learner_nodes(options: TrainingOptions) -> list[str]:
+def learner_nodes(use_gpu: bool) -> list[str]:
     """Ids of the alive nodes where Ray Train could put a learner (a CPU, and a GPU on GPU)."""
     import ray
 
-    need = "GPU" if options.use_gpu else "CPU"
+    need = "GPU" if use_gpu else "CPU"
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(need, 0) >= 1]
 
 
 def local_models(settings: Any, sources: dict[str, Any]) -> Any:
-    """``settings`` (a frozen config, or a dict) with each model field set to that model's
-    folder on this node (on a worker: a staged copy is fetched once per node; a missing
-    folder is a clear error naming the node)."""
-    paths = {key: source.local_path() for key, source in sources.items()}
-    return replace(settings, **paths) if is_dataclass(settings) else {**settings, **paths}
+    """``settings`` (a frozen config) with each model field set to that model's folder on
+    this node (on a worker: a staged copy is fetched once per node; a missing folder is a
+    clear error naming the node)."""
+    return replace(settings, **{key: source.local_path() for key, source in sources.items()})
 
 
 def open_training_run(out: Path, config: Any, run_name: str) -> tuple[dict[str, Any] | None, str]:
@@ -300,11 +319,11 @@ def open_training_run(out: Path, config: Any, run_name: str) -> tuple[dict[str, 
     return None, run_id
 
 
-def learner_demand(options: TrainingOptions) -> dict[str, dict[str, float]]:
+def learner_demand(workers: int, use_gpu: bool) -> dict[str, dict[str, float]]:
     """What Ray Train's worker group holds: one CPU per worker (its default), one GPU each on GPU."""
-    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if options.use_gpu else {})}
+    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {})}
     shape = " + ".join(f"{v:g} {k}" for k, v in per_worker.items())
-    return {f"{options.workers} learner(s) x {shape}": {k: v * options.workers for k, v in per_worker.items()}}
+    return {f"{workers} learner(s) x {shape}": {k: v * workers for k, v in per_worker.items()}}
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
@@ -319,37 +338,34 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     done, run_id = (None, job.run_id) if job.run_id else open_training_run(out, job.config, job.cluster.run_name)
     if done:
         return done
-    storage = job.options.storage_path or str(out.parent / f".{out.name}.ray-train")
+    storage = job.learner.storage_path or str(out.parent / f".{out.name}.ray-train")
     name = f"cai-train-{job.kind}-{run_id}"
     def note(line: str) -> None:
         print(f"cai train {job.kind} [{run_id}]: {line}", file=sys.stderr, flush=True)
 
     cluster = connect_ray()
-    check_total_fits(learner_demand(job.options), fixed=cluster.get("local", False),
+    check_total_fits(learner_demand(job.workers, job.learner.use_gpu), fixed=cluster.get("local", False),
                      what=f"cai train {job.kind}", report=note)
     # Ray Train waits this long for its worker group, then (controller_failure_limit=0) fails
     # instead of retrying for ever; the variable is propagated to its controller (Ray 2.60).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.placement_timeout or FOREVER_S)
     sources = {key: prepare_model(path, spec, job.cluster) for key, (path, spec) in job.models.items()}
     if sources:
-        checked = preflight_models(tuple(sources.values()), learner_nodes(job.options),
+        checked = preflight_models(tuple(sources.values()), learner_nodes(job.learner.use_gpu),
                                    timeout_s=job.cluster.placement_timeout or None)
         note(f"model(s) ready on {len(checked)} node(s) that can host a learner")
     started = time.monotonic()
     trainer = TorchTrainer(
         job.loop,
-        train_loop_config={
-            **job.loop_config,
-            "model_sources": sources,
-            "workers_dir": str(Path(storage) / name / "workers"),
-            "name": name,
-            "hold_at_step": int(os.environ.get(HOLD_ENV, "0") or 0),
-        },
-        scaling_config=ScalingConfig(num_workers=job.options.workers, use_gpu=job.options.use_gpu),
+        # the job's frozen config itself, and what each learner needs to know about the run
+        train_loop_config={"config": job.settings, "worker": WorkerContext(
+            workers_dir=str(Path(storage) / name / "workers"), name=name, model_sources=sources,
+            hold_at_step=job.learner.hold_at_step), **job.loop_data},
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.learner.use_gpu),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=job.options.max_failures, controller_failure_limit=0),
+            failure_config=FailureConfig(max_failures=job.learner.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -374,6 +390,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "ray_train": {"name": name, "storage_path": storage},
         "data": data_lineage(job.data),
         "config": config_to_dict(job.config),
+        "identity": identity(job.config),
     }
     if job.extra_outputs:
         job.extra_outputs(staging, summary)
@@ -392,23 +409,25 @@ def evaluate_split(trainer) -> dict[str, float]:
     return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
 
 
-def hf_train_loop(loop_config: dict[str, Any], build: Callable[[dict[str, Any], str], tuple[Any, Any, Any]]) -> None:
+def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple[Any, Any, Any]]) -> None:
     """The body of every job's train loop, on each worker: resume or start, train a
     Hugging Face / TRL trainer wired to Ray Train, report the final model.
 
-    ``build(loop_config, output_dir)`` returns (trainer, tokenizer, measure), where
+    ``loop_config`` holds the job's frozen ``config`` and the run's ``worker`` context.
+    ``build(config, output_dir)`` returns (trainer, tokenizer, measure), where
     ``measure(trainer) -> metrics`` runs before and after training."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    loop_config = local_models(loop_config, loop_config.get("model_sources", {}))
-    register_worker(loop_config)
+    worker: WorkerContext = loop_config["worker"]
+    config = local_models(loop_config["config"], worker.model_sources)
+    register_worker(worker)
     resume, finished = resume_checkpoint()
     if finished:  # a rerun after the job completed: hand back the same model
         report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
         return
-    trainer, tokenizer, measure = build(loop_config, worker_output_dir(loop_config["name"]))
+    trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
     trainer.add_callback(RayTrainReportCallback())
-    hold = hold_callback(loop_config)
+    hold = hold_callback(worker)
     if hold is not None:
         trainer.add_callback(hold)
     trainer = prepare_trainer(trainer)

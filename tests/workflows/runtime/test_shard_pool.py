@@ -1,0 +1,84 @@
+"""The shard pool on a real local Ray instance, with plain actors (no engines): every shard
+done once, dead actors replaced, failures bounded, waiting for capacity bounded."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from workflows.runtime.shard_pool import NoCapacityError, ShardFailedError, ShardQueue, run_shard_pool
+
+
+class Squares:
+    """Squares a shard index. ``die_on``: exits its process on that shard, once (a marker file
+    remembers); ``fail_on``: raises on that shard every time; ``slow_start``: ready() hangs."""
+
+    def __init__(self, marker: str, die_on: int = -1, fail_on: int = -1, slow_start: bool = False):
+        self.marker, self.die_on, self.fail_on, self.slow_start = Path(marker), die_on, fail_on, slow_start
+
+    def ready(self) -> bool:
+        if self.slow_start:
+            time.sleep(60)
+        return True
+
+    def run(self, shard: int) -> int:
+        if shard == self.die_on and not self.marker.exists():
+            self.marker.write_text("died")
+            os._exit(1)
+        if shard == self.fail_on:
+            raise ValueError(f"shard {shard} is bad")
+        return shard * shard
+
+
+def drive(tmp_path, shards=8, workers=2, max_attempts=3, **behaviour):
+    actor_cls = ray.remote(num_cpus=0)(Squares)
+    made, results, failures = [], {}, []
+
+    def make_actor(slot: int, generation: int):
+        made.append((slot, generation))
+        return actor_cls.remote(str(tmp_path / "died"), **behaviour)
+
+    def on_result(shard: int, value: int) -> None:
+        assert shard not in results, f"shard {shard} came back twice"
+        results[shard] = value
+
+    run_shard_pool(make_actor=make_actor, n_workers=workers, queue=ShardQueue.of(range(shards), max_attempts),
+                   submit=lambda actor, shard: actor.run.remote(shard), on_result=on_result,
+                   on_failure=lambda shard, reason: failures.append((shard, reason)), poll_seconds=0.2)
+    return results, failures, made
+
+
+def test_every_shard_is_done_once_across_workers(ray_local, tmp_path):
+    results, failures, made = drive(tmp_path)
+    assert results == {i: i * i for i in range(8)} and failures == []
+    assert sorted(made) == [(0, 0), (1, 0)]
+
+
+def test_a_dead_actor_is_replaced_and_its_shard_rerun(ray_local, tmp_path):
+    results, failures, made = drive(tmp_path, die_on=3)
+    assert results == {i: i * i for i in range(8)}, "every shard once, the lost one included"
+    # shard 3 and whatever else was in flight on the dying actor
+    assert 3 in {shard for shard, _ in failures} and all("ActorDiedError" in reason for _, reason in failures)
+    assert any(generation == 1 for _, generation in made), "the dead slot got a fresh actor"
+
+
+def test_a_shard_failing_every_time_stops_the_run_with_its_error(ray_local, tmp_path):
+    with pytest.raises(ShardFailedError, match=r"shard 5 failed 2 times \(limit 2\); last error: ValueError: shard 5 is bad$"):
+        drive(tmp_path, max_attempts=2, fail_on=5)
+
+
+def test_waiting_for_capacity_says_so_and_stops_at_the_timeout(ray_local, tmp_path):
+    actor_cls = ray.remote(num_cpus=0)(Squares)
+    waits = []
+    started = time.monotonic()
+    with pytest.raises(NoCapacityError, match=r"--placement-timeout 2\b.*1 bundle on no node.*rerun"):
+        run_shard_pool(make_actor=lambda slot, generation: actor_cls.remote(str(tmp_path / "m"), slow_start=True),
+                       n_workers=1, queue=ShardQueue.of(range(3), 3), submit=lambda actor, shard: None,
+                       on_result=lambda shard, value: None, poll_seconds=0.2, unplaced=lambda: "1 bundle on no node",
+                       placement_timeout_s=2, on_wait=waits.append, report_every_s=0.5)
+    assert time.monotonic() - started < 30
+    assert waits and "waiting" in waits[0] and "1 bundle on no node" in waits[0]
