@@ -19,11 +19,11 @@ from typing import Any
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from core.preference import comparison_messages
 from actors.shard_work import OccupancySampler, RowRejected, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
 from core.eval_stats import challenger_win_prob
+from core.preference import comparison_messages
 from core.sampling import SamplingConfig
 
 BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]

@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
-from core.sampling import greedy
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -25,6 +24,7 @@ from core.preference import (
     normalize,
     option_logprobs,
 )
+from core.sampling import greedy
 
 TOP_K = 20
 

@@ -12,24 +12,36 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
+from core.config import failing, option
+from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from core.sampling import SamplingConfig
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ChainSettings:
-    revisions: int
-    sampling: SamplingConfig
-    few_shot: int
-    seed: int
-    few_shot_initial: bool = False
-    principle_draw: PrincipleDraw = "independent"
-    ignore_eos: bool = False
+    """How each row's critique/revision chain runs; `cai generate` nests it and the workers get it."""
+
+    revisions: int = option(1, "critique/revision rounds per prompt", identity=True)
+    few_shot: int = option(0, "few-shot examples from the constitution before each critique and revision (a shared "
+                           "prefix)", identity=True)
+    few_shot_initial: bool = option(False, "show the few-shot examples when sampling the initial answer too (off: "
+                                    "§3.1 samples it from the prompt alone, so the examples' harmless revisions "
+                                    "do not leak into the initial answer and the 'rejected' column)", identity=True)
+    principle_draw: PrincipleDraw = option("independent", "each round's critique principle: drawn independently "
+                                           "from all (§3.1), or without repeats while they last", identity=True)
+    ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)",
+                              identity=True)
+    seed: int = option(0, "seed for principle sampling (per row id) and the engines", identity=True)
+    sampling: SamplingConfig = option(SamplingConfig(), "how answers, critiques and revisions are sampled "
+                                      "(temperature 1, as the paper samples SL-CAI data)")
+
+    def problems(self) -> list[str]:
+        return failing({"revisions": self.revisions >= 0, "few_shot": self.few_shot >= 0}) + self.sampling.problems()
 
 
 class GenerationWorker:

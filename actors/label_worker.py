@@ -11,30 +11,48 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from core.preference import label_pair, pair_indices
 from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
+from core.config import failing, option
+from core.preference import label_pair, pair_indices
 from core.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
 class LabelSettings:
-    samples: int
-    pairs: str
-    max_pairs: int
-    principles: int
-    cot: bool
-    cot_max_new_tokens: int
-    feedback_few_shot: bool
-    sampling: SamplingConfig
-    seed: int
-    both_orders: bool = True
+    """How each prompt's answers are sampled and compared; `cai label` nests it and the workers get it."""
+
+    samples: int = option(2, "answers sampled per prompt (K >= 2)", identity=True)
+    pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare",
+                                                         identity=True)
+    max_pairs: int = option(0, "with --pairs random: pairs per prompt", identity=True)
+    principles: int = option(1, "feedback principles sampled per pair and averaged (M)", identity=True)
+    both_orders: bool = option(True, "score each principle with the answers in both orders and average, which "
+                               "cancels the feedback model's position bias (RLAIF, Lee et al. 2023 §2.1.1); "
+                               "off: one random order per principle, half the scoring", identity=True)
+    cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]",
+                       identity=True)
+    cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning", identity=True)
+    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question",
+                                     identity=True)
+    seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines", identity=True)
+    sampling: SamplingConfig = option(SamplingConfig(), "how the K answers are sampled (temperature 1: "
+                                      "diversity matters here)")
+
+    def problems(self) -> list[str]:
+        checks = {
+            "samples": self.samples >= 2,
+            "max_pairs": self.max_pairs >= 0 and (self.pairs == "random") == (self.max_pairs > 0),
+            "principles": self.principles >= 1,
+            "cot_max_new_tokens": self.cot_max_new_tokens >= 1,
+        }
+        return failing(checks) + self.sampling.problems()
 
 
 class LabelWorker:

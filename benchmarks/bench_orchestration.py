@@ -40,10 +40,10 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflows.generate import OUTPUT_SCHEMA  # noqa: E402
 from core.manifest import RunManifest, ShardState, file_fingerprint  # noqa: E402
-from workflows.runtime.shard_pool import ShardQueue  # noqa: E402
 from core.shards import (  # noqa: E402
+from workflows.generate import OUTPUT_SCHEMA  # noqa: E402
+from workflows.runtime.shard_pool import ShardQueue  # noqa: E402
     completed_shards,
     read_shard_inputs,
     stage_inputs,

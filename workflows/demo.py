@@ -11,8 +11,8 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from workflows.runtime.models import materialize_default_model
 from workflows.pipeline import load_pipeline_config, run_pipeline
+from workflows.runtime.models import materialize_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,17 +38,17 @@ import pyarrow as pa
 from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from workflows.runtime.cluster_options import ClusterOptions
 from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
-from workflows.runtime.engine_config import EngineConfig
-from workflows.eval_report import write_markdown, write_plot
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
-from workflows.runtime.model_preflight import prepare_model
-from workflows.runtime.models import resolve_model
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
 from core.sampling import SamplingConfig
 from core.shards import MESSAGE, write_jsonl
+from workflows.eval_report import write_markdown, write_plot
+from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.model_preflight import prepare_model
+from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
 ANSWER_SCHEMA = pa.schema([

@@ -15,15 +15,13 @@ import pyarrow as pa
 
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
-from constitutions.sampling import PrincipleDraw
-from workflows.runtime.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
-from workflows.runtime.engine_config import EngineConfig
+from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import file_fingerprint
+from core.shards import MESSAGE
+from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
-from core.sampling import SamplingConfig
-from core.shards import MESSAGE
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
 REVISION = pa.struct(
@@ -58,27 +56,13 @@ class GenerateConfig:
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
     prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
-    revisions: int = option(1, "critique/revision rounds per prompt", identity=True)
-    few_shot: int = option(0, "few-shot examples from the constitution before each critique and revision (a shared prefix)", identity=True)
-    few_shot_initial: bool = option(False, "show the few-shot examples when sampling the initial answer too (off: "
-                                    "§3.1 samples it from the prompt alone, so the examples' harmless revisions "
-                                    "do not leak into the initial answer and the 'rejected' column)", identity=True)
-    principle_draw: PrincipleDraw = option("independent", "each round's critique principle: drawn independently "
-                                           "from all (§3.1), or without repeats while they last", identity=True)
-    ignore_eos: bool = option(False, "always generate --max-new-tokens tokens per step (equal work, for benchmarks)", identity=True)
-    seed: int = option(0, "seed for principle sampling (per row id) and the engines", identity=True)
-    sampling: SamplingConfig = option(SamplingConfig(), "how answers, critiques and revisions are sampled "
-                                      "(temperature 1, as the paper samples SL-CAI data)")
+    chain: ChainSettings = option(ChainSettings(), "the critique/revision chain of each prompt")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engine in each worker")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        checks = {
-            "revisions": self.revisions >= 0,
-            "few_shot": self.few_shot >= 0,
-        }
-        require_valid(failing(checks), self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems())
+        require_valid(self.chain.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems())
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
 
@@ -86,14 +70,11 @@ class GenerateConfig:
 def run_generate(config: GenerateConfig) -> dict[str, Any]:
     model_path = resolve_model(config.model)
     constitution = load_constitution(config.constitution)
-    if config.revisions and not constitution.critiques:
+    chain = config.chain
+    if chain.revisions and not constitution.critiques:
         raise ConfigError(f"--constitution {config.constitution!r} has no critique principles")
-    if config.few_shot > len(constitution.few_shot):
-        raise ConfigError(f"--few-shot {config.few_shot}: the constitution has {len(constitution.few_shot)} examples")
-    settings = ChainSettings(
-        revisions=config.revisions, sampling=config.sampling, few_shot=config.few_shot,
-        few_shot_initial=config.few_shot_initial, principle_draw=config.principle_draw, seed=config.seed,
-        ignore_eos=config.ignore_eos)
+    if chain.few_shot > len(constitution.few_shot):
+        raise ConfigError(f"--few-shot {chain.few_shot}: the constitution has {len(constitution.few_shot)} examples")
     source = prepare_model(model_path, config.model, config.cluster)
     job = StageJob(
         stage="generate",
@@ -105,7 +86,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,
-        worker_args=(config.engine.options(model_path, config.seed, source), constitution.to_dict(), settings),
+        worker_args=(config.engine.options(model_path, chain.seed, source), constitution.to_dict(), chain),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs,
         cluster=config.cluster,

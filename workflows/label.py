@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
-from workflows.runtime.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
-from workflows.runtime.engine_config import EngineConfig
+from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import file_fingerprint
+from core.shards import MESSAGE
+from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
-from core.sampling import SamplingConfig
-from core.shards import MESSAGE
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
 OUTPUT_SCHEMA = pa.schema(
@@ -61,33 +60,15 @@ class LabelConfig:
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
     prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
-    samples: int = option(2, "answers sampled per prompt (K >= 2)", identity=True)
-    pairs: Literal["all", "adjacent", "random"] = option("all", "which pairs of the K answers to compare", identity=True)
-    max_pairs: int = option(0, "with --pairs random: pairs per prompt", identity=True)
-    principles: int = option(1, "feedback principles sampled per pair and averaged (M)", identity=True)
-    both_orders: bool = option(True, "score each principle with the answers in both orders and average, which "
-                               "cancels the feedback model's position bias (RLAIF, Lee et al. 2023 §2.1.1); "
-                               "off: one random order per principle, half the scoring", identity=True)
-    cot: bool = option(False, "chain-of-thought: reason first, then choose; labels clamped to [0.4, 0.6]", identity=True)
-    cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning", identity=True)
-    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question", identity=True)
-    seed: int = option(0, "seed for principle sampling and option orders (per row id) and the engines", identity=True)
-    sampling: SamplingConfig = option(SamplingConfig(), "how the K answers are sampled (temperature 1: "
-                                      "diversity matters here)")
+    labelling: LabelSettings = option(LabelSettings(), "how each prompt's answers are sampled and compared")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines in each worker")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        checks = {
-            "samples": self.samples >= 2,
-            "max_pairs": self.max_pairs >= 0 and (self.pairs == "random") == (self.max_pairs > 0),
-            "principles": self.principles >= 1,
-            "cot_max_new_tokens": self.cot_max_new_tokens >= 1,
-        }
-        bad = failing(checks)
+        bad = self.labelling.problems()
         hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
+        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
 
 
 def run_label(config: LabelConfig) -> dict[str, Any]:
@@ -96,14 +77,10 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     constitution = load_constitution(config.constitution)
     if not constitution.feedback:
         raise ConfigError(f"--constitution {config.constitution!r} has no feedback principles; cai label needs them")
-    settings = LabelSettings(
-        samples=config.samples, pairs=config.pairs, max_pairs=config.max_pairs, principles=config.principles,
-        cot=config.cot, cot_max_new_tokens=config.cot_max_new_tokens, feedback_few_shot=config.feedback_few_shot,
-        sampling=config.sampling, seed=config.seed, both_orders=config.both_orders,
-    )
+    settings = config.labelling
     policy_source = prepare_model(policy, config.policy, config.cluster)
     feedback_source = prepare_model(feedback, config.feedback_model, config.cluster) if feedback != policy else None
-    feedback_options = config.engine.options(feedback, config.seed, feedback_source) if feedback_source else None
+    feedback_options = config.engine.options(feedback, settings.seed, feedback_source) if feedback_source else None
     job = StageJob(
         stage="label",
         out=Path(config.out).expanduser(),
@@ -114,7 +91,8 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,
-        worker_args=(config.engine.options(policy, config.seed, policy_source), feedback_options, constitution.to_dict(), settings),
+        worker_args=(config.engine.options(policy, settings.seed, policy_source), feedback_options, constitution.to_dict(),
+                     settings),
         worker_kwargs={"policy_name": config.policy, "feedback_name": config.feedback_model or config.policy},
         max_num_seqs=config.engine.max_num_seqs,
         many_per_input=True,

@@ -15,15 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.runtime.cluster_options import ClusterOptions
 from core.config import REQUIRED, ConfigError, failing, option, require_valid
-from workflows.runtime.engine_config import EngineConfig
-from workflows.runtime.models import resolve_model
-from workflows.ppo_learner import ppo_loop
 from core.prompt_data import load_prompts
 from core.sampling import SamplingConfig
-from workflows.runtime.ray_session import NAMESPACE
+from workflows.ppo_learner import ppo_loop
+from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
+from workflows.runtime.ray_session import NAMESPACE
 from workflows.runtime.training import LearnerOptions, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"

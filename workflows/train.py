@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from workflows.runtime.cluster_options import ClusterOptions
 from core.config import REQUIRED, option, require_valid
+from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.training import (
     LearnerOptions,
     TrainingDataError,

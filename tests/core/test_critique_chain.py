@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from constitutions.loader import load_constitution
+from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 
 HARMLESS = load_constitution("harmless")
 

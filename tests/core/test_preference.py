@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from constitutions.schema import FeedbackExample, FeedbackPrinciple
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -27,7 +28,6 @@ from core.preference import (
     pair_indices,
     undo_order,
 )
-from constitutions.schema import FeedbackExample, FeedbackPrinciple
 
 CONVERSATION = [
     {"role": "system", "content": "You are helpful."},

@@ -7,7 +7,6 @@ import pytest
 
 from core.manifest import RunManifest, ShardState
 from core.run_identity import RunMismatchError
-from workflows.runtime.shard_pool import ShardFailedError, ShardQueue
 from core.shards import (
     RowAccountingError,
     completed_shards,
@@ -17,6 +16,7 @@ from core.shards import (
     verify_run,
     write_shard_output,
 )
+from workflows.runtime.shard_pool import ShardFailedError, ShardQueue
 
 SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("text", pa.string())])
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from constitutions.loader import load_constitution
-from workflows.cli.main import build_parser, main
 from core.config import ConfigError, load_config
+from workflows.cli.main import build_parser, main
 from workflows.eval_compare import EvalCompareConfig, display_names, run_eval_compare, stage_prompts
 from workflows.eval_report import markdown_cell
 

@@ -16,8 +16,8 @@ import ray
 
 from constitutions.loader import load_constitution
 from core.config import load_config
-from workflows.generate import GenerateConfig, run_generate
 from core.run_identity import RunMismatchError
+from workflows.generate import GenerateConfig, run_generate
 
 pytestmark = pytest.mark.slow
 HARMLESS = load_constitution("harmless")

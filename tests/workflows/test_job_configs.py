@@ -26,7 +26,7 @@ def test_label_config_needs_two_samples_and_consistent_pairs():
     with pytest.raises(ConfigError, match=r"^invalid value for --samples, --max-pairs \(--max-pairs N goes with --pairs random, and only with it\)$"):
         load_config(LabelConfig, overrides=dict(policy="m", **BASE, samples=1, max_pairs=2))
     config = load_config(LabelConfig, overrides=dict(policy="m", **BASE, samples=4, pairs="random", max_pairs=2))
-    assert config.max_pairs == 2 and config.pool.shard_size == 64
+    assert config.labelling.max_pairs == 2 and config.pool.shard_size == 64
 
 
 def test_train_config_names_invalid_flags():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workflows.cli.main import main
 from core.config import ConfigError, load_config, read_yaml
+from workflows.cli.main import main
 from workflows.pipeline import PipelineConfig, merge, parse_overrides, plan
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,8 +16,8 @@ import pytest
 import ray
 
 from core.config import load_config
-from workflows.train import DPOConfig, RMConfig, SFTConfig, TrainJobConfig, run_train
 from workflows.runtime.training import TrainingDataError
+from workflows.train import DPOConfig, RMConfig, SFTConfig, TrainJobConfig, run_train
 
 pytestmark = pytest.mark.slow
 

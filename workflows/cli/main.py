@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from constitutions.importers import ConstitutionImportError
 from constitutions.loader import ConstitutionError
 from core.config import ConfigError
-from core.run_identity import RunMismatchError
 from core.prompt_data import PromptDataError
 from core.rewards import RewardError
+from core.run_identity import RunMismatchError
 from workflows.cli.registry import COMMANDS, GROUPS
 from workflows.eval_feedback import EvalDataError
 from workflows.runtime.job_client import JobClientError

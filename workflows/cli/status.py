@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from workflows.pipeline import RECORD
 from core.shards import completed_shards
+from workflows.pipeline import RECORD
 from workflows.runtime.training import SUMMARY
 
 

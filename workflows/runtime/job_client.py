@@ -51,8 +51,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from workflows.runtime import ray_auth
 from core.config import ConfigError
+from workflows.runtime import ray_auth
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}

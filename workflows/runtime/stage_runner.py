@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from workflows.runtime.cluster_options import ClusterOptions
 from core.config import failing, option
 from core.manifest import RunManifest, ShardState
+from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
+from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.placement import (
     WorkerResources,
     bundle_options,
@@ -34,7 +35,6 @@ from workflows.runtime.placement import (
 from workflows.runtime.progress import RunProgress
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 from workflows.runtime.shard_pool import ShardQueue, run_shard_pool
-from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
 
 
 @dataclass(frozen=True)

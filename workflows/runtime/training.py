@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.runtime.cluster_options import ClusterOptions
 from core.config import config_to_dict, failing, identity, option, recorded_identity
 from core.manifest import file_fingerprint
-from workflows.runtime.placement import check_total_fits
 from core.run_identity import RUN_FILE, training_run_id
+from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.placement import check_total_fits
 
 FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"

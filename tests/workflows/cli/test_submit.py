@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.config import ConfigError
 from tests.workflows.runtime.ray_head import (
     BIN, clean_env, free_ports, node_port_flags, short_temp_dir, start_head, stop_head, wait_for_head,
 )
-from workflows.runtime import job_client
 from workflows.cli.main import main
 from workflows.cli.registry import command_names
-from core.config import ConfigError
+from workflows.runtime import job_client
 
 START_LOCAL = Path(__file__).resolve().parents[3] / "cluster" / "start-local.sh"
 
