@@ -131,7 +131,10 @@ def wait_for_shards(out: Path, count: int, timeout: float = 300) -> None:
 def test_killed_actor_is_replaced_and_no_row_is_lost_or_duplicated(ray_local, tiny_model, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 40)
     out = tmp_path / "run"
-    cfg = config(tiny_model, prompts, out, max_new_tokens=24, shard_size=2)
+    # One worker: when its first shard is done it holds the next ones, so the kill always lands
+    # on shards in flight (with two, the other engine could finish every shard while this one
+    # was still starting on a busy machine, and the kill would test nothing).
+    cfg = config(tiny_model, prompts, out, max_new_tokens=24, shard_size=2, workers=1)
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(run_generate(cfg)))
     driver.start()
