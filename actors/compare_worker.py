@@ -29,7 +29,7 @@ from core.sampling import SamplingConfig
 BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AnswerSettings:
     samples: int
     sampling: SamplingConfig
@@ -72,7 +72,7 @@ class AnswerWorker:
         }]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JudgeSettings:
     baseline: str  # display names
     challengers: tuple[str, ...]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.run_identity import RunMismatchError, settle_run_id
+from core.run_identity import RunMismatchError, same_identity, settle_run_id
 
 MANIFEST = "manifest.json"
 
@@ -80,9 +80,7 @@ class RunManifest:
                        run_id=settle_run_id(Path(run_dir), None, run_name))
         data = json.loads(path.read_text(encoding="utf-8"))
         previous = data.get("identity", {})
-        # A key the recorded identity lacks was added by a later version (e.g. a new sampling
-        # setting at its default): runs recorded before it still resume.
-        if data.get("stage") != stage or previous != {k: v for k, v in identity.items() if k in previous}:
+        if data.get("stage") != stage or not same_identity(previous, identity):
             differing = sorted(k for k in previous if previous.get(k) != identity.get(k))
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}" for k in differing[:8])
             raise RunMismatchError(

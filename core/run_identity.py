@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 RUN_FILE = "run.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
@@ -20,6 +21,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
 class RunMismatchError(ValueError):
     """The output directory holds a run with different settings."""
+
+
+def same_identity(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a run folder's recorded identity is the current one: the rule every stage, training
+    job and pipeline rerun applies before resuming or counting the work as done.
+
+    A key the recorded identity lacks was added by a later version (a new setting, at the
+    value every earlier run used), so folders recorded before it still match."""
+    return set(recorded) <= set(current) and all(current[key] == value for key, value in recorded.items())
 
 
 def new_run_id(out: Path) -> str:

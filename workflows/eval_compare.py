@@ -107,7 +107,8 @@ class EvalCompareConfig:
         }
         bad = failing(checks)
         hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
+        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(),
+                      self.cluster.problems(), hint=hint)
         if self.samples_per_prompt > 1 and self.sampling.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
@@ -201,7 +202,7 @@ def _stage_pool(config: EvalCompareConfig) -> PoolConfig:
 
 
 def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: dict[str, Any], out: Path):
-    settings = AnswerSettings(config.samples_per_prompt, config.sampling, config.seed)
+    settings = AnswerSettings(samples=config.samples_per_prompt, sampling=config.sampling, seed=config.seed)
     source = prepare_model(model.path, model.spec, config.cluster)
     job = StageJob(
         stage="compare-answers",
@@ -258,8 +259,9 @@ def judge_items(models: list[ComparedModel], prompts: dict[str, Any], out: Path)
 def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge: str,
                   constitutions: dict[str, Constitution], prompts: dict[str, Any], out: Path) -> dict[str, Any]:
     items = judge_items(models, prompts, out)
-    settings = JudgeSettings(models[0].name, tuple(m.name for m in models[1:]), config.principles,
-                             config.feedback_few_shot, config.seed)
+    settings = JudgeSettings(baseline=models[0].name, challengers=tuple(m.name for m in models[1:]),
+                             principles=config.principles, feedback_few_shot=config.feedback_few_shot,
+                             seed=config.seed)
     answers_sha = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
     source = prepare_model(judge, config.judge, config.cluster)
     job = StageJob(

@@ -99,3 +99,12 @@ def test_shard_queue_retries_then_fails_clearly():
     assert queue.take() == shard, "a failed shard goes to the front"
     with pytest.raises(ShardFailedError, match="shard 0 failed 2 times .* last error: boom again"):
         queue.failed(shard, "boom again")
+
+
+def test_identity_keys_added_by_a_later_version_still_match():
+    from core.run_identity import same_identity
+
+    recorded = {"temperature": 1.0, "seed": 0}
+    assert same_identity(recorded, {"temperature": 1.0, "seed": 0, "repetition_penalty": 1.0})
+    assert not same_identity(recorded, {"temperature": 0.7, "seed": 0, "repetition_penalty": 1.0})
+    assert not same_identity({**recorded, "gone": 1}, {"temperature": 1.0, "seed": 0})

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from core.config import config_to_dict, failing, identity, option, recorded_identity
 from core.manifest import file_fingerprint
-from core.run_identity import RUN_FILE, training_run_id
+from core.run_identity import RUN_FILE, same_identity, training_run_id
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.placement import check_total_fits
 
@@ -285,7 +285,7 @@ def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         recorded = summary.get("identity") or recorded_identity(type(config), summary.get("config") or {})
-        if recorded == identity(config):
+        if same_identity(recorded, identity(config)):
             return {**summary, "already_done": True}
     return None
 
