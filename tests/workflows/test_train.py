@@ -58,11 +58,12 @@ def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path
     assert saved["data"][0]["stage"] == "generate" and saved["config"]["model"] == tiny_model
 
     from actors.engine import EngineOptions, VLLMEngineHost
+    from core.sampling import SamplingConfig
 
     host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
         EngineOptions(model=str(out), max_model_len=1024, enforce_eager=True))
     try:
-        (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], max_new_tokens=8))
+        (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)))
         assert len(completion.token_ids) > 0
     finally:
         ray.kill(host)

@@ -48,6 +48,7 @@ def test_default_model_materializes_once_and_vllm_serves_it(ray_local):
     import ray
 
     from actors.engine import EngineOptions, VLLMEngineHost
+    from core.sampling import greedy
     from workflows.runtime.models import COMPLETE_MARKER, materialize_default_model
 
     path = materialize_default_model()
@@ -62,7 +63,7 @@ def test_default_model_materializes_once_and_vllm_serves_it(ray_local):
     try:
         (completion,) = ray.get(
             host.complete.remote(
-                [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24, temperature=0.0
+                [{"role": "user", "content": "What is the capital of France?"}], greedy(24)
             )
         )
         assert "Paris" in completion.text
