@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from core.config import REQUIRED, option, require_valid
+from core.training_data import TrainingDataError, load_training_data, split
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.training import (
     LearnerOptions,
-    TrainingDataError,
     TrainingOptions,
     TrainJob,
     evaluate_split,
     hf_train_loop,
-    load_training_data,
     run_training,
-    split,
 )
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")

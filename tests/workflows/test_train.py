@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from core.config import load_config
-from workflows.runtime.training import TrainingDataError
+from core.training_data import TrainingDataError
 from workflows.train import DPOConfig, RMConfig, SFTConfig, TrainJobConfig, run_train
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ from core.config import ConfigError
 from core.prompt_data import PromptDataError
 from core.rewards import RewardError
 from core.run_identity import RunMismatchError
+from core.training_data import TrainingDataError
 from workflows.cli.registry import COMMANDS, GROUPS
 from workflows.eval_feedback import EvalDataError
 from workflows.runtime.job_client import JobClientError
@@ -24,7 +25,6 @@ from workflows.runtime.models import ModelNotFoundError
 from workflows.runtime.placement import PlacementError
 from workflows.runtime.ray_auth import RayAuthError
 from workflows.runtime.shard_pool import NoCapacityError
-from workflows.runtime.training import TrainingDataError
 
 USER_ERRORS = (ConfigError, RewardError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError,
                ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError, JobClientError,

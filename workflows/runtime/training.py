@@ -1,6 +1,6 @@
-"""What every `cai train` job shares: options, data checks, and the Ray Train launch.
+"""What every `cai train` job shares: options, the worker side of a loop, and the Ray Train launch.
 
-A job is a ``TorchTrainer`` over ``--workers`` workers (gloo on CPU, NCCL on GPU). The
+(The data it reads is checked by :mod:`core.training_data`.) A job is a ``TorchTrainer`` over ``--workers`` workers (gloo on CPU, NCCL on GPU). The
 train loop runs on the workers; it resumes from ``ray.train.get_checkpoint()`` when the
 same command runs again (Ray Train V2: same ``RunConfig(name, storage_path)``), and after a
 worker dies when ``--max-failures`` allows a restart. Rank 0 reports the final model as a
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import config_to_dict, failing, identity, option, recorded_identity
-from core.manifest import file_fingerprint
 from core.run_identity import RUN_FILE, same_identity, training_run_id
+from core.training_data import data_lineage
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.placement import check_total_fits
 
@@ -31,10 +31,6 @@ FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"
 HOLD_SECONDS = 600  # how long a fault drill holds a learner (see LearnerOptions.hold_at_step)
 FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
-
-
-class TrainingDataError(ValueError):
-    """Training data is missing, empty, or lacks a column (raised before any worker starts)."""
 
 
 @dataclass(frozen=True)
@@ -90,76 +86,6 @@ class WorkerContext:
     name: str
     model_sources: dict[str, Any]
     hold_at_step: int = 0
-
-
-# -- data ---------------------------------------------------------------------------------
-
-
-def _dataset_files(path: Path) -> tuple[str, dict[str, Any]]:
-    """How ``datasets`` should read a --data path: a run directory of cai generate/label,
-    a saved dataset, a directory of Parquet, or one JSONL/JSON/Parquet file."""
-    if path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
-        if not kind:
-            raise TrainingDataError(f"{path}: unsupported data file type {path.suffix!r}")
-        return kind, {"data_files": str(path)}
-    if (path / "data").is_dir():
-        path = path / "data"
-    files = sorted(path.glob("*.parquet"))
-    if not files:
-        raise TrainingDataError(f"{path}: no Parquet files (expected the output of cai generate / cai label)")
-    return "parquet", {"data_files": [str(f) for f in files]}
-
-
-def load_training_data(paths: Sequence[str], required: Sequence[str], *, keep: Sequence[str] = ()):
-    """Concatenate the --data sources, checking each has the required columns and rows.
-    Keeps only ``required`` and ``keep`` columns, so mixed sources line up."""
-    import datasets
-
-    parts = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise TrainingDataError(f"training data {str(path)!r} does not exist")
-        if (path / "dataset_info.json").exists():
-            part = datasets.load_from_disk(str(path))
-        else:
-            kind, files = _dataset_files(path)
-            part = datasets.load_dataset(kind, split="train", **files)
-        missing = [c for c in required if c not in part.column_names]
-        if missing:
-            raise TrainingDataError(f"{path}: missing column(s) {missing} (columns: {part.column_names})")
-        if len(part) == 0:
-            raise TrainingDataError(f"{path}: no rows")
-        part = part.select_columns([c for c in part.column_names if c in (*required, *keep)])
-        parts.append(part)
-    if not parts:
-        raise TrainingDataError("no --data given")
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
-def split(dataset, eval_split: float, seed: int):
-    """(train, eval or None): a seeded split, identical on every worker and every rerun."""
-    if not eval_split or len(dataset) < 4:
-        return dataset, None
-    parts = dataset.train_test_split(test_size=eval_split, seed=seed)
-    return parts["train"], parts["test"]
-
-
-def data_lineage(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Where the data came from: each source and, for cai run directories, its identity."""
-    out = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        entry: dict[str, Any] = {"path": str(path.resolve())}
-        manifest = path / "manifest.json"
-        if manifest.exists():
-            data = json.loads(manifest.read_text())
-            entry.update(stage=data.get("stage"), identity=data.get("identity"), summary=data.get("summary"))
-        elif path.is_file():
-            entry["sha256"] = file_fingerprint(path)
-        out.append(entry)
-    return out
 
 
 # -- on the workers -----------------------------------------------------------------------
