@@ -1,11 +1,12 @@
 """What every `cai train` job shares: options, the worker side of a loop, and the Ray Train launch.
 
-(The data it reads is checked by :mod:`core.training_data`.) A job is a ``TorchTrainer`` over ``--workers`` workers (gloo on CPU, NCCL on GPU). The
-train loop runs on the workers; it resumes from ``ray.train.get_checkpoint()`` when the
-same command runs again (Ray Train V2: same ``RunConfig(name, storage_path)``), and after a
-worker dies when ``--max-failures`` allows a restart. Rank 0 reports the final model as a
-last checkpoint; the driver copies it to ``--out`` (so ``--out`` only needs to be visible to
-the driver) and writes ``training_summary.json``.
+A job is a ``TorchTrainer`` over ``--workers`` workers (gloo on CPU, NCCL on GPU); its data is
+checked on the driver first (:mod:`core.training_data`). The train loop runs on the workers;
+it resumes from ``ray.train.get_checkpoint()`` when the same command runs again (Ray Train V2:
+same ``RunConfig(name, storage_path)``), and after a worker dies when ``--max-failures``
+allows a restart. Rank 0 reports the final model as a last checkpoint; the driver copies it
+to ``--out`` (so ``--out`` only needs to be visible to the driver) and writes
+``training_summary.json``.
 """
 
 from __future__ import annotations
