@@ -135,7 +135,8 @@ def _flat_values(cfg) -> dict[str, Any]:
     return {path[-1]: functools.reduce(getattr, path, cfg) for path in leaves}
 
 
-def _flag(name: str, f: dataclasses.Field) -> str:
+def option_flag(name: str, f: dataclasses.Field) -> str:
+    """The command-line flag of option ``name`` (its metadata may rename it)."""
     return f.metadata["flag"] or "--" + name.replace("_", "-")
 
 
@@ -194,7 +195,7 @@ def _argument(name: str, f: dataclasses.Field, hint, default) -> tuple[list[str]
         if hint is bool:
             raise TypeError(f"bool option {name!r} cannot be positional")
         return [name], {**kwargs, "metavar": kwargs.get("metavar", name.upper())}
-    return [_flag(name, f)], {**kwargs, "dest": name}
+    return [option_flag(name, f)], {**kwargs, "dest": name}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -324,7 +325,7 @@ def _instantiate(cls, values: dict):
 
 
 def _missing(name: str, f: dataclasses.Field) -> str:
-    what = f"argument {name.upper()}" if f.metadata["positional"] else f"option {_flag(name, f)}"
+    what = f"argument {name.upper()}" if f.metadata["positional"] else f"option {option_flag(name, f)}"
     return f"missing required {what} (or `{name}:` in the config file)"
 
 
@@ -371,12 +372,7 @@ def config_options(cls) -> dict[str, dataclasses.Field]:
     return {name: f for name, (f, _) in _leaves(cls).items()}
 
 
-def option_flag(name: str, f: dataclasses.Field) -> str:
-    """The command-line flag of option ``name`` (its metadata may rename it)."""
-    return _flag(name, f)
-
-
-def _plain(value):
+def as_recorded(value):
     """A value as JSON reads it back (tuples as lists, paths as strings), so identities compare
     equal to the ones recorded in manifests and summaries."""
     return json.loads(json.dumps(config_to_dict(value)))
@@ -388,7 +384,7 @@ def identity(cfg, **resolved) -> dict[str, Any]:
     A run folder records it at the first start; a rerun resumes only with the same identity."""
     values = _flat_values(cfg)
     chosen = {name: values[name] for name, f in config_options(type(cfg)).items() if f.metadata.get("identity")}
-    return _plain({**chosen, **resolved})
+    return as_recorded({**chosen, **resolved})
 
 
 def recorded_identity(cls, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -406,4 +402,4 @@ def recorded_identity(cls, recorded: dict[str, Any]) -> dict[str, Any]:
 
     collect(recorded)
     names = [name for name, f in config_options(cls).items() if f.metadata.get("identity")]
-    return _plain({name: flat[name] for name in names if name in flat})
+    return as_recorded({name: flat[name] for name in names if name in flat})

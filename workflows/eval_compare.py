@@ -38,7 +38,7 @@ import pyarrow as pa
 from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
+from core.config import REQUIRED, ConfigError, as_recorded, config_to_dict, failing, identity, option, require_valid
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
@@ -186,11 +186,6 @@ def stage_prompts(config: EvalCompareConfig, out: Path) -> dict[str, Any]:
             "rows_in": len(usable) + len(rejects), "usable": len(usable), "rejected": len(rejects)}
 
 
-def _as_json(values: dict[str, Any]) -> dict[str, Any]:
-    # The manifest compares identities after a JSON round trip (tuples come back as lists).
-    return json.loads(json.dumps(values))
-
-
 def _sub_run(cluster: ClusterOptions, part: str) -> ClusterOptions:
     # one --run-name names several sequential stage runs here: each gets its own suffix
     return dataclasses.replace(cluster, run_name=f"{cluster.run_name}-{part}") if cluster.run_name else cluster
@@ -209,7 +204,7 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         out=out / "answers" / model.slug,
         prompts=str(prompts["path"]),
         pool=_stage_pool(config),
-        identity=_as_json({"model": model.path, "prompts": file_fingerprint(prompts["path"]),
+        identity=as_recorded({"model": model.path, "prompts": file_fingerprint(prompts["path"]),
                            "shard_size": config.pool.shard_size, "samples": settings.samples, "seed": settings.seed,
                            **identity(config.sampling)}),
         config=config_to_dict(config),
@@ -269,7 +264,7 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         out=out / "judgements",
         prompts=str(prompts["path"]),
         pool=_stage_pool(config),
-        identity=_as_json({"judge": judge, "prompts": file_fingerprint(prompts["path"]), "answers": answers_sha,
+        identity=as_recorded({"judge": judge, "prompts": file_fingerprint(prompts["path"]), "answers": answers_sha,
                            "constitutions": {c: k.sha256 for c, k in constitutions.items()},
                            "shard_size": config.pool.shard_size, **dataclasses.asdict(settings)}),
         config=config_to_dict(config),

@@ -346,7 +346,7 @@ def ppo_loop(config: dict[str, Any]) -> None:
             if state["step"] % cfg.learner.save_steps == 0 and not last else None
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
-            hold_if_drilled(config["worker"], state["step"])
+            hold_if_drilled(config["worker"], cfg.learner, state["step"])
 
     def save_final(target: str) -> None:
         learner.core.policy.save_pretrained(target, safe_serialization=True)

@@ -86,7 +86,6 @@ class WorkerContext:
     workers_dir: str
     name: str
     model_sources: dict[str, Any]
-    hold_at_step: int = 0
 
 
 # -- on the workers -----------------------------------------------------------------------
@@ -114,11 +113,11 @@ def register_worker(worker: WorkerContext) -> None:
     (directory / f"rank-{info['rank']}.json").write_text(json.dumps(info))
 
 
-def hold_if_drilled(worker: WorkerContext, step: int) -> None:
+def hold_if_drilled(worker: WorkerContext, learner: LearnerOptions, step: int) -> None:
     """The fault drill (``--hold-at-step``): call after the checkpoint of ``step`` is reported.
     Holds once per rank, up to ``HOLD_SECONDS``, and leaves ``held-rank-R`` beside the worker
     records so a test knows when to kill a worker or the driver; a restarted job runs through."""
-    if not step or worker.hold_at_step != step:
+    if not step or learner.hold_at_step != step:
         return
     import ray.train
 
@@ -130,17 +129,17 @@ def hold_if_drilled(worker: WorkerContext, step: int) -> None:
     time.sleep(HOLD_SECONDS)
 
 
-def hold_callback(worker: WorkerContext):
+def hold_callback(worker: WorkerContext, learner: LearnerOptions):
     """The fault drill as a Hugging Face trainer callback, or None when no drill is asked."""
     from transformers import TrainerCallback
 
-    if not worker.hold_at_step:
+    if not learner.hold_at_step:
         return None
 
     class HoldAfterCheckpoint(TrainerCallback):
         # on_step_begin of step N+1: checkpoint N has been saved and reported by now
         def on_step_begin(self, args, state, control, **kwargs):
-            hold_if_drilled(worker, state.global_step)
+            hold_if_drilled(worker, learner, state.global_step)
 
     return HoldAfterCheckpoint()
 
@@ -286,8 +285,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         job.loop,
         # the job's frozen config itself, and what each learner needs to know about the run
         train_loop_config={"config": job.settings, "worker": WorkerContext(
-            workers_dir=str(Path(storage) / name / "workers"), name=name, model_sources=sources,
-            hold_at_step=job.learner.hold_at_step), **job.loop_data},
+            workers_dir=str(Path(storage) / name / "workers"), name=name, model_sources=sources),
+            **job.loop_data},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.learner.use_gpu),
         run_config=RunConfig(
             name=name,
@@ -354,7 +353,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         return
     trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
     trainer.add_callback(RayTrainReportCallback())
-    hold = hold_callback(worker)
+    hold = hold_callback(worker, config.learner)
     if hold is not None:
         trainer.add_callback(hold)
     trainer = prepare_trainer(trainer)
