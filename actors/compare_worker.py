@@ -22,6 +22,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, RowRejected, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
+from core.config import failing, option
 from core.eval_stats import challenger_win_prob
 from core.preference import comparison_messages
 from core.sampling import SamplingConfig
@@ -29,11 +30,18 @@ from core.sampling import SamplingConfig
 BOTH_ORDERS = ((0, 1), (1, 0))  # display slot j shows (baseline, challenger)[order[j]]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class AnswerSettings:
-    samples: int
-    sampling: SamplingConfig
-    seed: int
+    """How every model answers; `cai eval compare` nests it and the answer workers get it."""
+
+    samples_per_prompt: int = option(
+        1, "answers per model and prompt; answer i of A is compared with answer i of each challenger", identity=True)
+    seed: int = option(0, "seed for principle sampling (per prompt id) and the engines", identity=True)
+    sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "how the answers are sampled (greedy by "
+                                      "default, usual for evaluation)")
+
+    def problems(self) -> list[str]:
+        return failing({"samples_per_prompt": self.samples_per_prompt >= 1}) + self.sampling.problems()
 
 
 class AnswerWorker:
@@ -56,7 +64,7 @@ class AnswerWorker:
     async def _row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         settings = self.settings
         prompt = [dict(m) for m in row["messages"]]
-        completions = await self.host.complete(prompt, settings.sampling, n=settings.samples)
+        completions = await self.host.complete(prompt, settings.sampling, n=settings.samples_per_prompt)
         tokens = sum(len(c.token_ids) for c in completions)
         self.metrics.tokens(tokens)
         self.metrics.prompt_done()
@@ -72,12 +80,25 @@ class AnswerWorker:
         }]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class JudgeSettings:
-    baseline: str  # display names
+    """How the judge compares answers; `cai eval compare` nests it and the judge workers get it."""
+
+    principles: int = option(2, "feedback principles per comparison, sampled per prompt id (recorded), averaged",
+                             identity=True)
+    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question",
+                                     identity=True)
+
+    def problems(self) -> list[str]:
+        return failing({"principles": self.principles >= 1})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contest:
+    """Who is compared: display names, resolved when the run starts, and the seed of the principle draw."""
+
+    baseline: str
     challengers: tuple[str, ...]
-    principles: int
-    feedback_few_shot: bool
     seed: int
 
 
@@ -95,11 +116,12 @@ class JudgeWorker:
         constitutions: dict[str, dict[str, Any]],
         items: dict[str, dict[str, Any]],
         settings: JudgeSettings,
+        contest: Contest,
         *,
         run_name: str = "",
         judge_name: str = "",
     ):
-        self.settings = settings
+        self.settings, self.contest = settings, contest
         self.items = items
         self.constitutions = {cat: parse_constitution(c, source=f"<{cat} constitution>")
                               for cat, c in constitutions.items()}
@@ -119,14 +141,14 @@ class JudgeWorker:
         item = self.items.get(row["id"])
         if item is None or "missing" in item:
             raise RowRejected(item["missing"] if item else "no answers for this prompt id")
-        settings = self.settings
+        settings, contest = self.settings, self.contest
         constitution = self.constitutions[item["category"]]
-        ids = sample_feedback_ids(constitution, settings.principles, seed=settings.seed, key=row["id"])
+        ids = sample_feedback_ids(constitution, settings.principles, seed=contest.seed, key=row["id"])
         principles = [constitution.feedback_principle(pid) for pid in ids]
         few_shot = constitution.feedback_few_shot if settings.feedback_few_shot else ()
         prompt = [dict(m) for m in row["messages"]]
-        baseline_answers = item["answers"][settings.baseline]
-        pairs = [(c, i) for c in settings.challengers for i in range(len(baseline_answers))]
+        baseline_answers = item["answers"][contest.baseline]
+        pairs = [(c, i) for c in contest.challengers for i in range(len(baseline_answers))]
         judged = await asyncio.gather(*(
             self._judge_pair(prompt, (baseline_answers[i], item["answers"][c][i]), principles, few_shot)
             for c, i in pairs
@@ -139,7 +161,7 @@ class JudgeWorker:
                 "prompt_id": row["id"],
                 "category": item["category"],
                 "prompt": prompt,
-                "baseline": settings.baseline,
+                "baseline": contest.baseline,
                 "challenger": challenger,
                 "sample": sample,
                 "answer_a": baseline_answers[sample],
@@ -149,7 +171,7 @@ class JudgeWorker:
                 **scores,
                 "judge_model": self.judge_name,
                 "constitution_sha256": constitution.sha256,
-                "seed": settings.seed,
+                "seed": contest.seed,
             }
             for (challenger, sample), scores in zip(pairs, judged)
         ]

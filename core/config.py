@@ -58,18 +58,18 @@ def require_valid(*problem_lists: list[str], hint: str = "") -> None:
 
 
 def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False,
-           repeatable: bool = False, identity: bool = False):
+           extend: bool = False, identity: bool = False):
     """Declare a config field: its default (or ``REQUIRED``) and its one help text.
 
     ``choices`` restricts the values (``Literal[...]`` annotations do the same), ``flag``
     replaces the derived ``--field-name``, ``positional`` makes it a positional argument, and
-    ``repeatable`` lets a list flag be given several times, each adding to the list
+    ``extend`` lets a list flag be given several times, each adding to the list
     (argparse's ``extend``) instead of the last one replacing the others. ``identity`` marks
     a setting that changes a run's output: :func:`identity` collects them, and a rerun into
     the same folder must match them to resume (or to count as done).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "flag": flag, "positional": positional, "repeatable": repeatable, "identity": identity}
+                "flag": flag, "positional": positional, "extend": extend, "identity": identity}
     if default is REQUIRED:
         # keyword-only, so required fields may follow fields that have defaults
         return dataclasses.field(kw_only=True, metadata=metadata)
@@ -187,7 +187,7 @@ def _argument(name: str, f: dataclasses.Field, hint, default) -> tuple[list[str]
         kwargs["choices"] = meta["choices"] or choices
         if many:
             kwargs["nargs"] = "*" if meta["positional"] else "+"
-            if meta.get("repeatable"):
+            if meta["extend"]:
                 kwargs["action"] = "extend"
         elif meta["positional"]:
             kwargs["nargs"] = "?"  # so the value may come from the YAML file instead

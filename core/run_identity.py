@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 RUN_FILE = "run.json"
+# Identity keys renamed since runs first recorded them (old -> new): a folder recorded under
+# the old name still matches. `cai eval compare`'s answer stage said "samples" until its
+# settings became the AnswerSettings group.
+RENAMED_KEYS = {"samples": "samples_per_prompt"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
 
@@ -28,7 +32,9 @@ def same_identity(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     job and pipeline rerun applies before resuming or counting the work as done.
 
     A key the recorded identity lacks was added by a later version (a new setting, at the
-    value every earlier run used), so folders recorded before it still match."""
+    value every earlier run used), so folders recorded before it still match; a key recorded
+    under an old name (:data:`RENAMED_KEYS`) is read under its new one."""
+    recorded = {RENAMED_KEYS.get(key, key) if key not in current else key: value for key, value in recorded.items()}
     return set(recorded) <= set(current) and all(current[key] == value for key, value in recorded.items())
 
 

@@ -8,45 +8,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from core.config import REQUIRED, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
 from workflows.runtime.models import resolve_model
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 
 
 @dataclass(frozen=True)
-class ChatResult:
-    prompt: str
-    response: str
-    tokens: int
+class ChatConfig:
+    prompts: tuple[str, ...] = option(REQUIRED, "user messages to answer, one answer each", positional=True)
+    model: str = option(REQUIRED, "local model directory, hub id, or 'default'")
+    sampling: SamplingConfig = option(greedy(128), "how the answers are sampled (greedy by default)")
+    gpus: float = option(0.0, "GPUs for the engine actor")
+    enforce_eager: bool = option(False, "skip CUDA graph capture (faster start, slower decoding)")
+
+    def __post_init__(self) -> None:
+        require_valid(failing({"prompts": len(self.prompts) >= 1, "gpus": self.gpus >= 0}), self.sampling.problems())
 
 
-def chat(
-    model: str,
-    prompts: list[str],
-    *,
-    sampling: SamplingConfig = greedy(128),
-    num_gpus: float = 0,
-    enforce_eager: bool = False,
-) -> list[ChatResult]:
+def run_chat(config: ChatConfig) -> dict[str, Any]:
+    """Each prompt's answer and its token count."""
     import ray
 
-    model_path = resolve_model(model)
+    model_path = resolve_model(config.model)
     connect_ray()
     host = (
         ray.remote(VLLMEngineHost)
-        .options(name=f"cai-chat-{int(time.time())}", namespace=NAMESPACE, num_cpus=1, num_gpus=num_gpus)
-        .remote(EngineOptions(model=model_path, enforce_eager=enforce_eager))
+        .options(name=f"cai-chat-{int(time.time())}", namespace=NAMESPACE, num_cpus=1, num_gpus=config.gpus)
+        .remote(EngineOptions(model=model_path, enforce_eager=config.enforce_eager))
     )
     try:
-        refs = [
-            host.complete.remote([{"role": "user", "content": p}], sampling)
-            for p in prompts
-        ]
-        return [
-            ChatResult(prompt, completion.text, len(completion.token_ids))
-            for prompt, (completion,) in zip(prompts, ray.get(refs))
+        refs = [host.complete.remote([{"role": "user", "content": p}], config.sampling) for p in config.prompts]
+        answers = [
+            {"prompt": prompt, "response": completion.text.strip(), "tokens": len(completion.token_ids)}
+            for prompt, (completion,) in zip(config.prompts, ray.get(refs))
         ]
     finally:
         ray.kill(host)
+    return {"model": model_path, "answers": answers}

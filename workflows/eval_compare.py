@@ -35,14 +35,13 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from actors.compare_worker import AnswerSettings, AnswerWorker, JudgeSettings, JudgeWorker
+from actors.compare_worker import AnswerSettings, AnswerWorker, Contest, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from core.config import REQUIRED, ConfigError, as_recorded, config_to_dict, failing, identity, option, require_valid
+from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
-from core.sampling import SamplingConfig
 from core.shards import MESSAGE, write_jsonl
 from workflows.eval_report import write_markdown, write_plot
 from workflows.runtime.cluster_options import ClusterOptions
@@ -71,9 +70,9 @@ JUDGEMENT_SCHEMA = pa.schema([
 class EvalCompareConfig:
     model_a: str = option(REQUIRED, "baseline model A: a local directory, a hub id, or 'default'")
     model_b: tuple[str, ...] = option(
-        REQUIRED, "challenger model(s), each compared with A (repeat the flag or list several)", repeatable=True)
+        REQUIRED, "challenger model(s), each compared with A (repeat the flag or list several)", extend=True)
     names: tuple[str, ...] = option(
-        (), "display names, A first then each challenger (default: each model's directory name)", repeatable=True)
+        (), "display names, A first then each challenger (default: each model's directory name)", extend=True)
     judge: str = option(REQUIRED, "judge (feedback) model that compares the answers")
     constitution: str = option(REQUIRED, "constitution whose feedback principles judge red_team prompts")
     helpful_constitution: str = option(
@@ -83,14 +82,9 @@ class EvalCompareConfig:
     missing_category: Literal["reject", "red_team", "helpful"] = option(
         "reject", "rows without a category: reject them (with a reason), or count them as red_team or helpful")
     out: str = option(REQUIRED, "run directory for answers, judgements, results.json and report.md; reruns resume")
-    samples_per_prompt: int = option(
-        1, "answers per model and prompt; answer i of A is compared with answer i of each challenger")
-    principles: int = option(2, "feedback principles per comparison, sampled per prompt id (recorded), averaged")
-    feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question")
-    seed: int = option(0, "seed for principle sampling (per prompt id) and the engines")
     report_samples: int = option(3, "prompts per category shown with their answers side by side in report.md")
-    sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "how the answers are sampled (greedy by "
-                                      "default, usual for evaluation)")
+    answers: AnswerSettings = option(AnswerSettings(), "how every model answers")
+    judging: JudgeSettings = option(JudgeSettings(), "how the judge compares each answer pair")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
     engine: EngineConfig = option(EngineConfig(), "the vLLM engines (the same settings for every model and the judge)")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
@@ -101,15 +95,13 @@ class EvalCompareConfig:
         checks = {
             "model_b": len(self.model_b) >= 1,
             "names": names_ok,
-            "samples_per_prompt": self.samples_per_prompt >= 1,
-            "principles": self.principles >= 1,
             "report_samples": self.report_samples >= 0,
         }
         bad = failing(checks)
         hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.sampling.problems(), self.pool.problems(), self.engine.problems(),
+        require_valid(bad, self.answers.problems(), self.judging.problems(), self.pool.problems(), self.engine.problems(),
                       self.cluster.problems(), hint=hint)
-        if self.samples_per_prompt > 1 and self.sampling.temperature == 0:
+        if self.answers.samples_per_prompt > 1 and self.answers.sampling.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
             raise ConfigError("--gpus-per-worker must be at least --tensor-parallel")
@@ -197,20 +189,18 @@ def _stage_pool(config: EvalCompareConfig) -> PoolConfig:
 
 
 def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: dict[str, Any], out: Path):
-    settings = AnswerSettings(samples=config.samples_per_prompt, sampling=config.sampling, seed=config.seed)
     source = prepare_model(model.path, model.spec, config.cluster)
     job = StageJob(
         stage="compare-answers",
         out=out / "answers" / model.slug,
         prompts=str(prompts["path"]),
         pool=_stage_pool(config),
-        identity=as_recorded({"model": model.path, "prompts": file_fingerprint(prompts["path"]),
-                           "shard_size": config.pool.shard_size, "samples": settings.samples, "seed": settings.seed,
-                           **identity(config.sampling)}),
+        identity=identity(config.answers, model=model.path, prompts=file_fingerprint(prompts["path"]),
+                          shard_size=config.pool.shard_size),
         config=config_to_dict(config),
         output_schema=ANSWER_SCHEMA,
         worker_cls=AnswerWorker,
-        worker_args=(config.engine.options(model.path, config.seed, source), settings),
+        worker_args=(config.engine.options(model.path, config.answers.seed, source), config.answers),
         worker_kwargs={"model_name": model.name},
         max_num_seqs=config.engine.max_num_seqs,
         cluster=_sub_run(config.cluster, model.slug),
@@ -254,9 +244,7 @@ def judge_items(models: list[ComparedModel], prompts: dict[str, Any], out: Path)
 def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge: str,
                   constitutions: dict[str, Constitution], prompts: dict[str, Any], out: Path) -> dict[str, Any]:
     items = judge_items(models, prompts, out)
-    settings = JudgeSettings(baseline=models[0].name, challengers=tuple(m.name for m in models[1:]),
-                             principles=config.principles, feedback_few_shot=config.feedback_few_shot,
-                             seed=config.seed)
+    contest = Contest(baseline=models[0].name, challengers=tuple(m.name for m in models[1:]), seed=config.answers.seed)
     answers_sha = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
     source = prepare_model(judge, config.judge, config.cluster)
     job = StageJob(
@@ -264,14 +252,14 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         out=out / "judgements",
         prompts=str(prompts["path"]),
         pool=_stage_pool(config),
-        identity=as_recorded({"judge": judge, "prompts": file_fingerprint(prompts["path"]), "answers": answers_sha,
-                           "constitutions": {c: k.sha256 for c, k in constitutions.items()},
-                           "shard_size": config.pool.shard_size, **dataclasses.asdict(settings)}),
+        identity=identity(config.judging, judge=judge, prompts=file_fingerprint(prompts["path"]), answers=answers_sha,
+                          constitutions={c: k.sha256 for c, k in constitutions.items()},
+                          shard_size=config.pool.shard_size, **dataclasses.asdict(contest)),
         config=config_to_dict(config),
         output_schema=JUDGEMENT_SCHEMA,
         worker_cls=JudgeWorker,
-        worker_args=(config.engine.options(judge, config.seed, source), {c: k.to_dict() for c, k in constitutions.items()},
-                     items, settings),
+        worker_args=(config.engine.options(judge, config.answers.seed, source),
+                     {c: k.to_dict() for c, k in constitutions.items()}, items, config.judging, contest),
         worker_kwargs={"judge_name": config.judge},
         max_num_seqs=config.engine.max_num_seqs,
         many_per_input=True,
@@ -298,7 +286,8 @@ def run_eval_compare(config: EvalCompareConfig) -> dict[str, Any]:
         "baseline": models[0].name,
         "judge": config.judge,
         "constitutions": {c: {"name": k.name, "sha256": k.sha256} for c, k in constitutions.items()},
-        "principles": config.principles, "samples_per_prompt": config.samples_per_prompt, "seed": config.seed,
+        "principles": config.judging.principles, "samples_per_prompt": config.answers.samples_per_prompt,
+        "seed": config.answers.seed,
         **stats,
         "accounting": {
             "prompts": {k: prompts[k] for k in ("rows_in", "usable", "rejected")},

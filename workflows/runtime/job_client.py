@@ -1,9 +1,8 @@
 """``cai submit`` and ``cai jobs``: run any ``cai`` command as a Ray Job on a cluster.
 
 ``cai submit [options] -- generate --config ...`` sends the entrypoint ``cai generate
---config ...`` (shell-quoted) to the cluster's job server through
-``ray.job_submission.JobSubmissionClient``, streams the driver's logs, and exits with the
-job's final status:
+--config ...`` (shell-quoted) to the cluster's job server through Ray's Jobs REST API
+(:class:`JobServer`), streams the driver's logs, and exits with the job's final status:
 
     SUCCEEDED -> 0    FAILED -> 1    STOPPED -> 130 (stopped by ``cai jobs stop``/the dashboard)
 
@@ -34,6 +33,17 @@ without auth). So ``export RAY_AUTH_TOKEN=...`` (or a token file) is all a clien
 other commands join a cluster's GCS with the same token (:mod:`workflows.runtime.ray_session`). On
 KubeRay the token is the ``auth_token`` key of the cluster's Secret (docs/cluster.md).
 
+**Why REST, not ``JobSubmissionClient``.** Ray's SDK (2.60) replaces the address it is
+given with ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS`` whenever either is set
+(``ray.dashboard.utils.get_address_for_submission_client``), so ``--address`` could not mean
+what it says on a machine that exports ``RAY_ADDRESS=head:6379`` for the other commands.
+The REST API (docs.ray.io, "Ray Jobs REST API") is the same server the SDK talks to:
+``POST /api/jobs/``, ``GET /api/jobs/``, ``GET /api/jobs/{id}``, ``GET /api/jobs/{id}/logs``,
+``POST /api/jobs/{id}/stop`` and the ``/api/jobs/{id}/logs/tail`` websocket. A local
+``--working-dir`` is zipped here (files at the archive's top level, as Ray's own packages
+are), uploaded once with ``PUT /api/packages/gcs/_ray_pkg_<sha1>.zip`` and named by that
+``gcs://`` URI in the job's runtime env; a working_dir that is already a URI passes through.
+
 A first word ``cai`` (or a path ending in ``/cai``) after ``--`` is dropped, so the Ray habit
 ``cai submit -- cai generate ...`` submits ``cai generate ...`` too.
 """
@@ -41,12 +51,15 @@ A first word ``cai`` (or a path ending in ``/cai``) after ``--`` is dropped, so 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import fnmatch
+import hashlib
+import io
 import os
 import shlex
 import sys
 import time
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import yaml
@@ -57,6 +70,8 @@ from workflows.runtime import ray_auth
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 DETACHED_EXIT_CODE = 130
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+MAX_PACKAGE_BYTES = 512 * 2**20  # Ray 2.60 refuses packages this large (runtime_env.packaging.GCS_STORAGE_MAX_SIZE)
 # Applied when --working-dir is given and the runtime env names no excludes: a virtualenv or
 # run directory in the upload would blow Ray's package size limit.
 DEFAULT_EXCLUDES = (".venv", "venv", ".git", "runs", "__pycache__", "*.parquet", "*.safetensors")
@@ -98,51 +113,120 @@ def auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {token.value}"}
 
 
-@contextlib.contextmanager
-def job_errors(address: str):
-    """Turn the SDK's connection, HTTP and auth exceptions into one :class:`JobClientError`."""
-    import aiohttp
-    import requests
-    from ray.exceptions import AuthenticationError
+class JobServer:
+    """Ray's Jobs REST API at ``url``, every request carrying ``headers`` (the token)."""
 
-    try:
-        yield
-    except JobClientError:
-        raise
-    except AuthenticationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise JobClientError(
-            f"{address} refused the request ({first}); set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
-            "to the cluster's token (docs/cluster.md)"
-        ) from None
-    except aiohttp.WSServerHandshakeError as exc:
-        raise JobClientError(f"{address} refused the log stream (HTTP {exc.status}): check the token") from None
-    except (ConnectionError, requests.exceptions.RequestException, aiohttp.ClientError, OSError) as exc:
-        raise JobClientError(
-            f"cannot reach the Ray job server at {address} ({exc}); is the cluster up and the port forwarded?"
-        ) from None
-    except RuntimeError as exc:  # the SDK's non-2xx answers, e.g. an unknown job id
-        raise JobClientError(f"{address}: {exc}") from None
+    def __init__(self, url: str, headers: dict[str, str], timeout_s: float = 30.0):
+        self.url, self.headers, self.timeout_s = url, headers, timeout_s
+
+    def get_address(self) -> str:
+        return self.url
+
+    def request(self, method: str, path: str, *, missing: str | None = None, **kwargs) -> Any:
+        """One call; the JSON answer, or :class:`JobClientError` naming what went wrong."""
+        import requests
+
+        try:
+            response = requests.request(method, self.url + path, headers=self.headers,
+                                        timeout=self.timeout_s, **kwargs)
+        except requests.exceptions.RequestException as exc:
+            raise JobClientError(
+                f"cannot reach the Ray job server at {self.url} ({exc}); is the cluster up and the port forwarded?"
+            ) from None
+        if response.status_code in (401, 403):
+            raise JobClientError(
+                f"{self.url} refused the request (HTTP {response.status_code}: "
+                f"{'no token' if response.status_code == 401 else 'wrong token'}); set RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH to the cluster's token (docs/cluster.md)")
+        if response.status_code == 404 and missing:
+            raise JobClientError(f"{self.url}: {missing}")
+        if not response.ok:
+            text = response.text.strip().splitlines()
+            raise JobClientError(f"{self.url}: {method} {path} answered HTTP {response.status_code}"
+                                 + (f": {text[-1]}" if text else ""))
+        return response.json() if response.content else None
+
+    def submit_job(self, *, entrypoint: str, submission_id: str | None, runtime_env: dict[str, Any],
+                   metadata: dict[str, str]) -> str:
+        body = {"entrypoint": entrypoint, "submission_id": submission_id,
+                "runtime_env": self.uploaded(runtime_env), "metadata": metadata}
+        return self.request("POST", "/api/jobs/", json=body)["submission_id"]
+
+    def get_job_info(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{job_id}", missing=f"no job {job_id!r}")
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/jobs/")
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self.request("GET", f"/api/jobs/{job_id}/logs", missing=f"no job {job_id!r}")["logs"]
+
+    def stop_job(self, job_id: str) -> bool:
+        return self.request("POST", f"/api/jobs/{job_id}/stop", missing=f"no job {job_id!r}")["stopped"]
+
+    async def tail_job_logs(self, job_id: str):
+        """The job's log text as it arrives, until the server closes the stream (the job ended)."""
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession(headers=self.headers) as session:
+                async with session.ws_connect(f"{self.url}/api/jobs/{job_id}/logs/tail") as ws:
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.TEXT:
+                            yield message.data
+                        elif message.type == aiohttp.WSMsgType.ERROR:
+                            raise JobClientError(f"{self.url}: the log stream of {job_id} broke ({ws.exception()})")
+                    if ws.close_code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
+                        raise JobClientError(f"{self.url}: the log stream of {job_id} closed before the job ended")
+        except aiohttp.WSServerHandshakeError as exc:
+            raise JobClientError(f"{self.url} refused the log stream of {job_id} (HTTP {exc.status}): "
+                                 "check the token and the job id") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise JobClientError(f"cannot reach the Ray job server at {self.url} ({exc})") from None
+
+    def uploaded(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
+        """``runtime_env`` with a local working_dir replaced by the ``gcs://`` URI of its upload."""
+        working_dir = runtime_env.get("working_dir")
+        if not working_dir or "://" in working_dir:
+            return runtime_env
+        package = zip_directory(Path(working_dir), runtime_env.get("excludes", ()))
+        name = f"_ray_pkg_{hashlib.sha1(package).hexdigest()}.zip"
+        if len(package) >= MAX_PACKAGE_BYTES:
+            raise ConfigError(f"--working-dir {working_dir}: {len(package) / 2**20:.0f} MiB zipped, over Ray's "
+                              f"{MAX_PACKAGE_BYTES // 2**20} MiB package limit; add excludes to the runtime env")
+        self.request("PUT", f"/api/packages/gcs/{name}", data=package)
+        return {key: value for key, value in runtime_env.items() if key != "excludes"} | {"working_dir": f"gcs://{name}"}
 
 
-def connect_jobs(address: str | None = None):
-    """A ``JobSubmissionClient`` for the resolved address, carrying the token header."""
-    from ray.job_submission import JobSubmissionClient
+def zip_directory(root: Path, excludes) -> bytes:
+    """The files under ``root`` as one zip (paths relative to ``root``), leaving out ``excludes``:
+    a pattern matches a path component (``*.parquet``, ``runs``, ``big/``) or, with an inner
+    ``/``, the path from ``root`` (``data/raw/*``)."""
+    def left_out(rel: PurePosixPath, is_dir: bool) -> bool:
+        for pattern in excludes:
+            dir_only = pattern.endswith("/")
+            pattern = pattern.strip("/")
+            if "/" in pattern:
+                if fnmatch.fnmatch(str(rel), pattern):
+                    return not dir_only or is_dir
+            elif fnmatch.fnmatch(rel.name, pattern) and (is_dir or not dir_only):
+                return True
+        return False
 
-    url = dashboard_address(address)
-    headers = auth_headers()
-    # The SDK replaces its address argument with RAY_API_SERVER_ADDRESS or RAY_ADDRESS when
-    # either is set; pin the variable it reads first so --address means what it says.
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    try:
-        with job_errors(url):
-            return JobSubmissionClient(url, headers=headers)
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for folder, dirs, files in os.walk(root):
+            base = PurePosixPath(Path(folder).relative_to(root).as_posix())
+            dirs[:] = sorted(d for d in dirs if not left_out(base / d, True))
+            for name in sorted(files):
+                if not left_out(base / name, False):
+                    archive.write(Path(folder) / name, str(base / name))
+    return buffer.getvalue()
+
+
+def connect_jobs(address: str | None = None) -> JobServer:
+    """The job server at the resolved address, carrying the token header."""
+    return JobServer(dashboard_address(address), auth_headers())
 
 
 # -- what gets submitted ------------------------------------------------------------------
@@ -185,13 +269,8 @@ def load_runtime_env(path: str | None, working_dir: str | None) -> dict[str, Any
 def submit(client, cai_args: list[str], runtime_env: dict[str, Any], job_id: str | None = None) -> str:
     """Submit ``cai <args>``; returns the submission id."""
     args = command_args(cai_args)
-    with job_errors(client.get_address()):
-        return client.submit_job(
-            entrypoint=entrypoint(args),
-            submission_id=job_id,
-            runtime_env=runtime_env or None,
-            metadata={"cai_command": args[0]},
-        )
+    return client.submit_job(entrypoint=entrypoint(args), submission_id=job_id, runtime_env=runtime_env,
+                             metadata={"cai_command": args[0]})
 
 
 # -- following a job ----------------------------------------------------------------------
@@ -205,18 +284,16 @@ def stream_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
             out.write(chunk)
             out.flush()
 
-    with job_errors(client.get_address()):
-        asyncio.run(follow())
+    asyncio.run(follow())
 
 
 def final_status(client, job_id: str, poll_s: float = 0.5) -> str:
     """Wait until the job is terminal (the log stream can close a moment before) and return it."""
-    with job_errors(client.get_address()):
-        while True:
-            status = client.get_job_status(job_id)
-            if status.is_terminal():
-                return status.value
-            time.sleep(poll_s)
+    while True:
+        status = client.get_job_info(job_id)["status"]
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
 
 
 def exit_code(status: str) -> int:
@@ -226,25 +303,21 @@ def exit_code(status: str) -> int:
 
 def list_jobs(client) -> list[dict[str, Any]]:
     """Every job the cluster knows, oldest first."""
-    with job_errors(client.get_address()):
-        jobs = client.list_jobs()
-    return [job_summary(job) for job in sorted(jobs, key=lambda job: job.start_time or 0)]
+    jobs = client.list_jobs()
+    return [job_summary(job) for job in sorted(jobs, key=lambda job: job.get("start_time") or 0)]
 
 
 def job_status(client, job_id: str) -> dict[str, Any]:
-    with job_errors(client.get_address()):
-        return job_summary(client.get_job_info(job_id))
+    return job_summary(client.get_job_info(job_id))
 
 
 def job_logs(client, job_id: str) -> str:
-    with job_errors(client.get_address()):
-        return client.get_job_logs(job_id)
+    return client.get_job_logs(job_id)
 
 
 def stop_job(client, job_id: str) -> bool:
     """Ask the cluster to stop a job; False when it had already ended."""
-    with job_errors(client.get_address()):
-        return client.stop_job(job_id)
+    return client.stop_job(job_id)
 
 
 def job_table(jobs: list[dict[str, Any]]) -> str:
@@ -255,17 +328,17 @@ def job_table(jobs: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows)
 
 
-def job_summary(info) -> dict[str, Any]:
-    """The fields of a ``JobDetails``/``JobInfo`` worth printing."""
+def job_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a job's ``JobDetails`` worth printing."""
     return {
-        "submission_id": getattr(info, "submission_id", None),
-        "status": info.status.value,
-        "entrypoint": info.entrypoint,
-        "message": info.message,
-        "error_type": info.error_type,
-        "start_time": _utc(info.start_time),
-        "end_time": _utc(info.end_time),
-        "metadata": info.metadata or {},
+        "submission_id": info.get("submission_id"),
+        "status": info["status"],
+        "entrypoint": info["entrypoint"],
+        "message": info.get("message"),
+        "error_type": info.get("error_type"),
+        "start_time": _utc(info.get("start_time")),
+        "end_time": _utc(info.get("end_time")),
+        "metadata": info.get("metadata") or {},
     }
 
 

@@ -56,6 +56,21 @@ def test_runtime_env_file_and_working_dir(tmp_path):
         job_client.load_runtime_env(str(env_file), None)
 
 
+def test_working_dir_zip_leaves_out_the_excludes(tmp_path):
+    import io
+    import zipfile
+
+    for rel in ("prompts.jsonl", "configs/a.yaml", "runs/x/data.parquet", "big/blob", "deep/big/keep",
+                "deep/skip.parquet", "data/raw/one.jsonl", "data/keep.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    package = job_client.zip_directory(tmp_path, ["runs", "big/", "*.parquet", "data/raw/*"])
+    names = sorted(zipfile.ZipFile(io.BytesIO(package)).namelist())
+    assert names == ["configs/a.yaml", "data/keep.jsonl", "prompts.jsonl"]
+    assert zipfile.ZipFile(io.BytesIO(package)).read("configs/a.yaml") == b"configs/a.yaml"
+    assert job_client.zip_directory(tmp_path, ["runs", "big/", "*.parquet", "data/raw/*"]) == package  # one name per content
+
+
 def test_status_exit_codes_and_address_resolution(monkeypatch):
     assert [job_client.exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED")] == [0, 1, 130]
     for var in ("RAY_DASHBOARD_ADDRESS", "RAY_ADDRESS"):
@@ -264,6 +279,23 @@ def test_failed_and_stopped_jobs_map_to_exit_codes(ray_head, tiny_model):
         if follower.poll() is None:
             follower.kill()
             follower.wait()
+
+
+@pytest.mark.slow
+def test_working_dir_is_uploaded_and_address_beats_ray_address(ray_head, tmp_path):
+    """A local --working-dir reaches the job (a relative path resolves inside it), and --address
+    wins over RAY_ADDRESS / RAY_API_SERVER_ADDRESS exported for other tools (Ray's SDK would not)."""
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}\n')
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "huge.bin").write_bytes(b"x" * 1024)  # left out by the default excludes
+    job_id = f"cai-test-workdir-{secrets.token_hex(4)}"
+    env = ray_head.env(RAY_ADDRESS="127.0.0.1:1", RAY_API_SERVER_ADDRESS="http://127.0.0.1:1")
+    result = ray_head.cai("submit", "--address", ray_head.url, "--working-dir", str(tmp_path), "--job-id", job_id,
+                          "--", "prompts", "check", "prompts.jsonl", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"usable": 2' in result.stdout
+    working_dir = ray_head.job(job_id)["runtime_env"]["working_dir"]
+    assert working_dir.startswith("gcs://_ray_pkg_") and working_dir.endswith(".zip")
 
 
 @pytest.mark.slow
