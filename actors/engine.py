@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from actors.process_output import divert_output
 from core.sampling import SamplingConfig, greedy
 
 
@@ -151,6 +152,7 @@ class VLLMEngineHost:
     """Owns one ``vllm.v1.engine.async_llm.AsyncLLM`` and the model's tokenizer."""
 
     def __init__(self, options: EngineOptions):
+        self.output_log = divert_output("engine")  # vLLM's start-up noise: Ray logs, not the terminal
         if options.model_source is not None:  # the folder on this node (a staged copy, or a checked path)
             options = replace(options, model=options.model_source.local_path())
         self.options = options
@@ -184,6 +186,7 @@ class VLLMEngineHost:
             "pid": os.getpid(),
             "hostname": os.uname().nodename,
             "startup_seconds": round(self.startup_seconds, 2),
+            "output_log": str(self.output_log) if self.output_log else None,  # where vLLM's own output went
         }
 
     def running_requests(self) -> int:

@@ -101,6 +101,8 @@ async def run_rows(
     seconds = time.monotonic() - started
     metrics.shard_seconds(seconds)
     occupancy_sum, occupancy_samples = sampler.take()
+    if occupancy_samples:
+        metrics.running_requests(occupancy_sum / occupancy_samples)
     return {
         "shard": shard,
         "rows": out,

@@ -50,7 +50,9 @@ from core.ppo_policy import (
     weights_blob,
 )
 from workflows.runtime.rollout_client import RolloutClient
-from workflows.runtime.training import WorkerContext, hold_if_drilled, local_models, register_worker, report_final
+from workflows.runtime.training import (
+    WorkerContext, hold_if_drilled, local_models, log_step, register_worker, report_final,
+)
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
@@ -290,7 +292,7 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     from core.rewards import checked_scores
 
     cfg, step, timings = learner.cfg, state["step"], {}
-    started = time.monotonic()
+    step_started = started = time.monotonic()
     mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.learner.seed)
     rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, cfg.sampling)
     timings["rollout_seconds"] = time.monotonic() - started
@@ -330,7 +332,8 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
         print(f"cai train ppo: step {step + 1}/{cfg.steps} reward {metrics['reward']:.4f} "
               f"kl {metrics['kl']:.4f} ({sum(timings.values()):.1f} s)", flush=True)
     row = {"step": step + 1, "kl_coef": learner.kl_control.value, **metrics, **sync,
-           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.client.restarts_seen}
+           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.client.restarts_seen,
+           "step_seconds": time.monotonic() - step_started, "time": time.time()}
     return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}
 
 
@@ -341,6 +344,7 @@ def ppo_loop(config: dict[str, Any]) -> None:
     cfg, resumed_from = learner.cfg, state["step"]
     while state["step"] < cfg.steps:
         state = ppo_step(learner, state)
+        log_step(config["worker"], state["history"][-1])
         last = state["step"] == cfg.steps
         save = (lambda d, st=state: save_checkpoint(d, learner.core, learner.tokenizer, learner.optimizer, st)) \
             if state["step"] % cfg.learner.save_steps == 0 and not last else None

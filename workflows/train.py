@@ -94,6 +94,7 @@ def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
         save_steps=learner.save_steps,
         save_total_limit=2,
         logging_steps=opts.logging_steps,
+        include_num_input_tokens_seen=True,  # tokens/s in metrics.jsonl and the Ray gauges
         eval_strategy="no",
         report_to=[] if opts.report_to == "none" else [opts.report_to],
         seed=learner.seed,

@@ -55,3 +55,23 @@ def test_sampling_n_and_raw_token_prompts(tiny_engine):
 def test_overlong_prompt_is_refused_with_a_clear_error(tiny_engine):
     with pytest.raises(PromptTooLongError, match="exceeds the model's context of 1024 tokens"):
         ray.get(tiny_engine.complete.remote([{"role": "user", "content": "word " * 2000}], greedy(8)))
+
+
+def test_vllm_output_goes_to_the_ray_logs_not_the_terminal(tiny_engine, monkeypatch):
+    """The engine actor's own stdout/stderr (vLLM's start-up warnings and progress bars) went to
+    cai-engine-<pid>.log beside Ray's worker logs, not to worker-*.out (streamed to the driver)."""
+    from pathlib import Path
+
+    from actors.process_output import LOG_LEVEL_ENV, worker_log_file
+
+    info = ray.get(tiny_engine.info.remote())
+    log = Path(info["output_log"])
+    assert log.name == f"cai-engine-{info['pid']}.log" and log.parent.name == "logs"
+    text = log.read_text()
+    assert "WARNING" in text or "Loading" in text, text[-2000:]  # vLLM's own lines
+    streamed = [p for p in log.parent.glob(f"worker-*-{info['pid']}.*") if p.suffix in (".out", ".err")]
+    assert streamed and not any("Loading safetensors" in p.read_text() for p in streamed)
+    # outside a Ray worker (this test process) and when verbose, nothing is diverted
+    assert worker_log_file("engine") is None
+    monkeypatch.setenv(LOG_LEVEL_ENV, "debug")
+    assert worker_log_file("engine") is None

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from core.config import ConfigError, load_config
+from workflows.cli.status import stage_progress
 from workflows.ppo import PPOConfig, run_ppo
 
 STEPS = 12
@@ -68,6 +69,21 @@ def kill_learner_at_hold(storage: Path, step: int, killed: dict) -> None:
         time.sleep(0.2)
 
 
+def watch_metrics_file(path: Path, seen: dict, stop: threading.Event) -> None:
+    """Record how many rows metrics.jsonl held, and when, while the run trains."""
+    while not stop.is_set():
+        try:
+            rows = len(path.read_text().splitlines())
+        except OSError:
+            rows = 0
+        if rows:
+            seen.setdefault("first_row_at", time.monotonic())
+            seen.setdefault("counts", set()).add(rows)
+            if "status" not in seen and not (path.parent / "training_summary.json").exists():
+                seen["status"] = stage_progress(path.parent)  # what `cai status DIR` shows mid-run
+        stop.wait(0.2)
+
+
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, tiny_model, tmp_path_factory):
     """One run with two faults: a rollout actor killed after the first checkpoint (step 4),
@@ -84,11 +100,18 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     ]
     for killer in killers:
         killer.start()
+    live: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_metrics_file, args=(out / "metrics.jsonl", live, stop), daemon=True)
+    watcher.start()
     summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test",
                                  hold_at_step=8))
+    live["ended_at"] = time.monotonic()
+    stop.set()
+    watcher.join()
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "history": history, "out": out, "killed": killed, "prompts": prompts,
-            "storage": storage}
+            "storage": storage, "live": live}
 
 
 @pytest.mark.slow
@@ -105,6 +128,17 @@ def test_ppo_raises_the_reward_and_logs_every_step(ppo_run):
             assert key in row
     summary = json.loads((ppo_run["out"] / "training_summary.json").read_text())
     assert summary["kind"] == "ppo" and summary["metrics"]["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_metrics_jsonl_grows_while_the_run_trains(ppo_run):
+    live = ppo_run["live"]
+    assert live.get("first_row_at", float("inf")) < live["ended_at"], "a row appeared before the run ended"
+    assert len([n for n in live["counts"] if n < STEPS]) >= 3, f"the file grew step by step: {sorted(live['counts'])}"
+    assert all(row["step_seconds"] > 0 for row in ppo_run["history"])
+    status = live["status"]
+    assert status["kind"] == "training" and status["step"] >= 1, status
+    assert {"reward", "kl", "kl_coef", "rollout_seconds", "sync_seconds", "step_seconds"} <= set(status), status
 
 
 @pytest.mark.slow

@@ -56,6 +56,11 @@ def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path
     assert weights_digest(out) != weights_digest(tiny_model), "the parameters changed"
     saved = json.loads((out / "training_summary.json").read_text())
     assert saved["data"][0]["stage"] == "generate" and saved["config"]["model"] == tiny_model
+    # the live log: one row per logging step, as the trainer logged it, with the rate of input tokens
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [h["step"] for h in summary["history"]]
+    assert [r["loss"] for r in rows] == losses
+    assert all(r["learning_rate"] > 0 and r["epoch"] > 0 and r["tokens_per_second"] > 0 for r in rows)
 
     from actors.engine import EngineOptions, VLLMEngineHost
     from core.sampling import SamplingConfig
@@ -188,6 +193,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint(drilled_sft):
     assert result, "the job finished after the restart"
     assert result["metrics"]["global_step"] == 16
     assert result["metrics"]["resumed_from_step"] == 8, "the restarted workers resumed from checkpoint 8"
+    rows = [json.loads(line) for line in (drilled_sft["root"] / "a" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps and steps == sorted(set(steps)), f"each logged step once, in order, across the restart: {steps}"
+    assert steps[-1] > 8, "steps after the restart were logged"
 
 
 def test_two_jobs_sharing_a_storage_path_never_share_checkpoints(tiny_model, sl_cai_data, drilled_sft):

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from actors.process_output import LOG_LEVEL_ENV
 from constitutions.importers import ConstitutionImportError
 from constitutions.loader import ConstitutionError
 from core.config import ConfigError
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cai",
         description="Constitutional AI on Ray: SL-CAI generation, RL-CAI labelling and training.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's and other libraries' start-up output from every actor on this terminal "
+                        f"(the same as {LOG_LEVEL_ENV}=debug; by default it goes to the Ray logs only)")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}  # first word -> its subcommands
     for command in COMMANDS:
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "debug"  # read here and, through the job's runtime env, by every actor
     try:
         return args.command_entry(args)
     except USER_ERRORS as exc:

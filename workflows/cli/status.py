@@ -3,7 +3,8 @@
 DIR is a `cai run` directory (stages from ``pipeline.json``) or one stage's output
 directory (a ``manifest.json`` of generate/label, or a trained model's
 ``training_summary.json``). Sharded stages show shards and rows done; training stages show
-their final step, or the checkpoints Ray Train has saved so far.
+their final step or, while they train, their latest step from ``metrics.jsonl`` (PPO: reward,
+KL, β and the seconds of each phase; sft/rm/dpo: loss, learning rate, epoch).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from actors.run_log import METRICS_FILE, read_rows
 from core.shards import completed_shards
 from workflows.pipeline import RECORD
 from workflows.runtime.training import SUMMARY
@@ -35,9 +37,22 @@ def stage_progress(out: Path) -> dict[str, Any]:
     if (out / "report.md").exists():
         return {"kind": "eval", "report": str(out / "report.md")}
     checkpoints = sorted(out.parent.glob(f".{out.name}.ray-train/*/checkpoint_*"))
+    rows = read_rows(out / METRICS_FILE)
+    if rows:
+        return {"kind": "training", **latest_step(rows[-1]), "checkpoints": len(checkpoints)}
     if checkpoints:
         return {"kind": "training", "checkpoints": len(checkpoints), "latest": str(checkpoints[-1])}
     return {"kind": "not started"}
+
+
+LIVE_FIELDS = ("step", "reward", "reward_std", "kl", "kl_coef", "step_seconds", "rollout_seconds", "scoring_seconds",
+               "training_seconds", "sync_seconds", "loss", "learning_rate", "epoch", "tokens_per_second")
+
+
+def latest_step(row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a training run's last ``metrics.jsonl`` row worth showing, rounded."""
+    shown = {key: row[key] for key in LIVE_FIELDS if row.get(key) is not None}
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in shown.items()}
 
 
 def run_status(directory: str) -> dict[str, Any]:
@@ -68,7 +83,8 @@ def format_status(status: dict[str, Any]) -> str:
             if stage.get("rows_out") is not None:
                 detail += f", rows {stage['rows_out']} out + {stage['rejected']} rejected of {stage['rows_in']}"
         elif stage.get("step") is not None:
-            detail = f"step {stage['step']}"
+            detail = f"step {stage['step']}" + "".join(
+                f", {key} {stage[key]}" for key in LIVE_FIELDS[1:] if key in stage)
         elif stage.get("checkpoints"):
             detail = f"{stage['checkpoints']} checkpoint(s) so far"
         seconds = f" in {stage['seconds']} s" if stage.get("seconds") else ""

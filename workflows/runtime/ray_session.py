@@ -31,6 +31,7 @@ import os
 import sys
 from typing import Any
 
+from actors.process_output import LOG_LEVEL_ENV, verbose
 from workflows.runtime import ray_auth
 from workflows.runtime.ray_auth import FoundToken
 
@@ -59,6 +60,9 @@ def connect_ray(
     global _dashboard_url, _started_local
     if not _initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        if verbose():  # every worker of the job keeps its third-party output on the terminal too
+            runtime_env = dict(runtime_env or {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), LOG_LEVEL_ENV: "debug"}
         common = {"namespace": NAMESPACE, "runtime_env": runtime_env, "log_to_driver": True}
         if address and address != "local":
             info = _join(address, common)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from actors.process_output import route_library_logs, train_log_level
 from core.config import config_to_dict, failing, identity, option, recorded_identity
 from core.run_identity import RUN_FILE, same_identity, training_run_id
 from core.training_data import data_lineage
@@ -86,6 +87,7 @@ class WorkerContext:
     workers_dir: str
     name: str
     model_sources: dict[str, Any]
+    run_log: Any = None  # the driver's RunLog actor: rank 0 hands it one row per step (metrics.jsonl)
 
 
 # -- on the workers -----------------------------------------------------------------------
@@ -106,6 +108,7 @@ def register_worker(worker: WorkerContext) -> None:
     fault tests) can find the process behind each rank."""
     import ray.train
 
+    route_library_logs("train")  # transformers' load reports and progress bars: Ray logs, not the terminal
     context = ray.train.get_context()
     directory = Path(worker.workers_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,6 +130,41 @@ def hold_if_drilled(worker: WorkerContext, learner: LearnerOptions, step: int) -
     marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}))
     print(f"cai train: holding after step {step} (fault drill)", flush=True)
     time.sleep(HOLD_SECONDS)
+
+
+def log_step(worker: WorkerContext, row: dict[str, Any]) -> None:
+    """Rank 0 hands a finished step's row to the run's ``metrics.jsonl`` (and its gauges)."""
+    import ray
+    import ray.train
+
+    if worker.run_log is None or ray.train.get_context().get_world_rank() != 0:
+        return
+    try:  # waited for, so the row is written before the job can end; a lost log never stops training
+        ray.get(worker.run_log.append.remote(row), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        print(f"cai: step {row.get('step')} not written to metrics.jsonl ({type(exc).__name__}: {exc})", flush=True)
+
+
+def step_log_callback(worker: WorkerContext):
+    """A Hugging Face trainer callback: at each logging step, rank 0 logs the loss, learning
+    rate, epoch and input tokens per second since the previous log."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.last = (time.monotonic(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            now, tokens = time.monotonic(), int(state.num_input_tokens_seen or 0)
+            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9) if tokens else None
+            self.last = (now, tokens)
+            log_step(worker, {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                              "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                              "tokens_per_second": rate, "time": time.time()})
+
+    return StepLog()
 
 
 def hold_callback(worker: WorkerContext, learner: LearnerOptions):
@@ -254,8 +292,11 @@ def learner_demand(workers: int, use_gpu: bool) -> dict[str, dict[str, float]]:
 
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Launch (or resume) the TorchTrainer, copy the final model to --out, write the summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from actors.run_log import METRICS_FILE, start_run_log
 
     from workflows.runtime.model_preflight import prepare_model, preflight_models
     from workflows.runtime.ray_session import connect_ray
@@ -281,11 +322,12 @@ def run_training(job: TrainJob) -> dict[str, Any]:
                                    timeout_s=job.cluster.placement_timeout or None)
         note(f"model(s) ready on {len(checked)} node(s) that can host a learner")
     started = time.monotonic()
+    run_log = start_run_log(out, job.kind, run_id)
     trainer = TorchTrainer(
         job.loop,
         # the job's frozen config itself, and what each learner needs to know about the run
         train_loop_config={"config": job.settings, "worker": WorkerContext(
-            workers_dir=str(Path(storage) / name / "workers"), name=name, model_sources=sources),
+            workers_dir=str(Path(storage) / name / "workers"), name=name, model_sources=sources, run_log=run_log),
             **job.loop_data},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.learner.use_gpu),
         run_config=RunConfig(
@@ -293,9 +335,13 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=job.learner.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(run_log)
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} finished without a final checkpoint")
     with result.checkpoint.as_directory() as local:
@@ -318,6 +364,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "config": config_to_dict(job.config),
         "identity": identity(job.config),
     }
+    if (out / METRICS_FILE).exists():  # the live log; a job's extra_outputs may write its own
+        shutil.copy2(out / METRICS_FILE, staging / METRICS_FILE)
     if job.extra_outputs:
         job.extra_outputs(staging, summary)
     (staging / SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -353,6 +401,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         return
     trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
     trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(step_log_callback(worker))
     hold = hold_callback(worker, config.learner)
     if hold is not None:
         trainer.add_callback(hold)

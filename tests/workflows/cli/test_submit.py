@@ -10,9 +10,11 @@ command uses is the one the test gives it.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +134,7 @@ class Head:
     url: str
     token_file: Path
     temp_dir: Path
+    metrics_url: str  # the head's Prometheus endpoint (--metrics-export-port)
 
     def env(self, **extra: str) -> dict[str, str]:
         """A client environment: the token as a file, RAY_AUTH_MODE unset (cai sends a found token)."""
@@ -169,14 +172,17 @@ def ray_head():
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     gcs, dashboard = free_ports(2)
+    ports = node_port_flags()
+    metrics_port = ports[ports.index("--metrics-export-port") + 1]
     command = ["bash", str(START_LOCAL), "--block", "--temp-dir", str(temp_dir), "--num-cpus", "2", "--num-gpus", "0",
-               *node_port_flags()]
-    # no RAY_AUTH_MODE here: the script must turn token auth on by itself
+               *ports]
+    # no RAY_AUTH_MODE here: the script must turn token auth on by itself. Metrics reach the
+    # exporter every second (Ray's default is 10 s), so short runs show up while they run.
     env = clean_env(RAY=str(BIN / "ray"), RAY_AUTH_TOKEN_PATH=str(token_file), RAY_CAI_GCS_PORT=str(gcs),
-                    RAY_CAI_DASHBOARD_PORT=str(dashboard))
+                    RAY_CAI_DASHBOARD_PORT=str(dashboard), RAY_metrics_report_interval_ms="1000")
     log_path = temp_dir / "start-local.log"
     proc = start_head(command, env, log_path)
-    head = Head(f"http://127.0.0.1:{dashboard}", token_file, temp_dir)
+    head = Head(f"http://127.0.0.1:{dashboard}", token_file, temp_dir, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         wait_for_head(proc, log_path, head.job_server_up)
         yield head
@@ -192,8 +198,43 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
+class MetricsScraper:
+    """Reads the head's Prometheus endpoint every second while the module's jobs run, keeping
+    every ``ray_cai_*`` sample seen: (series name, labels) -> last value."""
+
+    SAMPLE = re.compile(r"^(ray_cai_\w+)\{([^}]*)\}\s+(\S+)", re.MULTILINE)
+
+    def __init__(self, url: str):
+        self.url, self.seen, self.stop = url, {}, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text = requests.get(self.url, timeout=5).text
+            except requests.RequestException:
+                text = ""
+            for name, labels, value in self.SAMPLE.findall(text):
+                tags = frozenset(re.findall(r'(\w+)="([^"]*)"', labels))
+                self.seen[(name, tags)] = float(value)
+            self.stop.wait(1.0)
+
+    def series(self, name: str, **tags: str) -> list[float]:
+        """Values of ``name`` whose labels include ``tags``."""
+        return [value for (seen, labels), value in self.seen.items()
+                if seen == name and set(tags.items()) <= set(labels)]
+
+
 @pytest.fixture(scope="module")
-def generate_job(ray_head, tiny_model, tmp_path_factory):
+def metrics(ray_head):
+    scraper = MetricsScraper(ray_head.metrics_url)
+    yield scraper
+    scraper.stop.set()
+
+
+@pytest.fixture(scope="module")
+def generate_job(ray_head, tiny_model, tmp_path_factory, metrics):
     """One `cai submit -- generate ...` run on the head, shared by the checks below."""
     work = tmp_path_factory.mktemp("submit")
     prompts = write_prompts(work / "prompts.jsonl", 6)
@@ -296,6 +337,43 @@ def test_working_dir_is_uploaded_and_address_beats_ray_address(ray_head, tmp_pat
     assert '"usable": 2' in result.stdout
     working_dir = ray_head.job(job_id)["runtime_env"]["working_dir"]
     assert working_dir.startswith("gcs://_ray_pkg_") and working_dir.endswith(".zip")
+
+
+@pytest.mark.slow
+def test_generate_and_ppo_metrics_reach_prometheus_with_their_run_tag(ray_head, generate_job, metrics, tiny_model,
+                                                                   tmp_path):
+    """The generation counters and PPO's per-step gauges, as Prometheus scrapes them from the
+    head, tagged with each run's id; and only under names the dashboard may query."""
+    from actors.metrics import exported_names
+
+    _, result, out = generate_job
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((out / "manifest.json").read_text())["run_id"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about topic {i}."}) + "\n" for i in range(8)))
+    ppo = ray_head.cai(
+        "submit", "--address", ray_head.url, "--", "train", "ppo", "--policy", tiny_model, "--prompts", str(prompts),
+        "--out", str(tmp_path / "ppo"), "--reward-fn", "vowel_share", "--steps", "3", "--rollout-batch", "4",
+        "--minibatch", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", "--learners", "1", "--rollout-workers", "1",
+        "--enforce-eager", "--max-model-len", "512", "--storage-path", str(tmp_path / "storage"), timeout=420)
+    assert ppo.returncode == 0, ppo.stderr[-3000:] + ppo.stdout[-3000:]
+    ppo_run = json.loads((tmp_path / "ppo" / "run.json").read_text())["run_id"]
+    deadline = time.monotonic() + 30  # one more scrape after the last report
+    while not metrics.series("ray_cai_ppo_step", run=ppo_run, stage="ppo") and time.monotonic() < deadline:
+        time.sleep(1)
+
+    assert sum(metrics.series("ray_cai_prompts_completed_total", run=run, stage="generate")) >= 6
+    assert sum(metrics.series("ray_cai_tokens_generated_total", run=run, stage="generate")) > 0
+    assert metrics.series("ray_cai_shard_seconds_count", run=run, stage="generate")
+    assert max(metrics.series("ray_cai_ppo_step", run=ppo_run, stage="ppo")) >= 2
+    for name in ("ray_cai_ppo_reward_mean", "ray_cai_ppo_kl", "ray_cai_ppo_kl_coef", "ray_cai_ppo_response_length",
+                 "ray_cai_ppo_step_seconds", "ray_cai_ppo_sync_logprob_diff"):
+        assert metrics.series(name, run=ppo_run, stage="ppo"), name
+    for phase in ("rollout", "scoring", "training", "sync"):
+        assert metrics.series("ray_cai_ppo_phase_seconds", run=ppo_run, phase=phase), phase
+    assert {name for name, _ in metrics.seen} <= exported_names()
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3] and all(row["step_seconds"] > 0 for row in rows)
 
 
 @pytest.mark.slow
