@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from actors.process_output import route_library_logs, train_log_level
+from actors.process_output import route_library_logs, train_log_level, verbose
 from core.config import config_to_dict, failing, identity, option, recorded_identity
 from core.run_identity import RUN_FILE, same_identity, training_run_id
 from core.training_data import data_lineage
@@ -103,12 +103,26 @@ def worker_output_dir(name: str) -> str:
     return str(path)
 
 
+def quiet_train_reports() -> None:
+    """Keep Ray Train's "Reporting training result N: <every metric>" line off the terminal
+    unless verbose. Ray 2.60 logs it at INFO through ``logging.getLogger(__file__)`` in
+    ``ray/train/v2/_internal/execution/context.py`` (a private module): a logger named by the
+    file's path, outside ``ray.train``, so ``LoggingConfig(log_level=...)`` misses it."""
+    import logging
+
+    from ray.train.v2._internal.execution import context  # private, Ray 2.60: see above
+
+    if not verbose():
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def register_worker(worker: WorkerContext) -> None:
     """Record this worker's rank, pid and node next to the checkpoints: operators (and the
     fault tests) can find the process behind each rank."""
     import ray.train
 
     route_library_logs("train")  # transformers' load reports and progress bars: Ray logs, not the terminal
+    quiet_train_reports()
     context = ray.train.get_context()
     directory = Path(worker.workers_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -336,6 +350,10 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=job.learner.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level=train_log_level()),
+            # Ray Train 2.60 replaces print() in its workers with a logger that also echoes what
+            # libraries print into captured streams: datasets' fingerprinting (dill) disassembles
+            # our map functions into a StringIO, and that bytecode reached the terminal.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     try:
