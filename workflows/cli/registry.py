@@ -118,8 +118,9 @@ COMMANDS: tuple[Command, ...] = (
             description=_PPO + " with in-memory weight sync." + _RESUME),
     Command(words=("eval", "feedback"), config=EvalFeedbackConfig, job=run_eval_feedback,
             help="accuracy of a feedback model on multiple-choice items (HHH-eval layout)",
-            description="Score each option of each item; print accuracy, mean probability on the correct option "
-            "and the count as JSON."),
+            description="Score each item's options on vLLM actors as a sharded stage; write per-item results "
+            "(data/*.parquet), rejects and summary.json into --out, and print accuracy, mean probability on the "
+            "correct options and the accounting as JSON." + _RESUME),
     Command(words=("eval", "compare"), config=EvalCompareConfig, job=run_eval_compare,
             help="baseline model A against challengers, judged under a constitution: win rates, Elo, report",
             description="Answer held-out prompts with every model, judge each (A, challenger) pair in both option "
