@@ -41,6 +41,7 @@ from typing import Any, Literal
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
+from core.config import failing, option
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -51,7 +52,6 @@ from core.preference import (
     normalize,
     option_logprobs,
 )
-from core.config import failing, option
 from core.sampling import greedy
 
 TOP_K = 20
