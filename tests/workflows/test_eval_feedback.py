@@ -97,35 +97,45 @@ def run_config(model: str, data: Path, out: Path, **extra) -> EvalFeedbackConfig
     return load_config(EvalFeedbackConfig, overrides=overrides)
 
 
-def actor_pid_when_ready(out: Path, slot: int, timeout: float = 300) -> int:
-    """The process id of worker ``slot`` of the run in ``out``, as soon as its engine is up."""
+def first_ready_worker_pid(out: Path, workers: int = 2, timeout: float = 300) -> int:
+    """The process id of whichever worker of the run in ``out`` answers ``ready()`` first.
+
+    Killing that one is never too late: the pool hands it the first shards the moment it is
+    ready, so they fail with it and are retried. (Waiting for a fixed slot raced: on a busy
+    machine the other worker could finish every shard before that slot's engine was up.)"""
     import ray
 
     deadline = time.monotonic() + timeout
+    refs: dict = {}
     while time.monotonic() < deadline:
         if (out / "manifest.json").exists():
             run_id = json.loads((out / "manifest.json").read_text())["run_id"]
-            try:
-                actor = ray.get_actor(f"cai-eval-feedback-{run_id}-{slot}", namespace="cai")
-            except ValueError:  # not created yet
-                actor = None
-            if actor is not None:
-                return ray.get(actor.ready.remote(), timeout=timeout)["pid"]
+            for slot in range(workers):
+                if slot not in refs:
+                    try:
+                        refs[slot] = ray.get_actor(f"cai-eval-feedback-{run_id}-{slot}", namespace="cai").ready.remote()
+                    except ValueError:  # not created yet
+                        pass
+            if refs:
+                done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0.5)
+                if done:
+                    return ray.get(done[0])["pid"]
+                continue
         time.sleep(0.05)
-    raise TimeoutError(f"worker {slot} of {out} never came up")
+    raise TimeoutError(f"no worker of {out} came up in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
 def killed_run(ray_local, tiny_model, tmp_path_factory):
-    """Two workers, fast scoring; worker 0 is killed the moment its engine is up, when the pool
-    hands it its first shards, so they must be retried elsewhere."""
+    """Two workers, fast scoring; the first worker up is killed the moment its engine is up, when
+    the pool hands it its first shards, so they must be retried elsewhere."""
     tmp = tmp_path_factory.mktemp("eval-feedback")
     data, out = write_items(tmp / "items.jsonl"), tmp / "run"
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(run_eval_feedback(run_config(tiny_model, data, out,
                                                                                         workers=2))))
     driver.start()
-    os.kill(actor_pid_when_ready(out, 0), signal.SIGKILL)
+    os.kill(first_ready_worker_pid(out), signal.SIGKILL)
     driver.join(timeout=900)
     assert result, "the run completed"
     return data, out, result
