@@ -31,6 +31,14 @@ def verbose() -> bool:
     return os.environ.get(LOG_LEVEL_ENV, "").strip().lower() == "debug"
 
 
+def with_log_level(runtime_env: dict | None) -> dict | None:
+    """``runtime_env`` carrying ``RAY_CAI_LOG_LEVEL=debug`` to every worker when verbose (else as given)."""
+    if not verbose():
+        return runtime_env
+    env = dict(runtime_env or {})
+    return {**env, "env_vars": {**env.get("env_vars", {}), LOG_LEVEL_ENV: "debug"}}
+
+
 def train_log_level() -> str:
     """Ray Train's console level: its INFO lines (each report's metrics, checkpoint paths) only
     in its own log files unless verbose."""

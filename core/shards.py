@@ -142,6 +142,14 @@ def write_shard_output(
     write_jsonl(shard_rejects_path(run_dir, index), rejects)
 
 
+def read_stage_output(run_dir: Path, columns: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A stage's output rows (every ``data/*.parquet``, in shard order) and its reject records."""
+    rows = [r for f in sorted((run_dir / "data").glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
+    rejects = [json.loads(line) for f in sorted((run_dir / "rejects").glob("*.jsonl"))
+               for line in f.read_text(encoding="utf-8").splitlines()]
+    return rows, rejects
+
+
 def completed_shards(run_dir: Path) -> set[int]:
     rejects_dir = run_dir / "rejects"
     if not rejects_dir.is_dir():

@@ -42,7 +42,7 @@ from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
-from core.shards import MESSAGE, write_jsonl
+from core.shards import MESSAGE, read_stage_output, write_jsonl
 from workflows.eval_report import write_markdown, write_plot
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.engine_config import EngineConfig
@@ -211,16 +211,8 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
 
 def read_stage(out: Path, columns: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """A finished stage's output rows and ``{id: reason}`` of its rejects."""
-    import pyarrow.parquet as pq
-
-    files = sorted((out / "data").glob("*.parquet"))
-    rows = [r for f in files for r in pq.read_table(f, columns=columns).to_pylist()]
-    rejects = {}
-    for path in sorted((out / "rejects").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            rejects[record.get("id", f"row {record['index']}")] = record["reason"]
-    return rows, rejects
+    rows, rejects = read_stage_output(out, columns)
+    return rows, {r.get("id", f"row {r['index']}"): r["reason"] for r in rejects}
 
 
 def judge_items(models: list[ComparedModel], prompts: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:

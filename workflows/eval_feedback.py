@@ -38,7 +38,7 @@ import pyarrow as pa
 from actors.feedback_scorer import FeedbackWorker, ScoringSettings
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
-from core.shards import write_jsonl
+from core.shards import read_stage_output, write_jsonl
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
@@ -140,12 +140,10 @@ def accuracy(results: Sequence[tuple[Sequence[float], int]]) -> dict[str, Any]:
 
 def read_results(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A finished run's scored rows (in input order) and every reject, input ones included."""
-    import pyarrow.parquet as pq
-
-    rows = [r for f in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
-    files = [out / "items" / "rejects.jsonl", *sorted((out / "rejects").glob("*.jsonl"))]
-    rejects = [json.loads(line) for f in files if f.exists() for line in f.read_text(encoding="utf-8").splitlines()]
-    return sorted(rows, key=lambda r: r["index"]), rejects
+    rows, rejects = read_stage_output(out)
+    malformed = out / "items" / "rejects.jsonl"
+    lines = malformed.read_text(encoding="utf-8").splitlines() if malformed.exists() else []
+    return sorted(rows, key=lambda r: r["index"]), [*map(json.loads, lines), *rejects]
 
 
 def run_eval_feedback(config: EvalFeedbackConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from actors.process_output import LOG_LEVEL_ENV, verbose
+from actors.process_output import with_log_level
 from core.config import ConfigError
 from workflows.cli.commands import print_json
 
@@ -25,9 +25,8 @@ def cmd_submit(args: argparse.Namespace, known: Callable[[], set[str]]) -> int:
     cai_args = job_client.command_args(args.cai_args)
     if cai_args[0] not in known():
         raise ConfigError(f"{cai_args[0]!r} is not a cai command (see cai --help)")
-    runtime_env = job_client.load_runtime_env(args.runtime_env, args.working_dir)
-    if verbose():  # cai --verbose submit: the job's actors keep their output on the log stream
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), LOG_LEVEL_ENV: "debug"}
+    # cai --verbose submit: the job's actors keep their output on the log stream
+    runtime_env = with_log_level(job_client.load_runtime_env(args.runtime_env, args.working_dir))
     client = job_client.connect_jobs(args.address)
     job_id = job_client.submit(client, cai_args, runtime_env, args.job_id)
     if args.no_wait:

@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any
 
-from actors.process_output import LOG_LEVEL_ENV, verbose
+from actors.process_output import with_log_level
 from workflows.runtime import ray_auth
 from workflows.runtime.ray_auth import FoundToken
 
@@ -60,10 +60,8 @@ def connect_ray(
     global _dashboard_url, _started_local
     if not _initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        if verbose():  # every worker of the job keeps its third-party output on the terminal too
-            runtime_env = dict(runtime_env or {})
-            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), LOG_LEVEL_ENV: "debug"}
-        common = {"namespace": NAMESPACE, "runtime_env": runtime_env, "log_to_driver": True}
+        # with --verbose, every worker of the job keeps its third-party output on the terminal too
+        common = {"namespace": NAMESPACE, "runtime_env": with_log_level(runtime_env), "log_to_driver": True}
         if address and address != "local":
             info = _join(address, common)
             _started_local = False
