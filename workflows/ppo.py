@@ -24,7 +24,7 @@ from workflows.runtime.engine_config import EngineConfig
 from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
 from workflows.runtime.ray_session import NAMESPACE
-from workflows.runtime.training import LearnerOptions, TrainJob, learner_demand, open_training_run, run_training
+from workflows.runtime.training import LearnerOptions, LoraOptions, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"
 
@@ -59,7 +59,18 @@ class PPOConfig:
                                        "non_eos_penalty)", identity=True)
     penalty_reward_value: float = option(-1.0, "the score of a cut-off answer with --missing-eos-penalty", identity=True)
     max_grad_norm: float = option(1.0, "gradient clipping", identity=True)
-    learners: int = option(1, "Ray Train workers holding policy, value, reference and reward models (DDP)", identity=True)
+    learners: int = option(1, "Ray Train workers holding policy and value models (DDP replicas or FSDP shards, "
+                           "--strategy), and the frozen reference and reward models unless --frozen-on actors",
+                           identity=True)
+    frozen_on: Literal["learners", "actors"] = option("learners", "where the frozen reference and reward models run: "
+                                                      "in every learner, or in their own Ray actors (one per "
+                                                      "learner; a GPU each with --use-gpu) that the learners call",
+                                                      identity=True)
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "dtype of the frozen reference and reward "
+                                                                  "models; auto: bfloat16 on GPU, float32 on CPU",
+                                                                  identity=True)
+    lora: LoraOptions = option(LoraOptions(), "LoRA adapters on the policy instead of training every weight (the "
+                               "engines get merged weights; the saved policy is merged)")
     rollout_workers: int = option(1, "vLLM rollout actors")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64), "how rollouts are sampled: the learner's "
                                       "log-probs are log softmax(logits/T) over the whole vocabulary, so --top-p and "
@@ -81,7 +92,7 @@ class PPOConfig:
             "rollout_workers": self.rollout_workers >= 1,
         }
         require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
-                      self.cluster.problems())
+                      self.cluster.problems(), self.lora.problems())
         if self.sampling.top_p < 1 or self.sampling.repetition_penalty != 1:
             flag = "--top-p" if self.sampling.top_p < 1 else "--repetition-penalty"
             value = self.sampling.top_p if self.sampling.top_p < 1 else self.sampling.repetition_penalty

@@ -22,6 +22,7 @@ from core.training_data import TrainingDataError, load_training_data, split
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.training import (
     LearnerOptions,
+    LoraOptions,
     TrainingOptions,
     TrainJob,
     evaluate_split,
@@ -53,9 +54,14 @@ class TrainJobConfig:
 @dataclass(frozen=True, kw_only=True)
 class SFTConfig(TrainJobConfig):
     kind: ClassVar[str] = "sft"
+    lora: LoraOptions = option(LoraOptions(), "LoRA adapters instead of full fine-tuning (the saved model is merged)")
     sft_targets: Literal["all", "final"] = option("all", "on `cai generate` runs: one example per revision round "
                                                   "(§3.1 fine-tunes on every revision), or the final revision only",
                                                   identity=True)
+
+    def __post_init__(self) -> None:
+        require_valid(self.training.problems(), self.learner.problems(), self.cluster.problems(),
+                      self.lora.problems())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,10 +73,12 @@ class RMConfig(TrainJobConfig):
 class DPOConfig(TrainJobConfig):
     kind: ClassVar[str] = "dpo"
     beta: float = option(0.1, "strength of the KL constraint to the reference model", identity=True)
+    lora: LoraOptions = option(LoraOptions(), "LoRA adapters instead of full fine-tuning (the reference is the "
+                               "model with its adapters off; the saved model is merged)")
 
     def __post_init__(self) -> None:
         require_valid(self.training.problems(), self.learner.problems(), self.cluster.problems(),
-                      [] if self.beta > 0 else ["beta"])
+                      self.lora.problems(), [] if self.beta > 0 else ["beta"])
 
 
 def _model_dtype(use_gpu: bool):

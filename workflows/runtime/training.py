@@ -43,6 +43,9 @@ class LearnerOptions:
     use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo); PPO's rollout engines take GPUs "
                            "too (--tensor-parallel each)", identity=True)
     seed: int = option(0, "seed for data order, the held-out split, initialization and sampling", identity=True)
+    strategy: Literal["ddp", "fsdp"] = option("ddp", "how the learners hold the trained model: whole replicas (DDP), "
+                                              "or FSDP2 shards, one unit per transformer block (bf16 compute with "
+                                              "fp32 reduction on GPU)", identity=True)
     save_steps: int = option(50, "checkpoint every N optimizer steps")
     storage_path: str = option("", "where Ray Train keeps checkpoints (local dir or s3://...); default beside --out")
     max_failures: int = option(0, "restarts from the last checkpoint when a worker dies")
@@ -53,6 +56,24 @@ class LearnerOptions:
         checks = {"lr": self.lr > 0, "save_steps": self.save_steps >= 1, "max_failures": self.max_failures >= -1,
                   "hold_at_step": self.hold_at_step >= 0}
         return failing(checks)
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA adapters (peft) instead of training every weight; 0 = full fine-tuning."""
+
+    lora_r: int = option(0, "LoRA rank; 0 trains every weight", identity=True)
+    lora_alpha: int = option(16, "LoRA scaling numerator (the update is scaled by alpha / r)", identity=True)
+    lora_targets: list[str] = option(["all-linear"], "modules that get adapters: names such as q_proj v_proj, or "
+                                     "all-linear (every linear layer but the output head)", identity=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r > 0
+
+    def problems(self) -> list[str]:
+        return failing({"lora_r": self.lora_r >= 0, "lora_alpha": self.lora_alpha > 0,
+                        "lora_targets": bool(self.lora_targets)})
 
 
 @dataclass(frozen=True)
