@@ -81,7 +81,9 @@ class RewardModelScorer:
     function over (conversation, answer) pairs: see :func:`reward_model_conversation`."""
 
     def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, dtype=None):
+        """``dtype``: the torch dtype the model is loaded in (default float32); scores are
+        float32 whatever it is."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -90,7 +92,7 @@ class RewardModelScorer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code, dtype=torch.float32
+            path, trust_remote_code=trust_remote_code, dtype=torch.float32 if dtype is None else dtype
         ).to(device).eval()
         if self.model.config.num_labels != 1:
             raise RewardError(f"{path}: a reward model has 1 output, this one has {self.model.config.num_labels}")

@@ -81,10 +81,52 @@ class DPOConfig(TrainJobConfig):
                       self.lora.problems(), [] if self.beta > 0 else ["beta"])
 
 
-def _model_dtype(use_gpu: bool):
+def _model_dtype(learner: LearnerOptions):
+    """bf16 weights for DDP on GPU; float32 on CPU, and under FSDP, whose mixed precision
+    keeps float32 shards (the optimizer's master weights) and computes in bf16 on GPU."""
     import torch
 
-    return torch.bfloat16 if use_gpu else torch.float32
+    return torch.bfloat16 if learner.use_gpu and learner.strategy == "ddp" else torch.float32
+
+
+# Accelerate's FSDP plugin, as the Hugging Face trainers take it: FSDP2, one unit per
+# transformer block (the model's ``_no_split_modules``), sharded (DCP) checkpoints that each
+# rank writes beside the others; the final model is gathered into one safetensors model.
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+               "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False}
+
+
+def with_strategy(trainer_class, learner: LearnerOptions):
+    """``trainer_class`` as the learners' strategy needs it: unchanged for DDP; for FSDP,
+    the trainer's own FSDP path (accelerate's plugin, from ``fsdp_config``) with two settings
+    accelerate 1.15 does not take from the training arguments:
+
+    * on CPU, FSDP at all: ``AcceleratorState`` switches to ``DistributedType.FSDP`` only for
+      accelerator devices and silently trains CPU processes as DDP (accelerate/state.py,
+      1.15); here the plugin is put in place as it would be on GPUs (gloo runs FSDP2);
+    * on GPU, bf16 compute with float32 gradient reduction (accelerate sets both to bf16).
+    """
+    if learner.strategy != "fsdp":
+        return trainer_class
+
+    class Sharded(trainer_class):
+        def create_accelerator_and_postprocess(self):
+            import torch
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if not self.is_fsdp_enabled and state.distributed_type == DistributedType.MULTI_CPU:
+                state.distributed_type = DistributedType.FSDP
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                self.is_fsdp_enabled = True
+            if learner.use_gpu:
+                state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    Sharded.__name__ = Sharded.__qualname__ = f"FSDP{trainer_class.__name__}"
+    return Sharded
 
 
 def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
@@ -110,9 +152,17 @@ def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
         use_cpu=not learner.use_gpu,
         bf16=learner.use_gpu,
         ddp_backend="nccl" if learner.use_gpu else "gloo",
+        **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if learner.strategy == "fsdp" else {}),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def _peft_config(lora: LoraOptions):
+    """peft's LoRA config for the TRL trainer (which wraps the model), or None: full fine-tuning."""
+    from core.lora import lora_config
+
+    return lora_config(lora.lora_r, lora.lora_alpha, lora.lora_targets) if lora.enabled else None
 
 
 def _tokenizer(cfg: TrainJobConfig):
@@ -171,12 +221,13 @@ def build_sft(cfg: SFTConfig, output_dir: str):
     train, evaluation = split(data, cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
+        cfg.model, dtype=_model_dtype(cfg.learner), trust_remote_code=cfg.trust_remote_code
     )
     args = trl.SFTConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length,
                          completion_only_loss=True)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                             processing_class=tokenizer)
+    trainer = with_strategy(trl.SFTTrainer, cfg.learner)(model=model, args=args, train_dataset=train,
+                                                         eval_dataset=evaluation, processing_class=tokenizer,
+                                                         peft_config=_peft_config(cfg.lora))
     return trainer, tokenizer, evaluate_split
 
 
@@ -231,12 +282,12 @@ def build_rm(cfg: RMConfig, output_dir: str):
     train, evaluation = split(_rm_data(cfg.data), cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=1, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
+        cfg.model, num_labels=1, dtype=_model_dtype(cfg.learner), trust_remote_code=cfg.trust_remote_code
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     args = RewardConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length,
                         center_rewards_coefficient=None)
-    trainer = _soft_label_trainer_class()(
+    trainer = with_strategy(_soft_label_trainer_class(), cfg.learner)(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
     if len(trainer.train_dataset) == 0:  # TRL drops pairs longer than max_length
@@ -290,11 +341,12 @@ def build_dpo(cfg: DPOConfig, output_dir: str):
     train, evaluation = split(data, cfg.training.eval_split, cfg.learner.seed)
     tokenizer = _tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=_model_dtype(cfg.learner.use_gpu), trust_remote_code=cfg.trust_remote_code
+        cfg.model, dtype=_model_dtype(cfg.learner), trust_remote_code=cfg.trust_remote_code
     )
     args = trl.DPOConfig(**_common_args(cfg, output_dir), max_length=cfg.training.max_length, beta=cfg.beta)
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                             processing_class=tokenizer)
+    trainer = with_strategy(trl.DPOTrainer, cfg.learner)(model=model, args=args, train_dataset=train,
+                                                         eval_dataset=evaluation, processing_class=tokenizer,
+                                                         peft_config=_peft_config(cfg.lora))
     return trainer, tokenizer, evaluate_split
 
 

@@ -48,8 +48,10 @@ def weights_digest(directory) -> str:
 
 
 def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path):
+    # FSDP2 over the 2 workers (accelerate's plugin, gloo); DDP runs in the fault tests below
     out = tmp_path / "sft"
-    summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, max_steps=10))
+    summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, max_steps=10, strategy="fsdp"))
+    assert summary["config"]["learner"]["strategy"] == "fsdp"
     losses = [h["loss"] for h in summary["history"]]
     assert len(losses) >= 5 and all(l == l and abs(l) < 1e4 for l in losses), "finite losses"
     assert losses[-1] < losses[0]
@@ -95,7 +97,7 @@ def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
             }) + "\n")
     out = tmp_path / "rm"
     summary = run_train(train_config("rm", tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
-                                           batch_size=4))
+                                     batch_size=4, strategy="fsdp"))
     metrics = summary["metrics"]
     assert metrics["train_pairwise_accuracy"] >= 0.8
     assert metrics["train_pairwise_accuracy"] > metrics["before_train_pairwise_accuracy"]

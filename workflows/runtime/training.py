@@ -217,6 +217,17 @@ def hold_callback(worker: WorkerContext, learner: LearnerOptions):
     return HoldAfterCheckpoint()
 
 
+def train_begin_callback(action: Callable[[], None]):
+    """A Hugging Face trainer callback running ``action`` once training begins (the model prepared)."""
+    from transformers import TrainerCallback
+
+    class TrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            action()
+
+    return TrainBegin()
+
+
 def resume_checkpoint() -> tuple[str | None, str | None]:
     """(HF checkpoint dir to resume from, finished model dir), from Ray Train's latest."""
     import ray.train
@@ -429,7 +440,10 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
     ``loop_config`` holds the job's frozen ``config`` and the run's ``worker`` context.
     ``build(config, output_dir)`` returns (trainer, tokenizer, measure), where
     ``measure(trainer) -> metrics`` runs before and after training."""
+    import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from core.sharding import full_state
 
     worker: WorkerContext = loop_config["worker"]
     config = local_models(loop_config["config"], worker.model_sources)
@@ -444,8 +458,10 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
     hold = hold_callback(worker, config.learner)
     if hold is not None:
         trainer.add_callback(hold)
+    before: dict[str, float] = {}
+    if not resume:  # measured once the trainer has prepared the model: FSDP2 evaluates only a sharded one
+        trainer.add_callback(train_begin_callback(lambda: before.update(measure(trainer))))
     trainer = prepare_trainer(trainer)
-    before = measure(trainer) if not resume else {}
     run = trainer.train(resume_from_checkpoint=resume)
     after = measure(trainer)
     history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
@@ -458,8 +474,23 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         **{k: v for k, v in run.metrics.items() if isinstance(v, (int, float))},  # train_runtime, samples/s
     }
 
+    rank = ray.train.get_context().get_world_rank()
+    report_final(model_saver(trainer.model, tokenizer, full_state(trainer.model, rank=rank)), metrics)
+
+
+def model_saver(model, tokenizer, state: dict[str, Any] | None) -> Callable[[str], None]:
+    """What rank 0 saves as the final model: one ordinary safetensors model from ``state``
+    (the whole state dict, gathered from FSDP shards where there are any). A LoRA model is
+    saved merged, its adapter alone in ``adapter/`` beside it (peft's layout)."""
+    from core.lora import ADAPTER_DIR, adapter_scaling, is_adapted, merged_state
+
     def save(target: str) -> None:
-        trainer.model.save_pretrained(target, safe_serialization=True)
+        if is_adapted(model):
+            model.save_pretrained(str(Path(target) / ADAPTER_DIR), state_dict=state, safe_serialization=True)
+            model.get_base_model().save_pretrained(target, state_dict=merged_state(state, adapter_scaling(model)),
+                                                   safe_serialization=True)
+        else:
+            model.save_pretrained(target, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(target)
 
-    report_final(save, metrics)
+    return save
