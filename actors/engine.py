@@ -227,8 +227,11 @@ class VLLMEngineHost:
         logprobs: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
+        seed: int | None = None,
     ) -> list[Completion]:
-        """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids."""
+        """Sample ``n`` continuations of a conversation (chat messages) or of raw token ids;
+        ``seed`` gives the request its own random stream (the same seed samples the same
+        answer, whatever else the engine runs beside it)."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -243,6 +246,7 @@ class VLLMEngineHost:
             stop=stop,
             ignore_eos=ignore_eos,
             repetition_penalty=sampling.repetition_penalty,
+            seed=seed,
             # one output holding all n samples when the request finishes: no per-token streaming
             output_kind=RequestOutputKind.FINAL_ONLY,
         )

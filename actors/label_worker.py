@@ -73,6 +73,9 @@ class LabelWorker:
         self.feedback_name = feedback_name or (feedback or policy).model
         self.metrics = StageMetrics("label", run_name)
         self.policy = VLLMEngineHost(policy)
+        # No feedback options: the policy's engine labels too. Otherwise a second engine on the
+        # same GPUs, its options and the policy's each carrying part of the GPU share
+        # (workflows.label.worker_engines), so that vLLM finds the memory free for both.
         feedback_host = VLLMEngineHost(feedback) if feedback else self.policy
         self.scorer = FeedbackScorer(feedback_host, cot_max_new_tokens=settings.cot_max_new_tokens)
         hosts = {id(self.policy): self.policy, id(feedback_host): feedback_host}.values()

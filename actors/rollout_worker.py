@@ -58,14 +58,15 @@ class RolloutWorker:
         return {"version": version, "seconds": time.monotonic() - started}
 
     async def generate(
-        self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig,
+        self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig, seeds: list[int] | None = None,
     ) -> list[Rollout]:
-        """One sampled response per prompt (token ids), all submitted at once."""
+        """One sampled response per prompt (token ids), all submitted at once; with ``seeds``,
+        each from its own seeded random stream."""
         if version != self.version:
             raise StaleWeightsError(f"engine holds policy version {self.version}, the request expects {version}")
         completions = await asyncio.gather(*(
-            self.host.complete(ids, sampling, logprobs=0)
-            for ids in prompts
+            self.host.complete(ids, sampling, logprobs=0, seed=None if seeds is None else seed)
+            for ids, seed in zip(prompts, seeds or [None] * len(prompts))
         ))
         return [Rollout(c.token_ids, c.finish_reason, c.token_logprobs) for (c,) in completions]
 

@@ -5,7 +5,7 @@
 * :func:`pack_rollouts`: prompts and sampled responses as one left-padded batch in which
   every response starts at the same column, so per-token tensors over the response are
   plain ``(batch, T)`` slices.
-* :func:`weights_blob`: the policy's parameters as a safetensors blob for the vLLM engines.
+* :func:`weights_blob`: the policy's weights as a safetensors blob for the vLLM engines.
 """
 
 from __future__ import annotations
@@ -150,23 +150,9 @@ def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: b
     return model
 
 
-def weights_blob(policy: nn.Module) -> bytes:
-    """The policy's parameters by Hugging Face name, as ``safetensors`` bytes. Built from
-    ``named_parameters`` (tied embeddings appear once; safetensors refuses shared tensors)."""
+def weights_blob(state: dict[str, torch.Tensor]) -> bytes:
+    """A policy's weights by Hugging Face name (its whole state dict, LoRA merged:
+    ``core.lora.merged_state``) as ``safetensors`` bytes, on the CPU."""
     from safetensors.torch import save
 
-    return save({name: p.detach().to("cpu").contiguous() for name, p in policy.named_parameters()})
-
-
-def value_state(model: ActorCritic) -> dict[str, torch.Tensor]:
-    """The value backbone and head, for a checkpoint (safetensors-ready)."""
-    state = {f"backbone.{k}": p.detach().cpu().contiguous() for k, p in model.value_backbone.named_parameters()}
-    state.update({f"head.{k}": p.detach().cpu().contiguous() for k, p in model.value_head.named_parameters()})
-    return state
-
-
-def load_value_state(model: ActorCritic, state: dict[str, torch.Tensor]) -> None:
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    model.value_backbone.load_state_dict(backbone, strict=False)
-    model.value_head.load_state_dict(head)
+    return save({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()})

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.engine import EngineOptions
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
@@ -80,7 +81,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     settings = config.labelling
     policy_source = prepare_model(policy, config.policy, config.cluster)
     feedback_source = prepare_model(feedback, config.feedback_model, config.cluster) if feedback != policy else None
-    feedback_options = config.engine.options(feedback, settings.seed, feedback_source) if feedback_source else None
+    policy_options, feedback_options = worker_engines(config, policy, policy_source, feedback, feedback_source)
     job = StageJob(
         stage="label",
         out=Path(config.out).expanduser(),
@@ -91,8 +92,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,
-        worker_args=(config.engine.options(policy, settings.seed, policy_source), feedback_options, constitution.to_dict(),
-                     settings),
+        worker_args=(policy_options, feedback_options, constitution.to_dict(), settings),
         worker_kwargs={"policy_name": config.policy, "feedback_name": config.feedback_model or config.policy},
         max_num_seqs=config.engine.max_num_seqs,
         many_per_input=True,
@@ -102,6 +102,20 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     summary = run_stage(job)
     summary.update(label_statistics(job.out))
     return summary
+
+
+def worker_engines(config: LabelConfig, policy: str, policy_source: Any, feedback: str,
+                   feedback_source: Any) -> tuple[EngineOptions, EngineOptions | None]:
+    """The engines each label worker starts (``policy`` and ``feedback``: resolved paths). One
+    model in both roles: one engine, which the worker uses for both (feedback options None).
+    Another feedback model: its own engine on the same GPUs, and the two split
+    ``--gpu-memory-utilization`` in halves (``EngineConfig.options``); each asking for the
+    whole share, vLLM would refuse the second for lack of free memory."""
+    seed = config.labelling.seed
+    if feedback == policy:
+        return config.engine.options(policy, seed, policy_source), None
+    return (config.engine.options(policy, seed, policy_source, engines_per_worker=2),
+            config.engine.options(feedback, seed, feedback_source, engines_per_worker=2))
 
 
 def label_statistics(out: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
+from workflows.plan import check_run_memory
 
 RECORD = "pipeline.json"
 STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm", "ppo": "ppo", "dpo": "dpo",
@@ -166,6 +167,7 @@ def _write_record(root: Path, record: dict[str, Any]) -> None:
 def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage not already done; return the record (also in OUT/pipeline.json)."""
     stages = plan(cfg)  # every section is checked before anything runs
+    check_run_memory(cfg.model, stages, log)  # and refused here when a stage cannot fit its devices
     root = Path(cfg.out).expanduser().resolve()
     record = _read_record(root)
     record["config"] = config_to_dict(cfg)

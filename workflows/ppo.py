@@ -21,6 +21,7 @@ from core.sampling import SamplingConfig
 from workflows.ppo_learner import ppo_loop
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.frozen_group import frozen_demand, start_frozen_actors
 from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
 from workflows.runtime.ray_session import NAMESPACE
@@ -215,21 +216,31 @@ def run_ppo(cfg: PPOConfig) -> dict:
     cluster = connect_ray()
     # Rollout engines and learners hold their resources at the same time: refuse what can never
     # fit before anything starts (Ray Train would otherwise retry its worker group for ever).
-    check_total_fits({**rollout_demand, **learner_demand(cfg.learners, cfg.learner.use_gpu)},
+    frozen_actors = cfg.frozen_on == "actors"
+    check_total_fits({**rollout_demand, **learner_demand(cfg.learners, cfg.learner.use_gpu),
+                      **(frozen_demand(cfg, cfg.learners) if frozen_actors else {})},
                      fixed=cluster.get("local", False), what="cai train ppo", report=note)
+    if frozen_actors:  # the learners then load only what they train
+        models = {key: pair for key, pair in models.items() if key not in ("ref_model", "reward_model")}
     actors, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
+    groups = [pg]
+    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(actors)}
     try:
+        if frozen_actors:
+            frozen, frozen_pg = start_frozen_actors(resolved, run_id, cfg.learners, note)
+            actors.update(frozen)
+            groups.append(frozen_pg)
+            loop_data["frozen_actors"] = list(frozen)
         return run_training(TrainJob(
             kind="ppo", out=out, workers=cfg.learners, learner=cfg.learner, loop=ppo_loop, config=cfg,
-            settings=resolved, loop_data={"prompt_ids": prompt_ids, "prompt_messages": prompt_messages,
-                                          "rollout_actors": list(actors)},
-            data=[cfg.prompts], extra_outputs=write_outputs, cluster=cfg.cluster,
-            models=models, run_id=run_id,
+            settings=resolved, loop_data=loop_data, data=[cfg.prompts], extra_outputs=write_outputs,
+            cluster=cfg.cluster, models=models, run_id=run_id,
         ))
     finally:
         for actor in actors.values():
             ray.kill(actor)
-        release(pg)
+        for group in groups:
+            release(group)
 
 
 def _model_context(path: str) -> int:

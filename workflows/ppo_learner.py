@@ -39,25 +39,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from core import ppo_math
-from core.ppo_policy import (
-    ActorCritic,
-    RolloutBatch,
-    load_actor_critic,
-    load_value_state,
-    pack_rollouts,
-    sequence_logprobs,
-    value_state,
-    weights_blob,
-)
+from core.frozen_models import FrozenScorer
+from core.ppo_policy import ActorCritic, RolloutBatch, load_actor_critic, pack_rollouts, weights_blob
+from core.sharding import full_state, is_sharded
 from workflows.runtime.rollout_client import RolloutClient
 from workflows.runtime.training import (
-    WorkerContext, hold_if_drilled, local_models, log_step, register_worker, report_final,
+    WorkerContext, hold_if_drilled, local_models, log_step, model_saver, register_worker, report_final,
 )
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
 
 PPO_STATE = "ppo_state.json"
+MODEL_STATE = "actor_critic.safetensors"  # a checkpoint's policy and value model, whole (gathered from shards)
+OPTIMIZER_STATE = "optimizer.pt"  # the optimizer's state keyed by parameter name, whole
 
 
 # -- one PPO step ---------------------------------------------------------------------------
@@ -81,7 +76,7 @@ def step_prompts(n_prompts: int, step: int, batch: int, rank: int, world: int, s
     return indices[rank * share:(rank + 1) * share]
 
 
-def learn_from_rollouts(ddp, core: ActorCritic, ref, optimizer, prompts: list[list[int]], responses: list[list[int]],
+def learn_from_rollouts(ddp, core: ActorCritic, frozen: FrozenScorer, optimizer, prompts: list[list[int]], responses: list[list[int]],
                         scores: list[float], cfg: PPOConfig, kl_coef: float, *, pad_id: int, seed: int,
                         step: int = 0):
     """Score one rollout batch and update on it: the learner step after sampling. Every tensor
@@ -89,16 +84,17 @@ def learn_from_rollouts(ddp, core: ActorCritic, ref, optimizer, prompts: list[li
     Returns the batch, the scored tensors and the update's stats."""
     device = next(core.parameters()).device
     batch = pack_rollouts(prompts, responses, pad_id).to(device)
-    scored = score_rollouts(core, ref, batch, torch.tensor(scores, device=device), cfg, kl_coef)
+    scored = score_rollouts(core, frozen, batch, torch.tensor(scores, device=device), cfg, kl_coef)
     return batch, scored, ppo_update(ddp, optimizer, batch, scored, cfg, seed=seed, step=step)
 
 
-def score_rollouts(model: ActorCritic, ref, batch: RolloutBatch, scores: torch.Tensor, cfg: PPOConfig, kl_coef: float):
+def score_rollouts(model: ActorCritic, frozen: FrozenScorer, batch: RolloutBatch, scores: torch.Tensor, cfg: PPOConfig,
+                   kl_coef: float):
     """Old log-probs, values, KL-shaped rewards and whitened GAE advantages for one batch."""
     model.eval()
     with torch.no_grad():
         old_logprobs, entropy, values = model(batch, cfg.sampling.temperature)
-    ref_logprobs = sequence_logprobs(ref, batch, cfg.sampling.temperature)
+    ref_logprobs = frozen.ref_logprobs(batch, cfg.sampling.temperature).to(old_logprobs.device)
     rewards, kl = ppo_math.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.mask, kl_coef,
                                           kind=cfg.kl_estimator)
     values = values * batch.mask
@@ -171,33 +167,55 @@ def barrier() -> None:
 # -- checkpoints ----------------------------------------------------------------------------
 
 
-def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, optimizer, state: dict[str, Any]) -> None:
+def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    state: dict[str, Any]) -> None:
+    """Rank 0 writes the whole policy and value model, the optimizer state (both gathered by
+    :func:`checkpoint_state`, so DDP and FSDP runs write the same files) and the run state."""
     from safetensors.torch import save_file
 
-    model.policy.save_pretrained(directory / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(directory / "policy")
-    save_file(value_state(model), str(directory / "value.safetensors"))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model_state.items():  # tied weights share storage: safetensors needs copies
+        tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
+        seen.add(tensor.data_ptr())
+    save_file(tensors, str(directory / MODEL_STATE))
+    torch.save(optimizer_state, directory / OPTIMIZER_STATE)
     (directory / PPO_STATE).write_text(json.dumps(state))
 
 
-def restore_checkpoint(model: ActorCritic, optimizer) -> dict[str, Any] | None:
-    """Load the latest checkpoint Ray Train hands back (after a restart or a rerun)."""
+def checkpoint_state(model: ActorCritic, optimizer, rank: int) -> tuple[dict | None, dict | None]:
+    """The model's and the optimizer's whole state on rank 0, keyed by parameter name (a
+    collective under FSDP: every rank calls it; the others get None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model_state = full_state(model, rank=rank)
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return (model_state, optimizer_state) if rank == 0 else (None, None)
+
+
+def restore_model(model: ActorCritic) -> tuple[Path, dict[str, Any]] | None:
+    """Load the latest checkpoint Ray Train hands back (after a restart or a rerun) into the
+    unsharded model; returns its folder and the run state. The optimizer follows once the
+    model is sharded and the optimizer built (:func:`restore_optimizer`)."""
     import ray.train
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     local = Path(checkpoint.to_directory())
     print(f"cai train ppo: resuming from {checkpoint.path}", flush=True)
-    policy = AutoModelForCausalLM.from_pretrained(local / "policy", dtype=torch.float32)
-    model.policy.load_state_dict(policy.state_dict())
-    load_value_state(model, load_file(str(local / "value.safetensors")))
+    model.load_state_dict(load_file(str(local / MODEL_STATE)))
+    return local, json.loads((local / PPO_STATE).read_text())
+
+
+def restore_optimizer(model: ActorCritic, optimizer, local: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     # our own file, written by save_checkpoint; weights_only refuses anything but tensors and containers
-    optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
-    return json.loads((local / PPO_STATE).read_text())
+    saved = torch.load(local / OPTIMIZER_STATE, weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
 
 def report_step(metrics: dict[str, Any], state: dict[str, Any], save) -> None:
@@ -225,10 +243,10 @@ class Learner:
     world: int
     device: torch.device
     tokenizer: Any
-    core: ActorCritic  # the model itself; ``ddp`` is its DDP wrapper (or the same) for updates
+    core: ActorCritic  # the model itself (sharded in place under FSDP); ``ddp`` is its DDP wrapper (or the same)
     ddp: torch.nn.Module
-    ref: torch.nn.Module
-    reward: Any  # (prompts, completions) -> scores
+    frozen: FrozenScorer  # reference log-probs and rewards: in this process, or from this learner's frozen actor
+    weights: PolicyWeights
     optimizer: torch.optim.Optimizer
     kl_control: Any
     client: RolloutClient
@@ -237,15 +255,65 @@ class Learner:
     pad_id: int
 
 
+class PolicyWeights:
+    """The policy as the rollout engines load it: a safetensors blob of plain Hugging Face
+    names, LoRA adapters merged. Under DDP each learner builds it from its own replica when
+    it has to push; under FSDP every learner takes part in gathering it after each update
+    (:meth:`refresh`, a collective) and rank 0 keeps it, so only rank 0 pushes."""
+
+    def __init__(self, policy: torch.nn.Module, rank: int):
+        self.policy, self.rank = policy, rank
+        self.sharded = is_sharded(policy)
+        self.blob: bytes | None = None
+
+    def refresh(self) -> None:
+        """Call on every learner after each update (and once at the start)."""
+        self.blob = self.build() if self.sharded else None
+
+    def build(self) -> bytes | None:
+        from core.lora import adapter_scaling, merged_state
+
+        state = full_state(self.policy, rank=self.rank)
+        if state is None:
+            return None
+        merged = merged_state(state, adapter_scaling(self.policy))
+        if getattr(self.policy.config, "tie_word_embeddings", False):
+            merged.pop("lm_head.weight", None)  # the engine ties it to the embeddings itself
+        return weights_blob(merged)
+
+    @property
+    def can_push(self) -> bool:
+        return not self.sharded or self.rank == 0
+
+    def __call__(self) -> bytes:
+        if not self.can_push:
+            raise RuntimeError("under FSDP only learner rank 0 holds the whole policy to push")
+        return self.blob if self.blob is not None else self.build()
+
+
+def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torch.device) -> FrozenScorer:
+    """The reference and the reward: in this learner, or this learner's frozen actor."""
+    if cfg.frozen_on == "actors":
+        from workflows.runtime.frozen_group import FrozenClient
+
+        return FrozenClient(config["frozen_actors"], rank, timeout=cfg.cluster.placement_timeout or None)
+    from core.frozen_models import FrozenModels, resolve_frozen_dtype
+
+    return FrozenModels(cfg.ref_model, cfg.reward_model, cfg.reward_fn, device=str(device),
+                        dtype=resolve_frozen_dtype(cfg.frozen_dtype, cfg.learner.use_gpu),
+                        trust_remote_code=cfg.engine.trust_remote_code)
+
+
 def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     """Load the models (and the last checkpoint, after a restart or a rerun), wrap them for
-    DDP and connect to the rollout actors. Returns the learner and the run state
-    (``step``, ``kl_coef``, ``history``)."""
+    DDP or shard them (FSDP2) and connect to the rollout actors. Returns the learner and the
+    run state (``step``, ``kl_coef``, ``history``)."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from core.rewards import RewardModelScorer, load_reward_function
+    from core.lora import add_adapters
+    from core.sharding import shard_model
 
     worker: WorkerContext = config["worker"]
     cfg: PPOConfig = local_models(config["config"], worker.model_sources)
@@ -261,27 +329,38 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=trust)
     model = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust)
-    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=torch.float32,
-                                               trust_remote_code=trust).to(device).eval()
-    if cfg.reward_model:
-        reward = RewardModelScorer(cfg.reward_model, device=str(device), trust_remote_code=trust)
-    else:
-        reward = load_reward_function(cfg.reward_fn)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, eps=1e-5)
-    state = restore_checkpoint(model, optimizer) or {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
+    if cfg.learner.gradient_checkpointing:
+        for part in (model.policy, model.value_backbone):
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model.policy = add_adapters(model.policy, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_targets)
+    frozen = build_frozen(cfg, config, rank, device)
+    restored = restore_model(model)
+    state = restored[1] if restored else {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
     model = model.to(device)
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    core: ActorCritic = ddp.module if world > 1 else ddp
+    if cfg.learner.strategy == "fsdp" and world > 1:
+        core = ddp = shard_model(model, use_gpu=cfg.learner.use_gpu)
+    elif world > 1:
+        ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+        core = ddp.module
+    else:
+        core = ddp = model
+    trained = [p for p in core.parameters() if p.requires_grad]  # with LoRA: the adapters and the value model
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learner.lr, eps=1e-5)
+    if restored:
+        restore_optimizer(core, optimizer, restored[0])
     kl_control = (ppo_math.AdaptiveKLController(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
                   if cfg.target_kl else ppo_math.FixedKLController(state["kl_coef"]))
     # the reward model scores the whole conversation, as `cai train rm` trained it; a reward
     # function gets the question (the last user turn), its documented contract
     messages: list[list[dict]] = config["prompt_messages"]
     reward_inputs = messages if cfg.reward_model else [conversation[-1]["content"] for conversation in messages]
-    client = RolloutClient(config["rollout_actors"], lambda: weights_blob(core.policy),
+    weights = PolicyWeights(core.policy, rank)
+    weights.refresh()
+    client = RolloutClient(config["rollout_actors"], weights if weights.can_push else None,
                            wait_timeout=cfg.cluster.placement_timeout or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, ref, reward, optimizer, kl_control, client,
+    learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, weights, optimizer, kl_control, client,
                       config["prompt_ids"], reward_inputs, pad_id)
     return learner, state
 
@@ -289,19 +368,19 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
 def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     """One PPO step: rollouts, scoring, the update, the weight sync. Returns the new state,
     its history ending with this step's metrics (averaged over the learners)."""
-    from core.rewards import checked_scores
-
     cfg, step, timings = learner.cfg, state["step"], {}
     step_started = started = time.monotonic()
     mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.learner.seed)
-    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, cfg.sampling)
+    # one seed per (step, position in the step's batch): a rerun with --seed samples the same answers
+    seeds = [cfg.learner.seed * 1_000_003 + step * cfg.rollout_batch + learner.rank * len(mine) + k
+             for k in range(len(mine))]
+    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, cfg.sampling, seeds)
     timings["rollout_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
     responses = [list(r.token_ids) for r in rollouts]
     texts = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
-    scores = checked_scores(learner.reward([learner.reward_inputs[i] for i in mine], texts), len(texts),
-                            cfg.reward_model or cfg.reward_fn)
+    scores = learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)
     if cfg.missing_eos_penalty:
         scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
                                                cfg.penalty_reward_value)
@@ -309,12 +388,14 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
 
     started = time.monotonic()
     batch, scored, train_stats = learn_from_rollouts(
-        learner.ddp, learner.core, learner.ref, learner.optimizer, [learner.prompts[i] for i in mine], responses,
+        learner.ddp, learner.core, learner.frozen, learner.optimizer, [learner.prompts[i] for i in mine], responses,
         scores, cfg, learner.kl_control.value, pad_id=learner.pad_id, seed=cfg.learner.seed * 100003 + step, step=step)
     timings["training_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    sync = sync_rollout_engines(learner.client, learner.core, batch, step + 1) if learner.rank == 0 else {}
+    learner.weights.refresh()  # under FSDP: every learner helps gather the new policy
+    check = sync_check_sequence(learner.core, batch)  # a forward on every learner (FSDP runs it together)
+    sync = sync_rollout_engines(learner.client, check, step + 1) if learner.rank == 0 else {}
     barrier()
     timings["sync_seconds"] = time.monotonic() - started
 
@@ -345,19 +426,17 @@ def ppo_loop(config: dict[str, Any]) -> None:
     while state["step"] < cfg.steps:
         state = ppo_step(learner, state)
         log_step(config["worker"], state["history"][-1])
-        last = state["step"] == cfg.steps
-        save = (lambda d, st=state: save_checkpoint(d, learner.core, learner.tokenizer, learner.optimizer, st)) \
-            if state["step"] % cfg.learner.save_steps == 0 and not last else None
+        save = None
+        if state["step"] % cfg.learner.save_steps == 0 and state["step"] < cfg.steps:
+            model_state, optimizer_state = checkpoint_state(learner.core, learner.optimizer, learner.rank)
+            save = lambda d, st=state: save_checkpoint(d, model_state, optimizer_state, st)  # noqa: E731
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
             hold_if_drilled(config["worker"], cfg.learner, state["step"])
-
-    def save_final(target: str) -> None:
-        learner.core.policy.save_pretrained(target, safe_serialization=True)
-        learner.tokenizer.save_pretrained(target)
-
-    report_final(save_final, {"global_step": state["step"], "resumed_from_step": resumed_from,
-                              "history": state["history"], "final_kl_coef": state["kl_coef"]})
+    policy = learner.core.policy
+    report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),
+                 {"global_step": state["step"], "resumed_from_step": resumed_from, "history": state["history"],
+                  "final_kl_coef": state["kl_coef"], "strategy": cfg.learner.strategy})
 
 
 def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: list[Any]) -> float:
@@ -372,19 +451,25 @@ def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: 
     return float(gap.max()) if gap.numel() else 0.0
 
 
-def sync_rollout_engines(client: RolloutClient, model: ActorCritic, batch: RolloutBatch, version: int) -> dict:
-    """Push the new policy to every live engine and measure how exact the sync is: the
-    engine's log-probs of one sampled sequence against the learner's, before and after."""
-    import ray
-
+def sync_check_sequence(model: ActorCritic, batch: RolloutBatch) -> tuple[list[int], list[int], torch.Tensor]:
+    """The longest sampled sequence of ``batch`` and the learner's log-probs of its response
+    (at T = 1, as the engine's prompt log-probs are): what the sync check compares."""
     row = int(batch.mask.sum(-1).argmax())
     width = batch.prompt_width
     prompt = batch.input_ids[row, :width][batch.attention_mask[row, :width].bool()].tolist()
     length = int(batch.mask[row].sum())
-    response = batch.response[row, :length].tolist()
     model.eval()
-    with torch.no_grad():  # the engine's prompt log-probs are at T = 1: so is this check
+    with torch.no_grad():
         learner = model(batch.select(torch.tensor([row])))[0][0, :length].cpu()
+    return prompt, batch.response[row, :length].tolist(), learner
+
+
+def sync_rollout_engines(client: RolloutClient, check: tuple[list[int], list[int], torch.Tensor], version: int) -> dict:
+    """Push the new policy to every live engine and measure how exact the sync is: the
+    engine's log-probs of one sampled sequence (``check``) against the learner's, before and after."""
+    import ray
+
+    prompt, response, learner = check
     before = None
     try:  # the engine still holds the previous policy
         before = ray.get(client.actors[0].sequence_logprobs.remote(prompt, response), timeout=60)

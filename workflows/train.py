@@ -152,7 +152,11 @@ def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
         use_cpu=not learner.use_gpu,
         bf16=learner.use_gpu,
         ddp_backend="nccl" if learner.use_gpu else "gloo",
-        **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if learner.strategy == "fsdp" else {}),
+        # under FSDP, recomputation is the plugin's (activation_checkpointing), which wraps each block
+        **({"fsdp": True, "fsdp_config": {**FSDP_CONFIG, "activation_checkpointing": learner.gradient_checkpointing}}
+           if learner.strategy == "fsdp" else
+           {"gradient_checkpointing": learner.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False}}),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )

@@ -3,13 +3,20 @@ what the installed vLLM resolves from them inside a real placement group.
 
 Tensor parallel > 1 must name vLLM's multiprocessing executor: left to its default, vLLM picks
 its Ray executor inside a placement group and refuses our one-bundle-per-engine reservation.
+A label worker with two models starts two engines on one GPU: each must ask for half the share.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from actors import label_worker
 from actors.engine import EngineOptions, engine_args, engine_environment
+from actors.label_worker import LabelSettings, LabelWorker
+from constitutions.loader import load_constitution
+from core.config import ConfigError
+from workflows.label import LabelConfig, worker_engines
+from workflows.runtime.engine_config import EngineConfig
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -77,6 +84,57 @@ def test_extra_cannot_change_the_executor_or_the_gpu_count(tp, key, value):
 def test_extra_cannot_override_a_field(key):
     with pytest.raises(ValueError, match=key):
         engine_args(EngineOptions(model="m", extra={key: 2}), dtype="float32")
+
+
+# --- a label worker's two engines on one GPU ---------------------------------------------
+
+
+def label_config(**engine) -> LabelConfig:
+    return LabelConfig(policy="sft", constitution="harmless", prompts="p.jsonl", out="out",
+                       engine=EngineConfig(**engine))
+
+
+@pytest.mark.parametrize("configured", [0.85, 0.6])
+def test_a_label_worker_with_two_models_gives_each_engine_half_the_gpu_share(configured):
+    """vLLM checks at start that the GPU's free memory covers an engine's whole share
+    (vllm/v1/worker/utils.py, request_memory): two engines asking for 0.85 each cannot both start."""
+    policy, feedback = worker_engines(label_config(gpu_memory_utilization=configured), "/m/sft", None, "/m/base", None)
+    assert (policy.model, feedback.model) == ("/m/sft", "/m/base")
+    shares = [engine_args(options, dtype="bfloat16")["gpu_memory_utilization"] for options in (policy, feedback)]
+    assert shares == [configured / 2, configured / 2]
+    assert sum(shares) == pytest.approx(configured)
+
+
+def test_a_label_worker_with_one_model_starts_one_engine_with_the_whole_share():
+    policy, feedback = worker_engines(label_config(), "/m/sft", None, "/m/sft", None)
+    assert feedback is None
+    assert engine_args(policy, dtype="bfloat16")["gpu_memory_utilization"] == 0.85
+    # every other stage's single engine keeps the whole share too
+    assert EngineConfig(gpu_memory_utilization=0.7).options("m", 0).gpu_memory_utilization == 0.7
+
+
+def test_the_label_worker_shares_its_policy_engine_when_there_are_no_feedback_options(monkeypatch):
+    started = []
+
+    class FakeHost:  # stands in for VLLMEngineHost: records the options each engine would start with
+        def __init__(self, options):
+            self.options = options
+            started.append(options)
+
+    monkeypatch.setattr(label_worker, "VLLMEngineHost", FakeHost)
+    constitution = load_constitution("harmless").to_dict()
+    one = LabelWorker(*worker_engines(label_config(), "/m/sft", None, "/m/sft", None), constitution, LabelSettings())
+    assert one.scorer.host is one.policy and len(started) == 1
+    started.clear()
+    two = LabelWorker(*worker_engines(label_config(), "/m/sft", None, "/m/base", None), constitution, LabelSettings())
+    assert two.scorer.host is not two.policy
+    assert [(o.model, o.gpu_memory_utilization) for o in started] == [("/m/sft", 0.425), ("/m/base", 0.425)]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_gpu_memory_utilization_must_be_a_share(value):
+    with pytest.raises(ConfigError, match="--gpu-memory-utilization"):
+        label_config(gpu_memory_utilization=value)
 
 
 @pytest.mark.slow

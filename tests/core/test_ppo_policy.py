@@ -49,13 +49,14 @@ def test_actor_critic_starts_at_the_policy_with_zero_values(tiny_model):
     assert (entropy > 0).all()
 
 
-def test_weights_blob_holds_every_parameter_once(tiny_model):
+def test_weights_blob_holds_every_tensor_of_the_state(tiny_model):
     from safetensors.torch import load
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    tensors = load(weights_blob(model))
+    tensors = load(weights_blob(model.state_dict()))
     assert set(tensors) == {name for name, _ in model.named_parameters()}
+    assert all(torch.equal(tensors[name], p.detach()) for name, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])

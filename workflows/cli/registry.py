@@ -21,6 +21,7 @@ from workflows.eval_compare import EvalCompareConfig, run_eval_compare
 from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.generate import GenerateConfig, run_generate
 from workflows.label import LabelConfig, run_label
+from workflows.plan import plan_arguments
 from workflows.ppo import PPOConfig, run_ppo
 from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
 
@@ -145,6 +146,11 @@ COMMANDS: tuple[Command, ...] = (
             help="the whole method: generate, train sft, label, train rm, train ppo (or dpo), eval",
             description="Run every stage into one run directory; a rerun skips the stages already done. "
             "Overrides: dotted key=value pairs, e.g. rl=dpo generate.revisions=2 ppo.steps=10."),
+    Command(words=("plan",), run=operations.cmd_plan, arguments=plan_arguments,
+            help="per stage and device: the memory a pipeline config needs, and whether it fits",
+            description="Estimate each stage's memory per device (weights, gradients, optimizer state, frozen "
+            "models, activations, logits, engine KV cache; formulas in docs/memory.md) and exit 1 naming the "
+            "stage and its largest term when one does not fit. `cai run` runs the same check first."),
     Command(words=("status",), run=operations.cmd_status, arguments=operations.status_arguments,
             help="show a run's stages, shard progress and outputs"),
 )

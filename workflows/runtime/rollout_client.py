@@ -17,19 +17,33 @@ class RolloutClient:
     restarting after a crash) sits the step out; one that answers with an old weights
     version gets the current weights first. A request that fails because its actor died is
     sent again to another actor, so a crash costs time, not rows.
+
+    Without ``policy_blob`` (an FSDP learner other than rank 0: it holds only a shard of the
+    policy) the client never pushes: it waits until rank 0 has brought an engine up to date.
     """
 
     def __init__(self, names: list[str], policy_blob, *, wait_timeout: float | None, ping_timeout: float = 2.0):
         import ray
 
         self.actors = [ray.get_actor(name, namespace=NAMESPACE) for name in names]
-        self.policy_blob = policy_blob  # () -> safetensors bytes of the current policy
+        self.policy_blob = policy_blob  # () -> safetensors bytes of the current policy, or None: rank 0 pushes
         self.ping_timeout, self.wait_timeout = ping_timeout, wait_timeout
         self.restarts_seen = 0  # actors found restarted (back with old weights)
         self.live_in_step = len(self.actors)  # fewest actors that answered during the last generate
 
     def ready_actors(self, version: int, *, after_update: bool = False) -> list[Any]:
         """The actors that answer now, each holding weights ``version`` (pushed if not)."""
+        deadline = time.monotonic() + (self.wait_timeout or float("inf"))
+        while True:
+            live = self._current_actors(version, after_update)
+            if live:
+                return live
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no rollout actor holds weights version {version} after --placement-timeout "
+                                   f"({self.wait_timeout} s): learner rank 0 pushes them")
+            time.sleep(0.5)  # learner rank 0 is pushing the current weights
+
+    def _current_actors(self, version: int, after_update: bool) -> list[Any]:
         import ray
 
         pings = {actor.weights_version.remote(): actor for actor in self.actors}
@@ -48,10 +62,10 @@ class RolloutClient:
                 stale.append(pings[ref])
                 # after an update every engine is one version behind; further behind: restarted
                 self.restarts_seen += held < version - 1 or not after_update
-        if stale:
+        if stale and self.policy_blob is not None:
             self.push(stale, version)
-        live += stale
-        if not live:
+            live += stale
+        if not live and not stale:
             raise RuntimeError(f"no rollout actor answered within --placement-timeout ({self.wait_timeout} s)")
         return live
 
@@ -68,7 +82,10 @@ class RolloutClient:
                 pass  # died meanwhile: it gets the weights when it is back
         return time.monotonic() - started
 
-    def generate(self, prompts: list[list[int]], version: int, sampling: SamplingConfig) -> list[Any]:
+    def generate(self, prompts: list[list[int]], version: int, sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[Any]:
+        """One rollout per prompt; ``seeds`` (one per prompt) make each answer reproducible,
+        on whichever engine it lands, and again after a resend."""
         import ray
 
         from actors.rollout_worker import StaleWeightsError
@@ -81,7 +98,8 @@ class RolloutClient:
             self.live_in_step = min(self.live_in_step, len(actors))
             chunks = [todo[i::len(actors)] for i in range(len(actors))]
             calls = {
-                actor.generate.remote([prompts[i] for i in chunk], version=version, sampling=sampling): chunk
+                actor.generate.remote([prompts[i] for i in chunk], version=version, sampling=sampling,
+                                      seeds=None if seeds is None else [seeds[i] for i in chunk]): chunk
                 for actor, chunk in zip(actors, chunks) if chunk
             }
             todo = []

@@ -46,6 +46,9 @@ class LearnerOptions:
     strategy: Literal["ddp", "fsdp"] = option("ddp", "how the learners hold the trained model: whole replicas (DDP), "
                                               "or FSDP2 shards, one unit per transformer block (bf16 compute with "
                                               "fp32 reduction on GPU)", identity=True)
+    gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                          "pass instead of keeping them: about one hidden state per block and token "
+                                          "stays in memory, for ~1/3 more compute")
     save_steps: int = option(50, "checkpoint every N optimizer steps")
     storage_path: str = option("", "where Ray Train keeps checkpoints (local dir or s3://...); default beside --out")
     max_failures: int = option(0, "restarts from the last checkpoint when a worker dies")
