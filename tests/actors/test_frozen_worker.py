@@ -25,18 +25,6 @@ ANSWERS = ["An apple.", "A carrot, or a leek.", "Light scatters."]
 
 
 @pytest.fixture(scope="module")
-def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a fresh one-output head, saved as `cai train rm` saves its model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def frozen_actors(ray_local, tiny_model, reward_model, tmp_path_factory):
     """Two frozen actors (one per learner of a 2-learner run), float32 on the CPU."""
     cfg = PPOConfig(policy=tiny_model, prompts="unused.jsonl", out=str(tmp_path_factory.mktemp("out")),

@@ -23,18 +23,6 @@ ANSWERS = ["An apple.", "A carrot, or a leek.", "Light scatters."]
 
 
 @pytest.fixture(scope="module")
-def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a fresh one-output head, saved as `cai train rm` saves its model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def frozen(tiny_model, reward_model) -> dict[torch.dtype, FrozenModels]:
     return {dtype: FrozenModels(tiny_model, reward_model, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
 

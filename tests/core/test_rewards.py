@@ -24,18 +24,6 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a fresh one-output head, saved as `cai train rm` saves its model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return str(out)
-
-
 def test_reward_model_reads_the_whole_conversation_as_trl_tokenized_it_for_training(reward_model):
     from trl.data_utils import _tokenize  # TRL 1.16: what RewardTrainer applies to prompt + chosen
 

@@ -148,7 +148,7 @@ def test_weight_sync_makes_the_engine_match_the_learner(ppo_run):
     for row in ppo_run["history"]:
         # before the push the engine still samples the previous policy; after it, the same numbers
         assert row["presync_logprob_diff"] is None or row["presync_logprob_diff"] > 1e-3
-        assert row["sync_logprob_diff"] < 1e-3, row
+        assert row["sync_logprob_diff"] <= 1e-4, row
         # the rollouts were sampled at T = 0.7 by the policy the learner scored them with
         assert row["rollout_logprob_diff"] < 1e-4, row
     assert any(row["presync_logprob_diff"] for row in ppo_run["history"])
@@ -185,7 +185,7 @@ def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
     assert ddp[0]["reward"] == pytest.approx(fsdp[0]["reward"], abs=1e-6), "step 1 samples the same answers"
     for a, b in zip(ddp, fsdp):
         for key in ("reward", "kl", "policy_loss", "value_loss", "entropy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-2, abs=1e-3), (a["step"], key, a[key], b[key])
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_lora_policy_with_frozen_models_in_actors(ppo_run, tmp_path):
     run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=3, learners=1, rollout_workers=1,
                        rollout_batch=8, frozen_on="actors", lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"]))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 3 and all(row["sync_logprob_diff"] < 1e-3 for row in history), history
+    assert len(history) == 3 and all(row["sync_logprob_diff"] <= 1e-4 for row in history), history
     assert all(row["rollout_logprob_diff"] < 1e-4 for row in history)
     base = load_file(Path(ppo_run["tiny_model"]) / "model.safetensors")
     merged = load_file(out / "model.safetensors")

@@ -64,12 +64,15 @@ def test_sft_learns_and_vllm_serves_the_result(tiny_model, sl_cai_data, tmp_path
     assert [r["step"] for r in rows] == [h["step"] for h in summary["history"]]
     assert [r["loss"] for r in rows] == losses
     assert all(r["learning_rate"] > 0 and r["epoch"] > 0 and r["tokens_per_second"] > 0 for r in rows)
+    assert_served_by_vllm(out)
 
+
+def assert_served_by_vllm(model_dir) -> None:
     from actors.engine import EngineOptions, VLLMEngineHost
     from core.sampling import SamplingConfig
 
     host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
-        EngineOptions(model=str(out), max_model_len=1024, enforce_eager=True))
+        EngineOptions(model=str(model_dir), max_model_len=1024, enforce_eager=True))
     try:
         (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)))
         assert len(completion.token_ids) > 0
@@ -98,7 +101,7 @@ def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
             }) + "\n")
     out = tmp_path / "rm"
     summary = run_train(train_config("rm", tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
-                                     batch_size=4, strategy="fsdp"))
+                                     batch_size=4, strategy="fsdp", gradient_checkpointing=True))
     metrics = summary["metrics"]
     assert metrics["train_pairwise_accuracy"] >= 0.8
     assert metrics["train_pairwise_accuracy"] > metrics["before_train_pairwise_accuracy"]
@@ -127,6 +130,7 @@ def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
+    assert_served_by_vllm(out)
 
 
 def test_bad_data_fails_before_any_worker(tiny_model, tmp_path):

@@ -1,0 +1,65 @@
+"""The GPU-only settings of the learners, checked without a GPU: the training arguments the
+trainers get on GPUs, and FSDP's mixed precision (bf16 compute over float32 shards) run on the
+CPU in a one-process gloo group."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from core.config import load_config
+from workflows.train import FSDP_CONFIG, SFTConfig, _common_args, _model_dtype
+
+
+def sft(**values) -> SFTConfig:
+    return load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", **values))
+
+
+def test_fsdp_on_gpus_is_the_trainers_fsdp2_plugin_over_nccl_in_bf16():
+    cfg = sft(use_gpu=True, strategy="fsdp", gradient_checkpointing=True)
+    args = _common_args(cfg, "/tmp/x")
+    assert args["fsdp"] is True and args["ddp_backend"] == "nccl" and args["bf16"] and not args["use_cpu"]
+    assert args["fsdp_config"] == {**FSDP_CONFIG, "activation_checkpointing": True}
+    assert args["fsdp_config"]["version"] == 2 and args["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert "gradient_checkpointing" not in args, "under FSDP the plugin recomputes, not the trainer"
+    assert _model_dtype(cfg.learner) == torch.float32, "float32 shards: the optimizer's master weights"
+
+
+def test_ddp_on_gpus_trains_bf16_replicas_and_cpus_float32():
+    gpu = sft(use_gpu=True, gradient_checkpointing=True)
+    args = _common_args(gpu, "/tmp/x")
+    assert "fsdp" not in args and args["ddp_backend"] == "nccl" and args["gradient_checkpointing"]
+    assert _model_dtype(gpu.learner) == torch.bfloat16
+    cpu = _common_args(sft(), "/tmp/x")
+    assert cpu["ddp_backend"] == "gloo" and cpu["use_cpu"] and not cpu["bf16"]
+    assert _model_dtype(sft(strategy="fsdp").learner) == torch.float32
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    yield
+    dist.destroy_process_group()
+
+
+def test_gpu_mixed_precision_computes_in_bf16_over_float32_shards(tiny_model, one_process_group):
+    from transformers import AutoModelForCausalLM
+
+    from core.sharding import is_sharded, shard_model, transformer_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert [type(b).__name__ for b in transformer_blocks(model)] == ["LlamaDecoderLayer"] * 2
+    shard_model(model, use_gpu=True)
+    assert is_sharded(model) and all(p.dtype == torch.float32 for p in model.parameters())
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 4]])).logits
+    assert logits.dtype == torch.bfloat16, "the forward ran on bf16 copies of the weights"
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters()), \
+        "gradients land on the float32 shards"
