@@ -58,8 +58,16 @@ def merged_state(state: Mapping[str, torch.Tensor], scaling: float, adapter: str
             module = name.rsplit(".base_layer.", 1)[0]
             plain = plain.replace(".base_layer.", ".")
             down, up = state.get(f"{module}.lora_A.{adapter}.weight"), state.get(f"{module}.lora_B.{adapter}.weight")
+            if down is None:  # an embedding: peft keeps A (r, vocab) and B (dim, r) as plain tensors
+                embedding_down = state.get(f"{module}.lora_embedding_A.{adapter}")
+                embedding_up = state.get(f"{module}.lora_embedding_B.{adapter}")
+                if embedding_down is not None and embedding_up is not None:
+                    down, up = embedding_up.T, embedding_down.T  # (B A)^T = A^T B^T
             if down is not None and up is not None and name.endswith("weight"):
                 delta = scaling * (up.float() @ down.float())
+                if delta.shape != tensor.shape:  # e.g. GPT-2's Conv1D (peft's fan_in_fan_out)
+                    raise ValueError(f"{plain}: a LoRA update of shape {tuple(delta.shape)} does not fit the "
+                                     f"weight {tuple(tensor.shape)}; only Linear and Embedding layers are merged")
                 tensor = (tensor.float() + delta).to(tensor.dtype)
         merged[plain] = tensor
     return merged

@@ -83,7 +83,10 @@ class ActorCritic(nn.Module):
         hidden = self.value_backbone(**inputs).last_hidden_state
         columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
         values = self.value_head(hidden[:, columns]).squeeze(-1)
-        return logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
+        outputs = logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
+        # copies, not views (squeeze, gather): FSDP2 warns about views among a sharded root's
+        # outputs; (B, T) each, so the copies cost nothing next to the logits
+        return tuple(t.clone() for t in outputs)
 
 
 def response_logits(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:

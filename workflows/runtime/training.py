@@ -388,7 +388,11 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             # Ray Train 2.60 replaces print() in its workers with a logger that also echoes what
             # libraries print into captured streams: datasets' fingerprinting (dill) disassembles
             # our map functions into a StringIO, and that bytecode reached the terminal.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(
+                # FSDP frees each gathered block after use; glibc keeps such buffers (~14 MB each
+                # on the default model) in its heap unless they are mmapped, so the resident memory
+                # of a sharded learner only shrinks with this (BENCHMARKS.md, learners)
+                {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)} if job.learner.strategy == "fsdp" else {})}},
         ),
     )
     try:

@@ -1,0 +1,162 @@
+"""FSDP2 sharding (``core.sharding``) on the tiny model: two real processes over gloo, no Ray.
+
+One spawn runs every check (start-up costs most of the time): each rank loads the same
+model, shards it, gathers it back, takes one AdamW step on the same data and gathers again;
+then it runs the PPO learner's own update (``ppo_update`` on a sharded ``ActorCritic``) on
+the same rollouts. The ranks write what they saw to a file; the assertions run here, against
+models loaded and stepped in this process without any sharding.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+LR = 1e-2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def training_data(vocab_size: int) -> torch.Tensor:
+    """The same (2, 16) token ids on every rank and in the single-process reference."""
+    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def load_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def one_step(model) -> None:
+    """One AdamW step of the causal-LM loss on :func:`training_data`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = training_data(model.config.vocab_size)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+
+class PolicyReference:
+    """The frozen-models interface over a reference model (the policy, loaded again)."""
+
+    def __init__(self, model_dir: str):
+        self.model = load_model(model_dir).eval()
+
+    def ref_logprobs(self, batch, temperature=1.0):
+        from core.ppo_policy import sequence_logprobs
+
+        return sequence_logprobs(self.model, batch, temperature)
+
+
+def ppo_update_once(model_dir: str, wrap, gather) -> dict[str, torch.Tensor] | None:
+    """The learner's update (``score_rollouts`` then ``ppo_update``: two optimizer steps of one
+    row each, gradients clipped) on two fixed rollouts, the ActorCritic as ``wrap`` returns
+    it; then its state as ``gather`` returns it."""
+    from core.config import load_config
+    from core.ppo_policy import load_actor_critic, pack_rollouts
+    from workflows.ppo import PPOConfig
+    from workflows.ppo_learner import ppo_update, score_rollouts
+
+    cfg = load_config(PPOConfig, overrides=dict(
+        policy=model_dir, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=2, minibatch=1,
+        ppo_epochs=1, steps=1, lr=1e-3, lr_schedule="constant", max_grad_norm=0.1))
+    model = wrap(load_actor_critic(model_dir, model_dir))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learner.lr, eps=1e-5)
+    batch = pack_rollouts([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], pad_id=0)
+    scored = score_rollouts(model, PolicyReference(model_dir), batch, torch.tensor([0.2, 0.9]), cfg, cfg.kl_coef)
+    ppo_update(model, optimizer, batch, scored, cfg, seed=0)
+    return gather(model)
+
+
+def shard_and_step(rank: int, port: int, model_dir: str, out: str) -> None:
+    """One rank: shard, gather, step, gather, then the PPO update on a sharded ActorCritic;
+    every gathered state is whole on rank 0 and None on the other rank."""
+    import torch.distributed as dist
+
+    from core.sharding import full_state, shard_bytes, shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(seconds=60))
+    try:
+        model = load_model(model_dir)
+        whole = shard_bytes(model)  # before sharding: every parameter, whole
+        shard_model(model, use_gpu=False)
+        before = full_state(model, rank=rank)
+        one_step(model)
+        after = full_state(model, rank=rank)
+        stepped = ppo_update_once(model_dir, lambda m: shard_model(m, use_gpu=False),
+                                  lambda m: full_state(m, rank=rank))
+        torch.save({"whole_bytes": whole, "shard_bytes": shard_bytes(model),
+                    "before": before, "after": after, "ppo": stepped}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny_model, tmp_path_factory) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("sharding")
+    with pytest.MonkeyPatch.context() as patch:
+        # the ranks unpickle shard_and_step by this module's name, tests.core.test_sharding:
+        # pytest (--import-mode=importlib) imports it without the repository root on sys.path,
+        # and spawn hands the children the parent's sys.path
+        patch.syspath_prepend(str(ROOT))
+        mp.spawn(shard_and_step, args=(free_port(), tiny_model, str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def test_each_rank_holds_about_half_of_the_parameters(ranks):
+    for rank, seen in enumerate(ranks):
+        share = seen["shard_bytes"] / seen["whole_bytes"]
+        assert 0.45 <= share <= 0.6, (f"rank {rank} holds {seen['shard_bytes']} of {seen['whole_bytes']} "
+                                      f"parameter bytes ({share:.3f})")
+    # together the shards are the whole model (dim-0 chunks, no parameter held twice)
+    assert sum(seen["shard_bytes"] for seen in ranks) == ranks[0]["whole_bytes"]
+
+
+def test_full_state_gathers_the_original_weights_on_rank_0_only(ranks, tiny_model):
+    original = load_model(tiny_model).state_dict()
+    gathered = ranks[0]["before"]
+    assert gathered.keys() == original.keys()
+    different = [name for name, tensor in original.items() if not torch.equal(gathered[name], tensor)]
+    assert not different, f"gathered weights differ from the loaded ones: {different}"
+    assert all(seen["before"] is None and seen["after"] is None and seen["ppo"] is None for seen in ranks[1:])
+
+
+def test_a_sharded_adamw_step_matches_an_unsharded_one(ranks, tiny_model):
+    model = load_model(tiny_model)
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    one_step(model)
+    expected, gathered = model.state_dict(), ranks[0]["after"]
+    assert gathered.keys() == expected.keys()
+    gaps = {name: (gathered[name] - tensor).abs().max().item() for name, tensor in expected.items()}
+    worst = max(gaps, key=gaps.get)
+    assert gaps[worst] < 1e-5, f"largest gap {gaps[worst]:.2e} in {worst}"
+    # the step moved the weights (else matching them would prove nothing)
+    assert all(not torch.equal(gathered[name], original[name]) for name in original if name.endswith("proj.weight"))
+
+
+def test_the_ppo_update_on_shards_matches_the_unsharded_one(ranks, tiny_model):
+    """The learner's FSDP path end to end: ActorCritic forward on shards, gradients averaged
+    by reduce-scatter, ``clip_grad_norm_`` over DTensor shards (max_grad_norm 0.1: the clip is
+    active), two AdamW steps (the second one sees the ratio of the two clipped gradients)."""
+    from core.sharding import full_state
+
+    expected = ppo_update_once(tiny_model, lambda m: m, full_state)
+    gathered = ranks[0]["ppo"]
+    assert gathered.keys() == expected.keys()
+    gaps = {name: (gathered[name] - tensor).abs().max().item() for name, tensor in expected.items()}
+    worst = max(gaps, key=gaps.get)
+    assert gaps[worst] < 1e-5, f"largest gap {gaps[worst]:.2e} in {worst}"
