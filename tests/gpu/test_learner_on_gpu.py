@@ -63,3 +63,47 @@ def test_the_weights_blob_gathers_gpu_parameters_to_the_host(tiny_model):
     tensors = load(weights_blob(model.state_dict()))
     assert set(tensors) == {name for name, _ in model.named_parameters()}
     assert all(torch.equal(tensors[n], p.detach().cpu()) for n, p in model.named_parameters())
+
+
+@pytest.fixture
+def nccl_group():
+    """A one-process NCCL group: FSDP2 on one GPU, as each learner runs it among many."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp_on_the_gpu_computes_in_bf16_and_gathers_the_whole_model(tiny_model, nccl_group):
+    from transformers import AutoModelForCausalLM
+
+    from core.sharding import full_state, shard_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    shard_model(model, use_gpu=True)
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 4]], device="cuda")).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    state = full_state(model, rank=0)
+    assert set(state) == set(before) and all(torch.equal(state[k].cpu(), before[k]) for k in before)
+
+
+def test_frozen_models_in_bf16_on_the_gpu_match_float32(tiny_model):
+    from core.frozen_models import FrozenModels
+    from core.ppo_policy import pack_rollouts
+
+    batch = pack_rollouts([[10, 11, 12], [20]], [[30, 31], [40, 41, 42]], pad_id=0).to("cuda")
+    half = FrozenModels(tiny_model, reward_fn="vowel_share", device="cuda", dtype=torch.bfloat16)
+    full = FrozenModels(tiny_model, reward_fn="vowel_share", device="cuda", dtype=torch.float32)
+    a, b = half.ref_logprobs(batch, 0.7), full.ref_logprobs(batch, 0.7)
+    assert a.dtype == torch.float32 and a.device.type == "cuda"
+    assert torch.allclose(a * batch.mask, b * batch.mask, atol=5e-2)
