@@ -184,12 +184,14 @@ def kill_workers(storage: Path) -> None:
 
 @pytest.fixture(scope="module")
 def drilled_sft(tiny_model, sl_cai_data, tmp_path_factory):
-    """One SFT job whose rank-1 worker is killed while the workers hold after checkpoint 8."""
+    """One SFT job under FSDP whose rank-1 worker is killed while the workers hold after
+    checkpoint 8: the restart resumes from sharded (DCP) checkpoints, each rank's shard written
+    into the same Ray Train checkpoint."""
     root = tmp_path_factory.mktemp("drill")
     storage = root / "storage"
     # every worker holds once after checkpoint 8 (the fault drill): the kill lands at a known step
     config = train_config("sft", tiny_model, [sl_cai_data], root / "a" / "sft", max_steps=16, save_steps=4,
-                          max_failures=1, storage_path=str(storage), hold_at_step=8)
+                          max_failures=1, storage_path=str(storage), hold_at_step=8, strategy="fsdp")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_train(config)))
     thread.start()
