@@ -387,6 +387,17 @@ def identity(cfg, **resolved) -> dict[str, Any]:
     return as_recorded({**chosen, **resolved})
 
 
+def identity_defaults(cls) -> dict[str, Any]:
+    """The default of every identity setting of ``cls`` that has one, as recorded."""
+    defaults = {}
+    for name, f in config_options(cls).items():
+        if f.metadata.get("identity") and f.default is not dataclasses.MISSING:
+            defaults[name] = f.default
+        elif f.metadata.get("identity") and f.default_factory is not dataclasses.MISSING:
+            defaults[name] = f.default_factory()
+    return as_recorded(defaults)
+
+
 def recorded_identity(cls, recorded: dict[str, Any]) -> dict[str, Any]:
     """The identity settings of ``cls`` found in a recorded config (``config_to_dict`` of an
     older or newer layout: nested groups or flat keys), for runs recorded before identities were."""

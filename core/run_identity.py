@@ -27,15 +27,19 @@ class RunMismatchError(ValueError):
     """The output directory holds a run with different settings."""
 
 
-def same_identity(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+def same_identity(recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
     """Whether a run folder's recorded identity is the current one: the rule every stage, training
     job and pipeline rerun applies before resuming or counting the work as done.
 
     A key the recorded identity lacks was added by a later version (a new setting, at the
     value every earlier run used), so folders recorded before it still match; a key recorded
-    under an old name (:data:`RENAMED_KEYS`) is read under its new one."""
+    under an old name (:data:`RENAMED_KEYS`) is read under its new one. With ``defaults`` (the
+    settings' defaults: ``core.config.identity_defaults``), a key the record lacks matches only at
+    its default, the value the earlier version used."""
     recorded = {RENAMED_KEYS.get(key, key) if key not in current else key: value for key, value in recorded.items()}
-    return set(recorded) <= set(current) and all(current[key] == value for key, value in recorded.items())
+    added = {key for key in current if key not in recorded and defaults is not None and key in defaults}
+    return (set(recorded) <= set(current) and all(current[key] == value for key, value in recorded.items())
+            and all(current[key] == defaults[key] for key in added))
 
 
 def new_run_id(out: Path) -> str:

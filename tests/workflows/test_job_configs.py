@@ -5,7 +5,10 @@ import re
 
 import pytest
 
-from core.config import ConfigError, config_options, identity, load_config, option_flag, recorded_identity
+from core.config import (
+    ConfigError, config_options, identity, identity_defaults, load_config, option_flag, recorded_identity,
+)
+from core.run_identity import same_identity
 from workflows.cli.main import main
 from workflows.cli.registry import COMMANDS
 from workflows.eval_compare import EvalCompareConfig
@@ -89,5 +92,10 @@ def test_a_training_summary_of_the_old_layout_reads_as_the_same_identity():
                         "grad_accum": 1, "max_length": 1024, "eval_split": 0.1, "save_steps": 50,
                         "logging_steps": 5, "storage_path": "", "max_failures": 0, "report_to": "none", "seed": 0},
            "cluster": {"run_name": ""}}
-    assert recorded_identity(SFTConfig, old) == identity(sft)
-    assert recorded_identity(SFTConfig, {**old, "training": {**old["training"], "lr": 2e-3}}) != identity(sft)
+    # settings added since (strategy, LoRA) are absent from the old record: they match at their defaults
+    defaults = identity_defaults(SFTConfig)
+    assert same_identity(recorded_identity(SFTConfig, old), identity(sft), defaults)
+    assert not same_identity(recorded_identity(SFTConfig, {**old, "training": {**old["training"], "lr": 2e-3}}),
+                             identity(sft), defaults)
+    lora = load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", lr=1e-3, workers=2, lora_r=8))
+    assert not same_identity(recorded_identity(SFTConfig, old), identity(lora), defaults), "a LoRA run is another run"

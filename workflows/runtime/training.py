@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from actors.process_output import route_library_logs, train_log_level, verbose
-from core.config import config_to_dict, failing, identity, option, recorded_identity
+from core.config import config_to_dict, failing, identity, identity_defaults, option, recorded_identity
 from core.run_identity import RUN_FILE, same_identity, training_run_id
 from core.training_data import data_lineage
 from workflows.runtime.cluster_options import ClusterOptions
@@ -298,7 +298,7 @@ def finished_summary(out: Path, config: Any) -> dict[str, Any] | None:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         recorded = summary.get("identity") or recorded_identity(type(config), summary.get("config") or {})
-        if same_identity(recorded, identity(config)):
+        if same_identity(recorded, identity(config), identity_defaults(type(config))):
             return {**summary, "already_done": True}
     return None
 
