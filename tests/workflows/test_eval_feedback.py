@@ -149,8 +149,11 @@ def test_killed_worker_is_replaced_and_every_item_ends_once(killed_run):
     ids_out = [r["id"] for r in rows] + [r["id"] for r in rejects]
     assert sorted(ids_out) == sorted(ids_in) and len(set(ids_out)) == len(ids_out) == 20
     manifest = json.loads((out / "manifest.json").read_text())
+    # the killed worker's shards in flight (if the pool had handed it any yet: on a loaded machine
+    # it may have had none, CI11) failed with the actor and ran again elsewhere
     retried = [s for s in manifest["shards"].values() if s["attempts"] > 1]
-    assert retried and all("ctor" in s["last_error"] for s in retried)
+    assert all("ctor" in s["last_error"] for s in retried)
+    assert all(s["status"] == "done" for s in manifest["shards"].values())
 
     reasons = {r["id"]: r["reason"] for r in rejects}
     assert "exceeds the model's context" in reasons["item-6"]  # the over-long prompt, line 6
