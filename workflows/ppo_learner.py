@@ -26,14 +26,11 @@ itself, its model paths resolved for this node. The rollout actors are reached t
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,17 +39,16 @@ from core import ppo_math
 from core.frozen_models import FrozenScorer
 from core.ppo_policy import ActorCritic, RolloutBatch, load_actor_critic, pack_rollouts, weights_blob
 from core.sharding import full_state, is_sharded
+from workflows.ppo_checkpoint import checkpoint_state, report_step, restore_model, restore_optimizer, save_checkpoint
+from workflows.runtime.hf_loop import model_saver
 from workflows.runtime.rollout_client import RolloutClient
 from workflows.runtime.training import (
-    WorkerContext, hold_if_drilled, local_models, log_step, model_saver, register_worker, report_final,
+    WorkerContext, hold_if_drilled, local_models, log_step, register_worker, report_final,
 )
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
 
-PPO_STATE = "ppo_state.json"
-MODEL_STATE = "actor_critic.safetensors"  # a checkpoint's policy and value model, whole (gathered from shards)
-OPTIMIZER_STATE = "optimizer.pt"  # the optimizer's state keyed by parameter name, whole
 
 
 # -- one PPO step ---------------------------------------------------------------------------
@@ -162,73 +158,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    state: dict[str, Any]) -> None:
-    """Rank 0 writes the whole policy and value model, the optimizer state (both gathered by
-    :func:`checkpoint_state`, so DDP and FSDP runs write the same files) and the run state."""
-    from safetensors.torch import save_file
-
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in model_state.items():  # tied weights share storage: safetensors needs copies
-        tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
-        seen.add(tensor.data_ptr())
-    save_file(tensors, str(directory / MODEL_STATE))
-    torch.save(optimizer_state, directory / OPTIMIZER_STATE)
-    (directory / PPO_STATE).write_text(json.dumps(state))
-
-
-def checkpoint_state(model: ActorCritic, optimizer, rank: int) -> tuple[dict | None, dict | None]:
-    """The model's and the optimizer's whole state on rank 0, keyed by parameter name (a
-    collective under FSDP: every rank calls it; the others get None)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    model_state = full_state(model, rank=rank)
-    optimizer_state = get_optimizer_state_dict(model, optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return (model_state, optimizer_state) if rank == 0 else (None, None)
-
-
-def restore_model(model: ActorCritic) -> tuple[Path, dict[str, Any]] | None:
-    """Load the latest checkpoint Ray Train hands back (after a restart or a rerun) into the
-    unsharded model; returns its folder and the run state. The optimizer follows once the
-    model is sharded and the optimizer built (:func:`restore_optimizer`)."""
-    import ray.train
-    from safetensors.torch import load_file
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    local = Path(checkpoint.to_directory())
-    print(f"cai train ppo: resuming from {checkpoint.path}", flush=True)
-    model.load_state_dict(load_file(str(local / MODEL_STATE)))
-    return local, json.loads((local / PPO_STATE).read_text())
-
-
-def restore_optimizer(model: ActorCritic, optimizer, local: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # our own file, written by save_checkpoint; weights_only refuses anything but tensors and containers
-    saved = torch.load(local / OPTIMIZER_STATE, weights_only=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
-
-
-def report_step(metrics: dict[str, Any], state: dict[str, Any], save) -> None:
-    """Every rank reports; rank 0 attaches a checkpoint when ``save`` is given."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    if save is None or ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics=metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
-        ray.train.report(metrics=metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 # -- the loop -------------------------------------------------------------------------------

@@ -20,13 +20,12 @@ from typing import Any, ClassVar, Literal
 from core.config import REQUIRED, option, require_valid
 from core.training_data import TrainingDataError, load_training_data, split
 from workflows.runtime.cluster_options import ClusterOptions
+from workflows.runtime.hf_loop import evaluate_split, hf_train_loop
 from workflows.runtime.training import (
     LearnerOptions,
     LoraOptions,
     TrainingOptions,
     TrainJob,
-    evaluate_split,
-    hf_train_loop,
     run_training,
 )
 
