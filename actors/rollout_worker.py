@@ -57,6 +57,18 @@ class RolloutWorker:
         self.version = version
         return {"version": version, "seconds": time.monotonic() - started}
 
+    async def sync_join(self, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> int:
+        """Join the learner's broadcast group (#16, work in progress)."""
+        await self.host.engine.collective_rpc("cai_join", args=(host, port, world_size, rank, timeout_s))
+        return rank
+
+    async def sync_receive(self, wire_plan: list[dict], version: int, mode: str = "load") -> dict:
+        """Receive the policy the learner broadcasts (call before it sends), then serve it."""
+        (stats,) = await self.host.engine.collective_rpc("cai_receive", args=(wire_plan, mode))
+        await self.host.engine.reset_prefix_cache()
+        self.version = version
+        return {**stats, "version": version}
+
     async def generate(
         self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig, seeds: list[int] | None = None,
     ) -> list[Rollout]:

@@ -35,3 +35,58 @@ class WeightSyncExtension:
         # the worker's reload_weights sets vLLM's current config around the model runner's
         self.reload_weights(weights_iterator=iter(tensors.items()))
         return len(tensors)
+
+    # -- the collective path (#16, work in progress): a gloo group with the learner ---------
+
+    def cai_join(self, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> int:
+        """Join the learner's broadcast group (a fresh one replaces any old one)."""
+        from datetime import timedelta
+
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        self.cai_leave()
+        self.cai_group = stateless_init_torch_distributed_process_group(
+            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+        return rank
+
+    def cai_leave(self) -> None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        group = getattr(self, "cai_group", None)
+        self.cai_group = None
+        if group is not None:
+            stateless_destroy_torch_distributed_process_group(group)
+
+    def cai_receive(self, wire_plan: list[dict], mode: str = "load") -> dict:
+        """Receive every bucket of the plan from the learner (rank 0 of the group) and load it:
+        ``load`` hands each bucket to the model's ``load_weights`` as it arrives; ``reload``
+        runs vLLM's ``reload_weights`` once over all of them. Returns seconds and counts."""
+        import time
+
+        import torch
+        from vllm.config import set_current_vllm_config
+
+        from core.weight_plan import from_wire, unpack
+
+        if getattr(self, "cai_group", None) is None:
+            raise RuntimeError("cai_receive before cai_join: this engine is in no broadcast group")
+        buckets = from_wire(wire_plan)
+        waited = 0.0
+
+        def received():
+            nonlocal waited
+            for bucket in buckets:
+                flat = torch.empty(bucket.numel, dtype=bucket.dtype)  # fresh: the loader may keep views
+                started = time.monotonic()
+                self.cai_group.broadcast(flat, root=0).wait()
+                waited += time.monotonic() - started
+                yield from unpack(bucket, flat)
+
+        started = time.monotonic()
+        if mode == "reload":
+            self.reload_weights(weights_iterator=received())
+        else:
+            with set_current_vllm_config(self.vllm_config), torch.no_grad():
+                self.model_runner.get_model().load_weights(weights=received())
+        return {"buckets": len(buckets), "tensors": sum(len(b.entries) for b in buckets),
+                "transfer_seconds": waited, "load_seconds": time.monotonic() - started - waited}
