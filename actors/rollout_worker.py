@@ -1,10 +1,13 @@
 """A PPO rollout engine: one vLLM engine whose weights follow the learners' policy.
 
 Learners send token-id prompts and get sampled responses back; after every policy update
-they push the new weights (a safetensors blob, in memory) with a version number. Each
-request carries the version the learner expects, so an engine that was restarted after a
-crash (and came back with the starting weights) refuses with :class:`StaleWeightsError`
-instead of silently sampling from an old policy; the learner then pushes the weights again.
+learner rank 0 pushes the new weights with a version number: over a broadcast group it forms
+with the engine's workers (:meth:`RolloutWorker.sync_join`, ``sync_receive``: packed
+buckets, gloo or NCCL), or as one safetensors blob through the object store (``load_weights``,
+the ``blob`` transport). Each request carries the version the learner expects, so an engine
+that was restarted after a crash (and came back with the starting weights) refuses with
+:class:`StaleWeightsError` instead of silently sampling from an old policy; the learners then
+bring it up to date and check it before it serves.
 
 Plain class: ``ray.remote(...)(RolloutWorker)`` where the actor is created.
 """
@@ -41,6 +44,12 @@ class RolloutWorker:
         self.host = VLLMEngineHost(replace(options, worker_extension_cls=WEIGHT_SYNC_EXTENSION,
                                            logprobs_mode="processed_logprobs"))
         self.version = 0  # 0 = the weights the engine started with
+        self.generation: str | None = None  # the learner's broadcast group this engine is in
+        import ray
+
+        # back from a crash (Ray restarted the actor): until the learners have pushed and checked
+        # the current weights, it says so (the learners count it and check it before it serves)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
     def info(self) -> dict:
         return {**self.host.info(), "version": self.version}
@@ -57,17 +66,32 @@ class RolloutWorker:
         self.version = version
         return {"version": version, "seconds": time.monotonic() - started}
 
-    async def sync_join(self, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> int:
-        """Join the learner's broadcast group (#16, work in progress)."""
-        await self.host.engine.collective_rpc("cai_join", args=(host, port, world_size, rank, timeout_s))
-        return rank
+    def sync_state(self) -> dict:
+        """The weights version this engine serves and the broadcast group it is in (None
+        after a restart: the learner then forms a new one with it)."""
+        return {"version": self.version, "generation": self.generation, "restarted": self.restarted}
 
-    async def sync_receive(self, wire_plan: list[dict], version: int, mode: str = "load") -> dict:
-        """Receive the policy the learner broadcasts (call before it sends), then serve it."""
-        (stats,) = await self.host.engine.collective_rpc("cai_receive", args=(wire_plan, mode))
+    async def sync_join(self, spec: dict) -> dict:
+        """Join the learner's broadcast group (``actors.broadcast_group.GroupSpec`` as a dict)."""
+        (joined, *_) = await self.host.engine.collective_rpc("cai_join", args=(spec,))
+        self.generation = spec["generation"]
+        return joined
+
+    async def sync_receive(self, generation: str, wire_plan: list[dict], version: int, mode: str = "load") -> dict:
+        """Receive and load the policy the learner broadcasts next (call this before it
+        sends), then serve it as ``version``."""
+        try:
+            (stats, *_) = await self.host.engine.collective_rpc("cai_receive", args=(generation, wire_plan, mode))
+        except BaseException:
+            self.generation = None  # the engine left the group: the learner forms a new one
+            raise
         await self.host.engine.reset_prefix_cache()
         self.version = version
         return {**stats, "version": version}
+
+    def settled(self) -> None:
+        """The learners checked this engine after its restart: it counts as restarted no more."""
+        self.restarted = False
 
     async def generate(
         self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig, seeds: list[int] | None = None,

@@ -36,57 +36,84 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(tensors.items()))
         return len(tensors)
 
-    # -- the collective path (#16, work in progress): a gloo group with the learner ---------
+    # -- the collective path (#16): a broadcast group with learner rank 0 ---------------------
 
-    def cai_join(self, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> int:
-        """Join the learner's broadcast group (a fresh one replaces any old one)."""
-        from datetime import timedelta
-
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    def cai_join(self, spec: dict) -> dict:
+        """Join the learner's group (``actors.broadcast_group.GroupSpec`` as a dict) as rank
+        1 + this worker's rank; a fresh group replaces any old one. Returns the dtype the
+        engine holds its weights in (what the learner sends)."""
+        from actors.broadcast_group import Channel, GroupSpec
 
         self.cai_leave()
-        self.cai_group = stateless_init_torch_distributed_process_group(
-            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
-        return rank
+        unpacked = [name for name, module in self.model_runner.get_model().named_modules()
+                    if hasattr(module, "cpu_linear") and getattr(module, "weight", None) is not None
+                    and module.weight.numel() == 0]
+        if unpacked:  # a prepacked kernel would keep computing with the old weights (PITFALLS.md)
+            raise RuntimeError(f"{unpacked[0]} (and {len(unpacked) - 1} more) hold prepacked weights that an "
+                               "in-place load cannot update")
+        group = GroupSpec(**spec)
+        self.cai_channel = Channel(group, 1 + self.rank, device=self.device if group.backend == "nccl" else "cpu")
+        return {"dtype": str(self.model_config.dtype).removeprefix("torch."), "generation": group.generation}
 
     def cai_leave(self) -> None:
-        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+        channel = getattr(self, "cai_channel", None)
+        self.cai_channel = None
+        if channel is not None:
+            channel.close()
 
-        group = getattr(self, "cai_group", None)
-        self.cai_group = None
-        if group is not None:
-            stateless_destroy_torch_distributed_process_group(group)
-
-    def cai_receive(self, wire_plan: list[dict], mode: str = "load") -> dict:
-        """Receive every bucket of the plan from the learner (rank 0 of the group) and load it:
-        ``load`` hands each bucket to the model's ``load_weights`` as it arrives; ``reload``
-        runs vLLM's ``reload_weights`` once over all of them. Returns seconds and counts."""
+    def cai_receive(self, generation: str, wire_plan: list[dict], mode: str = "load") -> dict:
+        """Receive every bucket of the plan from the learner and load it, then the canary
+        (four int64: what the learner says it sent). ``load`` hands each bucket to the
+        model's ``load_weights`` while the next one arrives; ``reload`` runs vLLM's
+        ``reload_weights`` once over all of them (it must see every bucket in one pass).
+        Returns the canary received, seconds and counts. Any failure leaves the group."""
         import time
+        from collections import deque
 
         import torch
         from vllm.config import set_current_vllm_config
 
         from core.weight_plan import from_wire, unpack
 
-        if getattr(self, "cai_group", None) is None:
-            raise RuntimeError("cai_receive before cai_join: this engine is in no broadcast group")
+        channel = getattr(self, "cai_channel", None)
+        if channel is None or channel.spec.generation != generation:
+            held = None if channel is None else channel.spec.generation
+            raise RuntimeError(f"weights for broadcast group {generation}, this engine is in group {held}")
         buckets = from_wire(wire_plan)
         waited = 0.0
+        device = channel.device
 
         def received():
             nonlocal waited
-            for bucket in buckets:
-                flat = torch.empty(bucket.numel, dtype=bucket.dtype)  # fresh: the loader may keep views
+            pending: deque = deque()
+
+            def post(k: int) -> None:
+                flat = torch.empty(buckets[k].numel, dtype=buckets[k].dtype, device=device)  # fresh: loaders keep views
+                pending.append((k, flat, channel.broadcast(flat)))
+
+            if buckets:
+                post(0)
+            while pending:
+                k, flat, work = pending.popleft()
                 started = time.monotonic()
-                self.cai_group.broadcast(flat, root=0).wait()
+                work.wait()
                 waited += time.monotonic() - started
-                yield from unpack(bucket, flat)
+                if k + 1 < len(buckets):
+                    post(k + 1)  # the next bucket arrives while this one loads
+                yield from unpack(buckets[k], flat)
 
         started = time.monotonic()
-        if mode == "reload":
-            self.reload_weights(weights_iterator=received())
-        else:
-            with set_current_vllm_config(self.vllm_config), torch.no_grad():
-                self.model_runner.get_model().load_weights(weights=received())
-        return {"buckets": len(buckets), "tensors": sum(len(b.entries) for b in buckets),
-                "transfer_seconds": waited, "load_seconds": time.monotonic() - started - waited}
+        try:
+            if mode == "reload":
+                self.reload_weights(weights_iterator=received())
+            else:
+                with set_current_vllm_config(self.vllm_config), torch.no_grad():
+                    self.model_runner.get_model().load_weights(weights=received())
+            canary = torch.zeros(4, dtype=torch.int64, device=device)
+            channel.broadcast(canary).wait()
+        except BaseException:
+            self.cai_leave()
+            raise
+        total = time.monotonic() - started
+        return {"canary": canary.tolist(), "buckets": len(buckets), "tensors": sum(len(b.entries) for b in buckets),
+                "transfer_seconds": waited, "load_seconds": total - waited}

@@ -1,6 +1,7 @@
 """Seconds per PPO step of `cai train ppo`, split into rollout, scoring, training and weight sync.
 
-    .venv/bin/python benchmarks/bench_ppo.py --model default --steps 5 --rollout-batch 8 --max-new-tokens 64
+    .venv/bin/python benchmarks/bench_ppo.py --model default --steps 5 --rollout-batch 8 --max-new-tokens 64 \
+        --rollout-workers 2 --sync-transport gloo
 
 Runs the real job (Ray Train learners, vLLM rollout actors) on the given policy with a reward
 model of the same size: the policy's weights under a fresh one-output sequence-classification
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("rollout_seconds", "scoring_seconds", "training_seconds", "sync_seconds")
+SPLIT = ("sync_gather_s", "sync_pack_s", "sync_transfer_s", "sync_load_s", "sync_check_s")
 
 
 def reward_model_like(policy: str, out: Path) -> str:
@@ -44,6 +46,8 @@ def main() -> int:
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--rollout-workers", type=int, default=1)
     parser.add_argument("--eager", action="store_true", help="skip vLLM's torch.compile warm-up")
+    parser.add_argument("--sync-transport", default="auto", choices=("auto", "gloo", "blob"))
+    parser.add_argument("--sync-check-every", type=int, default=10)
     args = parser.parse_args()
 
     from core.config import load_config
@@ -60,7 +64,8 @@ def main() -> int:
             out=str(Path(tmp) / "ppo"), steps=args.steps, rollout_batch=args.rollout_batch, minibatch=args.minibatch,
             ppo_epochs=1, max_new_tokens=args.max_new_tokens, learners=args.learners,
             rollout_workers=args.rollout_workers, save_steps=args.steps + 1, enforce_eager=args.eager,
-            max_model_len=2048, lr=1e-6))
+            max_model_len=2048, lr=1e-6, sync_transport=args.sync_transport,
+            sync_check_every=args.sync_check_every))
         run_ppo(config)
         history = [json.loads(line) for line in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
@@ -76,8 +81,18 @@ def main() -> int:
           f"| {tokens(first)} |")
     print(f"| mean of steps 2-{len(history)} | {' | '.join(f'{mean[k]:.2f}' for k in PHASES)} | "
           f"{sum(mean.values()):.2f} | {sum(tokens(r) for r in rest) / len(rest):.0f} |")
+    checked = [r for r in history if r.get("sync_logprob_diff") is not None]
     print(f"\nweight sync exactness: max |engine - learner| log-prob after sync "
-          f"{max(r['sync_logprob_diff'] for r in history):.2e}")
+          f"{max(r['sync_logprob_diff'] for r in checked):.2e} (checked at steps {[r['step'] for r in checked]})")
+    print(f"\nweight sync ({history[0].get('sync_transport')}), per step:\n")
+    print("| step | gather s | pack s | transfer s | engine load s | check s | sync s | step s | sync share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in history:
+        total = sum(row[k] for k in PHASES)
+        print(f"| {row['step']} | " + " | ".join(f"{row.get(k, 0.0):.2f}" for k in SPLIT) +
+              f" | {row['sync_seconds']:.2f} | {total:.2f} | {row['sync_seconds'] / total:.1%} |")
+    share = sum(r["sync_seconds"] for r in rest) / sum(sum(r[k] for k in PHASES) for r in rest)
+    print(f"\nsync share of the step over steps 2-{len(history)}: {share:.1%}")
     return 0
 
 

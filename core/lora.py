@@ -51,12 +51,11 @@ def merged_state(state: Mapping[str, torch.Tensor], scaling: float, adapter: str
     without adapters comes back with its names unchanged."""
     merged: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if ".lora_" in name:
+        plain = export_name(name)
+        if plain is None:
             continue
-        plain = name.removeprefix(PEFT_PREFIX)
-        if ".base_layer." in plain:
+        if ".base_layer." in name:
             module = name.rsplit(".base_layer.", 1)[0]
-            plain = plain.replace(".base_layer.", ".")
             down, up = state.get(f"{module}.lora_A.{adapter}.weight"), state.get(f"{module}.lora_B.{adapter}.weight")
             if down is None:  # an embedding: peft keeps A (r, vocab) and B (dim, r) as plain tensors
                 embedding_down = state.get(f"{module}.lora_embedding_A.{adapter}")
@@ -71,6 +70,33 @@ def merged_state(state: Mapping[str, torch.Tensor], scaling: float, adapter: str
                 tensor = (tensor.float() + delta).to(tensor.dtype)
         merged[plain] = tensor
     return merged
+
+
+def export_name(key: str) -> str | None:
+    """The base model's name for a (peft) state-dict key; None for an adapter's own tensor."""
+    if ".lora_" in key:
+        return None
+    return key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def merge_sources(keys: Sequence[str], adapter: str = "default") -> dict[str, tuple[str, ...]]:
+    """Each merged name (:func:`merged_state`) and the state-dict keys its tensor is computed
+    from: the key itself, and for an adapted weight its ``lora_A``/``lora_B`` (or embedding)
+    tensors, in the order of ``keys``."""
+    present = set(keys)
+    sources: dict[str, tuple[str, ...]] = {}
+    for key in keys:
+        name = export_name(key)
+        if name is None:
+            continue
+        extra: tuple[str, ...] = ()
+        if ".base_layer." in key and key.endswith("weight"):
+            module = key.rsplit(".base_layer.", 1)[0]
+            extra = tuple(k for k in (f"{module}.lora_A.{adapter}.weight", f"{module}.lora_B.{adapter}.weight",
+                                      f"{module}.lora_embedding_A.{adapter}", f"{module}.lora_embedding_B.{adapter}")
+                          if k in present)
+        sources[name] = (key, *extra)
+    return sources
 
 
 def adapter_scaling(model: torch.nn.Module, adapter: str = "default") -> float:

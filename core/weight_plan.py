@@ -65,9 +65,10 @@ def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], cap_by
     return closed
 
 
-def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One flat tensor of the bucket's dtype holding its tensors (cast to it) at their offsets."""
-    flat = torch.empty(bucket.numel, dtype=bucket.dtype)
+def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One flat tensor of the bucket's dtype (on ``device``) holding its tensors, cast to it, at
+    their offsets."""
+    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
     for entry in bucket.entries:
         tensor = tensors[entry.name]
         if tuple(tensor.shape) != entry.shape:
@@ -90,5 +91,6 @@ def to_wire(buckets: Sequence[Bucket]) -> list[dict]:
 
 
 def from_wire(wire: Sequence[dict]) -> list[Bucket]:
+    """The plan back from :func:`to_wire`."""
     return [Bucket(getattr(torch, b["dtype"]), tuple(Entry(name, tuple(shape), offset)
                                                      for name, shape, offset in b["entries"])) for b in wire]

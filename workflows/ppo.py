@@ -26,6 +26,7 @@ from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
 from workflows.runtime.ray_session import NAMESPACE
 from workflows.runtime.training import LearnerOptions, LoraOptions, TrainJob, learner_demand, open_training_run, run_training
+from workflows.runtime.weight_sync import SyncOptions
 
 METRICS = "metrics.jsonl"
 
@@ -79,6 +80,7 @@ class PPOConfig:
     learner: LearnerOptions = option(LearnerOptions(lr=1e-5, save_steps=10), "the Ray Train learners: optimizer "
                                      "(one learning rate for policy and value), devices, checkpoints")
     engine: EngineConfig = option(EngineConfig(), "rollout engines")
+    sync: SyncOptions = option(SyncOptions(), "how each new policy reaches the rollout engines (weight sync)")
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ class PPOConfig:
             "rollout_workers": self.rollout_workers >= 1,
         }
         require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
-                      self.cluster.problems(), self.lora.problems())
+                      self.cluster.problems(), self.lora.problems(), self.sync.problems())
         if self.sampling.top_p < 1 or self.sampling.repetition_penalty != 1:
             flag = "--top-p" if self.sampling.top_p < 1 else "--repetition-penalty"
             value = self.sampling.top_p if self.sampling.top_p < 1 else self.sampling.repetition_penalty
@@ -102,6 +104,9 @@ class PPOConfig:
                 "log-probs are log softmax(logits/T) over the full vocabulary, so an engine sampling a nucleus "
                 "(or penalizing repeats) would train a policy other than the one that produced the rollouts "
                 "(TRL forces top_p=1 too)")
+        if self.sync.sync_transport == "nccl" and not self.learner.use_gpu:
+            raise ConfigError("--sync-transport nccl needs --use-gpu (NCCL moves GPU tensors); on CPU use gloo "
+                              "or blob")
         if bool(self.reward_model) == bool(self.reward_fn):
             raise ConfigError("give exactly one of --reward-model and --reward-fn")
         if self.rollout_batch % self.learners:

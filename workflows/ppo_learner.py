@@ -8,9 +8,10 @@ Per step, on every learner (rank r of L, DDP):
    value and frozen reference models give old log-probs, values and reference log-probs;
 3. training: KL-shaped rewards, GAE, whitened advantages, then ``ppo_epochs`` passes of
    clipped policy and value losses over minibatches (gradients all-reduced by DDP);
-4. weight sync: rank 0 pushes the new policy to every rollout engine (a safetensors blob
-   through vLLM's weight-loading path, no files) and checks that the engine's log-probs
-   now match the learner's.
+4. weight sync: learner rank 0 broadcasts the new policy to every rollout engine in packed
+   buckets (``workflows.runtime.weight_sync``; under FSDP every learner gathers each bucket
+   just before it is sent) and, at the first sync and every ``--sync-check-every`` versions,
+   checks that the engine's log-probs now match the learner's.
 
 The reference and reward models live in the learners, beside the policy: one process per
 learner holds all four models, so scoring costs no transfers and scales with ``--learners``.
@@ -37,14 +38,16 @@ import torch
 
 from core import ppo_math
 from core.frozen_models import FrozenScorer
-from core.ppo_policy import ActorCritic, RolloutBatch, load_actor_critic, pack_rollouts, weights_blob
-from core.sharding import full_state, is_sharded
+from core.policy_source import PolicySource
+from core.ppo_policy import ActorCritic, RolloutBatch, load_actor_critic, pack_rollouts
+from core.sharding import full_state
 from workflows.ppo_checkpoint import checkpoint_state, report_step, restore_model, restore_optimizer, save_checkpoint
 from workflows.runtime.hf_loop import model_saver
 from workflows.runtime.rollout_client import RolloutClient
 from workflows.runtime.training import (
     WorkerContext, hold_if_drilled, local_models, log_step, register_worker, report_final,
 )
+from workflows.runtime.weight_sync import Reference, WeightSync
 
 if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
     from workflows.ppo import PPOConfig
@@ -175,49 +178,14 @@ class Learner:
     core: ActorCritic  # the model itself (sharded in place under FSDP); ``ddp`` is its DDP wrapper (or the same)
     ddp: torch.nn.Module
     frozen: FrozenScorer  # reference log-probs and rewards: in this process, or from this learner's frozen actor
-    weights: PolicyWeights
     optimizer: torch.optim.Optimizer
     kl_control: Any
     client: RolloutClient
+    sync: WeightSync
     prompts: list[list[int]]  # token ids of every usable prompt
     reward_inputs: list[Any]  # what the reward gets per prompt: the conversation or the question
     pad_id: int
-
-
-class PolicyWeights:
-    """The policy as the rollout engines load it: a safetensors blob of plain Hugging Face
-    names, LoRA adapters merged. Under DDP each learner builds it from its own replica when
-    it has to push; under FSDP every learner takes part in gathering it after each update
-    (:meth:`refresh`, a collective) and rank 0 keeps it, so only rank 0 pushes."""
-
-    def __init__(self, policy: torch.nn.Module, rank: int):
-        self.policy, self.rank = policy, rank
-        self.sharded = is_sharded(policy)
-        self.blob: bytes | None = None
-
-    def refresh(self) -> None:
-        """Call on every learner after each update (and once at the start)."""
-        self.blob = self.build() if self.sharded else None
-
-    def build(self) -> bytes | None:
-        from core.lora import adapter_scaling, merged_state
-
-        state = full_state(self.policy, rank=self.rank)
-        if state is None:
-            return None
-        merged = merged_state(state, adapter_scaling(self.policy))
-        if getattr(self.policy.config, "tie_word_embeddings", False):
-            merged.pop("lm_head.weight", None)  # the engine ties it to the embeddings itself
-        return weights_blob(merged)
-
-    @property
-    def can_push(self) -> bool:
-        return not self.sharded or self.rank == 0
-
-    def __call__(self) -> bytes:
-        if not self.can_push:
-            raise RuntimeError("under FSDP only learner rank 0 holds the whole policy to push")
-        return self.blob if self.blob is not None else self.build()
+    reference: Reference  # the sequence the sync check scores: the last step's longest rollout
 
 
 def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torch.device) -> FrozenScorer:
@@ -284,13 +252,17 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     # function gets the question (the last user turn), its documented contract
     messages: list[list[dict]] = config["prompt_messages"]
     reward_inputs = messages if cfg.reward_model else [conversation[-1]["content"] for conversation in messages]
-    weights = PolicyWeights(core.policy, rank)
-    weights.refresh()
-    client = RolloutClient(config["rollout_actors"], weights if weights.can_push else None,
-                           wait_timeout=cfg.cluster.placement_timeout or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, weights, optimizer, kl_control, client,
-                      config["prompt_ids"], reward_inputs, pad_id)
+    wait = cfg.cluster.placement_timeout or None
+    client = RolloutClient(config["rollout_actors"], wait_timeout=wait)
+    sync = WeightSync(cfg.sync, client.actors, PolicySource(core.policy, rank=rank), rank=rank, world=world,
+                      use_gpu=cfg.learner.use_gpu, device=device, engine_workers=cfg.engine.tensor_parallel,
+                      learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait)
+    prompts = config["prompt_ids"]
+    # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
+    reference = (list(prompts[0]), list(prompts[-1][:16]))
+    learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, optimizer, kl_control, client, sync,
+                      prompts, reward_inputs, pad_id, reference)
     return learner, state
 
 
@@ -303,7 +275,7 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     # one seed per (step, position in the step's batch): a rerun with --seed samples the same answers
     seeds = [cfg.learner.seed * 1_000_003 + step * cfg.rollout_batch + learner.rank * len(mine) + k
              for k in range(len(mine))]
-    rollouts = learner.client.generate([learner.prompts[i] for i in mine], step, cfg.sampling, seeds)
+    rollouts, catch_up = sample_rollouts(learner, [learner.prompts[i] for i in mine], step, seeds)
     timings["rollout_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -322,9 +294,8 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     timings["training_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    learner.weights.refresh()  # under FSDP: every learner helps gather the new policy
-    check = sync_check_sequence(learner.core, batch)  # a forward on every learner (FSDP runs it together)
-    sync = sync_rollout_engines(learner.client, check, step + 1) if learner.rank == 0 else {}
+    learner.reference = check_sequence(batch) or learner.reference
+    sync = learner.sync.sync(step + 1, learner.reference)  # every learner: FSDP gathers each bucket together
     barrier()
     timings["sync_seconds"] = time.monotonic() - started
 
@@ -341,8 +312,8 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     if learner.rank == 0:
         print(f"cai train ppo: step {step + 1}/{cfg.steps} reward {metrics['reward']:.4f} "
               f"kl {metrics['kl']:.4f} ({sum(timings.values()):.1f} s)", flush=True)
-    row = {"step": step + 1, "kl_coef": learner.kl_control.value, **metrics, **sync,
-           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.client.restarts_seen,
+    row = {"step": step + 1, "kl_coef": learner.kl_control.value, **metrics, **sync, **catch_up,
+           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.sync.restarts,
            "step_seconds": time.monotonic() - step_started, "time": time.time()}
     return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}
 
@@ -380,31 +351,51 @@ def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: 
     return float(gap.max()) if gap.numel() else 0.0
 
 
-def sync_check_sequence(model: ActorCritic, batch: RolloutBatch) -> tuple[list[int], list[int], torch.Tensor]:
-    """The longest sampled sequence of ``batch`` and the learner's log-probs of its response
-    (at T = 1, as the engine's prompt log-probs are): what the sync check compares."""
+def sample_rollouts(learner: Learner, prompts: list[list[int]], version: int,
+                    seeds: list[int]) -> tuple[list[Any], dict[str, Any]]:
+    """This learner's rollouts with weights ``version``. When no engine holds it (all restarted,
+    or a resumed run), the learners sync the engines together and go on: a collective round
+    on every learner until every learner has all its rollouts. Returns the rollouts and the
+    catch-up sync's metrics (prefixed ``catchup_``)."""
+    learner.client.live_in_step = len(learner.client.actors)
+    results: list[Any] = [None] * len(prompts)
+    catch_up: dict[str, Any] = {}
+    for _ in range(2 * len(learner.client.actors) + 4):
+        learner.client.generate(prompts, version, learner.cfg.sampling, seeds, results)
+        if not any_rank(any(r is None for r in results), learner.device):
+            return results, catch_up
+        started = time.monotonic()
+        synced = learner.sync.sync(version, learner.reference, only_if_stale=True)
+        catch_up = {"catchup_sync_seconds": catch_up.get("catchup_sync_seconds", 0.0) + time.monotonic() - started,
+                    **{f"catchup_{k}": v for k, v in synced.items() if k in ("sync_logprob_diff", "sync_engines")}}
+    raise RuntimeError("rollouts kept failing: the rollout engines died or restarted repeatedly")
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every learner when ``flag`` is true on any (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_sequence(batch: RolloutBatch) -> Reference | None:
+    """The longest sampled sequence of ``batch`` as (prompt ids, response ids): what the sync
+    check scores on the engines and the learner. None when every response is empty."""
     row = int(batch.mask.sum(-1).argmax())
     width = batch.prompt_width
     prompt = batch.input_ids[row, :width][batch.attention_mask[row, :width].bool()].tolist()
-    length = int(batch.mask[row].sum())
+    response = batch.response[row, :int(batch.mask[row].sum())].tolist()
+    return (prompt, response) if response else None
+
+
+def reference_logprobs(model: ActorCritic, pad_id: int, device: torch.device, reference: Reference) -> torch.Tensor:
+    """The learner's log-probs of the reference response (at T = 1, as the engine's prompt
+    log-probs are). A forward: under FSDP every learner runs it (each on its own reference)."""
+    prompt, response = reference
     model.eval()
     with torch.no_grad():
-        learner = model(batch.select(torch.tensor([row])))[0][0, :length].cpu()
-    return prompt, batch.response[row, :length].tolist(), learner
-
-
-def sync_rollout_engines(client: RolloutClient, check: tuple[list[int], list[int], torch.Tensor], version: int) -> dict:
-    """Push the new policy to every live engine and measure how exact the sync is: the
-    engine's log-probs of one sampled sequence (``check``) against the learner's, before and after."""
-    import ray
-
-    prompt, response, learner = check
-    before = None
-    try:  # the engine still holds the previous policy
-        before = ray.get(client.actors[0].sequence_logprobs.remote(prompt, response), timeout=60)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        pass
-    actors = client.ready_actors(version, after_update=True)  # every live engine is one version behind
-    after = ray.get(actors[0].sequence_logprobs.remote(prompt, response))
-    diff = lambda engine: float((torch.tensor(engine) - learner).abs().max()) if engine is not None else None
-    return {"presync_logprob_diff": diff(before), "sync_logprob_diff": diff(after)}
+        return model(pack_rollouts([prompt], [response], pad_id).to(device))[0][0, :len(response)].cpu()

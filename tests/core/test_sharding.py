@@ -78,6 +78,19 @@ def ppo_update_once(model_dir: str, wrap, gather) -> dict[str, torch.Tensor] | N
     return gather(model)
 
 
+BUCKET_BYTES = 256 << 10
+
+
+def bucket_by_bucket(model, rank: int) -> list[dict[str, torch.Tensor] | None]:
+    """What a weight sync sends (#16): the policy gathered one bucket at a time
+    (``core.policy_source``, a collective per bucket), as each rank got it."""
+    from core.policy_source import PolicySource
+    from core.weight_plan import plan_buckets
+
+    source = PolicySource(model, rank=rank)
+    return [source.materialize(bucket) for bucket in plan_buckets(source.specs(), BUCKET_BYTES)]
+
+
 def shard_and_step(rank: int, port: int, model_dir: str, out: str) -> None:
     """One rank: shard, gather, step, gather, then the PPO update on a sharded ActorCritic;
     every gathered state is whole on rank 0 and None on the other rank."""
@@ -95,10 +108,11 @@ def shard_and_step(rank: int, port: int, model_dir: str, out: str) -> None:
         before = full_state(model, rank=rank)
         one_step(model)
         after = full_state(model, rank=rank)
+        buckets = bucket_by_bucket(model, rank)
         stepped = ppo_update_once(model_dir, lambda m: shard_model(m, use_gpu=False),
                                   lambda m: full_state(m, rank=rank))
         torch.save({"whole_bytes": whole, "shard_bytes": shard_bytes(model),
-                    "before": before, "after": after, "ppo": stepped}, Path(out) / f"rank{rank}.pt")
+                    "before": before, "after": after, "ppo": stepped, "buckets": buckets}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -160,3 +174,21 @@ def test_the_ppo_update_on_shards_matches_the_unsharded_one(ranks, tiny_model):
     gaps = {name: (gathered[name] - tensor).abs().max().item() for name, tensor in expected.items()}
     worst = max(gaps, key=gaps.get)
     assert gaps[worst] < 1e-5, f"largest gap {gaps[worst]:.2e} in {worst}"
+
+
+def test_a_weight_sync_gathers_one_bucket_at_a_time(ranks, tiny_model):
+    """Under FSDP each bucket of the sync plan is gathered by both ranks just before it is
+    sent: rank 0 gets exactly the bucket's whole tensors (equal to the gathered model), the
+    other rank nothing, and no bucket holds more than the cap unless it is one tensor."""
+    from transformers import AutoConfig
+
+    buckets, gathered = ranks[0]["buckets"], ranks[0]["after"]
+    assert len(buckets) > 2 and all(bucket is None for bucket in ranks[1]["buckets"])
+    sent = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
+    tied = AutoConfig.from_pretrained(tiny_model).tie_word_embeddings
+    assert sent.keys() == gathered.keys() - ({"lm_head.weight"} if tied else set())
+    assert all(torch.equal(sent[name], gathered[name]) for name in sent)
+    for bucket in buckets:
+        size = sum(t.numel() * t.element_size() for t in bucket.values())
+        assert size <= BUCKET_BYTES or len(bucket) == 1, (list(bucket), size)
+    assert max(sum(t.numel() * t.element_size() for t in b.values()) for b in buckets) < ranks[0]["whole_bytes"] / 2

@@ -1,0 +1,100 @@
+"""Seconds per weight sync (#16): the policy pushed from this process (a learner, rank 0 of 1)
+to 1 and to 2 vLLM-CPU rollout engines, per transport and engine load mode, side by side.
+
+    .venv/bin/python benchmarks/bench_weight_sync.py --model default --rounds 5
+
+Both engines start once; each round pushes a perturbed policy with every setting in turn
+(1 engine gloo, 2 engines gloo, 2 engines gloo with ``reload_weights``, 2 engines blob),
+so slow spells of a noisy machine hit every setting alike. Reports the median of each
+setting's pushes and the ratio 2 engines / 1 engine. Not timed: the exactness check (it runs
+in the first, uncounted round) and forming the groups (an engine is in one group at a time, so
+settings that share engines form theirs again each round; ``sync_join_s`` is subtracted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPLIT = ("sync_gather_s", "sync_pack_s", "sync_transfer_s", "sync_load_s", "sync_push_s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bucket-mb", type=int, default=64)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.engine import EngineOptions
+    from actors.rollout_worker import RolloutWorker
+    from core.policy_source import PolicySource
+    from workflows.runtime.models import resolve_model
+    from workflows.runtime.ray_session import connect_ray
+    from workflows.runtime.weight_sync import SyncOptions, WeightSync
+
+    policy = str(resolve_model(args.model))
+    connect_ray(num_cpus=4, include_dashboard=False)
+    engines = [ray.remote(num_cpus=1)(RolloutWorker).remote(EngineOptions(model=policy, max_model_len=2048))
+               for _ in range(2)]
+    ray.get([e.info.remote() for e in engines])
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    reference = ([1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16])
+
+    def learner_logprobs(ref):
+        prompt, response = ref
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], -1)
+        return torch.stack([logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(response)])
+
+    settings = {"gloo, 1 engine": (engines[:1], "gloo", "load"), "gloo, 2 engines": (engines, "gloo", "load"),
+                "gloo reload_weights, 2 engines": (engines, "gloo", "reload"),
+                "blob, 2 engines": (engines, "blob", "load")}
+    syncs = {name: WeightSync(SyncOptions(sync_transport=transport, sync_load=load, sync_bucket_mb=args.bucket_mb,
+                                          sync_check_every=10**9), actors, PolicySource(model), rank=0, world=1,
+                              use_gpu=False, device=torch.device("cpu"), learner_logprobs=learner_logprobs,
+                              wait_timeout=300)
+             for name, (actors, transport, load) in settings.items()}
+    rows: dict[str, list[dict]] = {name: [] for name in settings}
+    version = 0
+    for round_no in range(args.rounds + 1):  # round 0: joins and first checks, not counted
+        for name, sync in syncs.items():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+            version += 1
+            row = sync.sync(version, reference)
+            row["sync_push_s"] -= row["sync_join_s"]
+            if round_no:
+                rows[name].append(row)
+            else:
+                print(f"{name}: first sync {row['sync_push_s'] + row['sync_check_s']:.2f} s with the check, "
+                      f"exact to {row['sync_logprob_diff']:.1e}", flush=True)
+    medians = {name: {k: statistics.median(r[k] for r in got) for k in SPLIT} for name, got in rows.items()}
+    mb = rows["gloo, 2 engines"][0]["sync_bytes"] / 2**20
+    print(f"\nmodel {args.model} ({mb:.0f} MiB per engine), buckets of {args.bucket_mb} MiB, "
+          f"median of {args.rounds} pushes per setting\n")
+    print("| setting | gather s | pack s | transfer s | engine load s | push s (no join) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, m in medians.items():
+        print(f"| {name} | {' | '.join(f'{m[k]:.3f}' for k in SPLIT)} |")
+    ratio = medians["gloo, 2 engines"]["sync_push_s"] / medians["gloo, 1 engine"]["sync_push_s"]
+    print(f"\n2 engines / 1 engine (gloo): {ratio:.2f}x")
+    print(json.dumps({"medians": medians, "ratio_2_to_1": ratio}))
+    for sync in syncs.values():
+        sync.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
