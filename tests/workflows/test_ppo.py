@@ -1,6 +1,7 @@
 """`cai train ppo` on the real stack: Ray Train learners (2, gloo; FSDP2 shards in the main
-run, DDP in a short one), vLLM-CPU rollout actors with in-memory weight sync, a rule-based
-reward, a rollout actor and a learner killed mid-run; LoRA with frozen models in actors."""
+run, DDP in a short one), vLLM-CPU rollout actors whose weights follow the policy over gloo
+broadcast groups, a rule-based reward, a rollout actor and a learner killed mid-run; LoRA
+with frozen models in actors and its only engine killed (caught up between rollouts)."""
 
 from __future__ import annotations
 
@@ -201,19 +202,40 @@ def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
 
 
+def kill_actor_after_first_row(metrics: Path, actor_name: str, killed: dict) -> None:
+    """SIGKILL a rollout engine once the run has logged its first step."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    pid = ray.get(ray.get_actor(actor_name, namespace="cai").info.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed["rollout_pid"] = pid
+
+
 @pytest.mark.slow
 def test_lora_policy_with_frozen_models_in_actors(ppo_run, tmp_path):
     """LoRA on q/v projections, reference and reward in their own actor: the engines get merged
-    weights (the sync is exact), and only the adapted weights differ from the start."""
+    weights (the sync is exact), and only the adapted weights differ from the start. The only
+    rollout engine is killed after step 1: no engine holds the policy when Ray brings it back,
+    so the learner catches it up between rollouts (a new group, the merged weights, a check)."""
     from safetensors.torch import load_file
 
     out = tmp_path / "lora"
+    killed: dict = {}
+    killer = threading.Thread(target=kill_actor_after_first_row,
+                              args=(out / "metrics.jsonl", "cai-ppo-lora-test-rollout-0", killed), daemon=True)
+    killer.start()
     run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=3, learners=1, rollout_workers=1,
                        rollout_batch=8, frozen_on="actors", lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"],
-                       sync_check_every=1))
+                       sync_check_every=1, run_name="lora-test", max_failures=0))
+    killer.join(timeout=60)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 3 and all(row["sync_logprob_diff"] <= 1e-4 for row in history), history
     assert all(row["rollout_logprob_diff"] < 1e-4 for row in history)
+    assert "rollout_pid" in killed
+    caught_up = [row for row in history if "catchup_sync_seconds" in row]
+    assert caught_up and caught_up[0]["rollout_restarts"] == 1, history
+    assert caught_up[0]["catchup_sync_logprob_diff"] <= 1e-4, "checked before it served again"
     base = load_file(Path(ppo_run["tiny_model"]) / "model.safetensors")
     merged = load_file(out / "model.safetensors")
     changed = {name for name in base if not torch.equal(base[name], merged[name])}

@@ -3,6 +3,7 @@ whichever engines are alive and hold it (Ray plumbing, no math)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from core.sampling import SamplingConfig
@@ -30,24 +31,8 @@ class RolloutClient:
     def ready_actors(self, version: int) -> list[Any]:
         """The actors that answer now holding weights ``version``; ``[]`` when some answer with
         another version. When none answers, waits (up to ``wait_timeout``) for the first one back."""
-        import ray
-
-        pings = {actor.weights_version.remote(): actor for actor in self.actors}
-        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.ping_timeout)
-        if not ready:  # all down: wait for the first one back (a restart may wait for a node)
-            ready, _ = ray.wait(list(pings), num_returns=1, timeout=self.wait_timeout)
-        live, answered = [], 0
-        for ref in ready:
-            try:
-                held = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                continue
-            answered += 1
-            if held == version:
-                live.append(pings[ref])
-        if not answered:
-            raise RuntimeError(f"no rollout actor answered within --placement-timeout ({self.wait_timeout} s)")
-        return live
+        held = answers(self.actors, "weights_version", ping_timeout=self.ping_timeout, wait_timeout=self.wait_timeout)
+        return [self.actors[i] for i, answer in held.items() if answer == version]
 
     def generate(self, prompts: list[list[int]], version: int, sampling: SamplingConfig,
                  seeds: list[int] | None = None, results: list[Any] | None = None) -> list[Any]:
@@ -82,3 +67,33 @@ class RolloutClient:
                 except (ray.exceptions.RayActorError, StaleWeightsError):
                     todo += chunk  # died (or restarted) under the request: another actor takes it
         return results
+
+
+def answers(actors: list[Any], method: str, *, ping_timeout: float, wait_timeout: float | None) -> dict[int, Any]:
+    """What each actor answers to ``method()`` within ``ping_timeout``, by index. An actor that
+    is dead or restarting does not answer; when none does, ask again until one is back (a
+    restart may wait for a node), saying so every minute, up to ``wait_timeout``."""
+    import ray
+
+    started = time.monotonic()
+    deadline, note = started + (wait_timeout or float("inf")), started + 30
+    while True:
+        calls = {getattr(actor, method).remote(): i for i, actor in enumerate(actors)}
+        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=ping_timeout)
+        got = {}
+        for ref in ready:
+            try:
+                got[calls[ref]] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                continue  # dead, or its restart has not begun: asked again below
+        if got:
+            return got
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"no rollout engine answered within --placement-timeout ({wait_timeout} s): all "
+                               f"{len(actors)} are dead or restarting")
+        if now > note:
+            print(f"cai train ppo: waiting for a rollout engine to come back ({now - started:.0f} s; "
+                  f"--placement-timeout {wait_timeout} s)", flush=True)
+            note = now + 60
+        time.sleep(0.5)

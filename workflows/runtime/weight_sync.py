@@ -137,6 +137,7 @@ class WeightSync:
         self.plan: list[Bucket] | None = None
         self.wire: list[dict] | None = None
         self.checked = False
+        self.plan_join_s = 0.0
 
     # -- the collective entry point -------------------------------------------------------
 
@@ -163,6 +164,8 @@ class WeightSync:
             metrics["presync_logprob_diff"] = self._engine_diff(self.engines[targets[0]], reference, expected)
         for attempt_no in (1, 2):
             attempt = self._push(targets, version)
+            attempt.seconds["sync_join_s"] += self.plan_join_s
+            self.plan_join_s = 0.0
             if self.rank == 0:
                 for key, value in attempt.seconds.items():
                     metrics[key] = metrics.get(key, 0.0) + value if attempt_no > 1 else value
@@ -229,26 +232,17 @@ class WeightSync:
     def _ping(self) -> dict[int, dict]:
         """``sync_state`` of every engine that answers within the ping timeout; when none
         does, wait (up to --placement-timeout) for the first one back."""
-        import ray
+        from workflows.runtime.rollout_client import answers
 
-        calls = {link.actor.sync_state.remote(): link for link in self.engines}
-        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=self.ping_timeout)
-        if not ready:
-            ready, _ = ray.wait(list(calls), num_returns=1, timeout=self.wait_timeout)
-        states = {}
-        for ref in ready:
-            try:
-                states[calls[ref].index] = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                continue
-        if not states:
-            raise RuntimeError(f"no rollout engine answered within --placement-timeout ({self.wait_timeout} s)")
-        return states
+        return answers([link.actor for link in self.engines], "sync_state", ping_timeout=self.ping_timeout,
+                       wait_timeout=self.wait_timeout)
 
     def _make_plan(self, targets: list[int]) -> list[dict]:
         """The bucket plan in the engines' dtype (asked of the first engine that joins)."""
         if self.transport != "blob":
-            self._join(self.engines[targets[0]], Attempt())
+            joined = Attempt()
+            self._join(self.engines[targets[0]], joined)
+            self.plan_join_s = joined.seconds["sync_join_s"]  # counted in this sync's sync_join_s
         dtype = getattr(torch, self.engine_dtype) if self.engine_dtype else None
         cap = self.options.sync_bucket_mb << 20 if self.transport != "blob" else 1 << 62
         return to_wire(plan_buckets(self.source.specs(dtype), cap))
