@@ -73,7 +73,7 @@ class WeightSyncExtension:
         import torch
         from vllm.config import set_current_vllm_config
 
-        from core.weight_plan import from_wire, unpack
+        from core.weight_plan import Buffers, from_wire, unpack
 
         channel = getattr(self, "cai_channel", None)
         if channel is None or channel.spec.generation != generation:
@@ -82,13 +82,26 @@ class WeightSyncExtension:
         buckets = from_wire(wire_plan)
         waited = 0.0
         device = channel.device
+        # load_weights copies each tensor into the model before asking for the next, so two
+        # buffers per dtype take turns; reload_weights keeps views until a layer is complete,
+        # so it gets a fresh buffer per bucket
+        # (kept between syncs on the CPU, where a fresh allocation costs page faults; on a GPU
+        # the caching allocator reuses memory by itself and the engine's share stays free)
+        buffers = None
+        if mode == "load":
+            buffers = getattr(self, "cai_buffers", None)
+            if buffers is None or buffers.sizes != Buffers(buckets, device).sizes:
+                buffers = Buffers(buckets, device)
+            if device.type == "cpu":
+                self.cai_buffers = buffers
 
         def received():
             nonlocal waited
             pending: deque = deque()
 
             def post(k: int) -> None:
-                flat = torch.empty(buckets[k].numel, dtype=buckets[k].dtype, device=device)  # fresh: loaders keep views
+                flat = (buffers.next(buckets[k]) if buffers is not None
+                        else torch.empty(buckets[k].numel, dtype=buckets[k].dtype, device=device))
                 pending.append((k, flat, channel.broadcast(flat)))
 
             if buckets:

@@ -1,10 +1,11 @@
 """Seconds per weight sync (#16): the policy pushed from this process (a learner, rank 0 of 1)
 to 1 and to 2 vLLM-CPU rollout engines, per transport and engine load mode, side by side.
 
-    .venv/bin/python benchmarks/bench_weight_sync.py --model default --rounds 5
+    .venv/bin/python benchmarks/bench_weight_sync.py --model default --rounds 10 --bucket-mb 64 16
 
 Both engines start once; each round pushes a perturbed policy with every setting in turn
-(1 engine gloo, 2 engines gloo, 2 engines gloo with ``reload_weights``, 2 engines blob),
+(gloo to 1 and to 2 engines per bucket size, 2 engines gloo with ``reload_weights``, 2
+engines blob),
 so slow spells of a noisy machine hit every setting alike. Reports the median of each
 setting's pushes and the ratio 2 engines / 1 engine. Not timed: the exactness check (it runs
 in the first, uncounted round) and forming the groups (an engine is in one group at a time, so
@@ -29,7 +30,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[64, 16],
+                        help="bucket sizes to compare (the first one also for reload and blob)")
     args = parser.parse_args()
 
     import ray
@@ -57,14 +59,18 @@ def main() -> int:
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], -1)
         return torch.stack([logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(response)])
 
-    settings = {"gloo, 1 engine": (engines[:1], "gloo", "load"), "gloo, 2 engines": (engines, "gloo", "load"),
-                "gloo reload_weights, 2 engines": (engines, "gloo", "reload"),
-                "blob, 2 engines": (engines, "blob", "load")}
-    syncs = {name: WeightSync(SyncOptions(sync_transport=transport, sync_load=load, sync_bucket_mb=args.bucket_mb,
+    first = args.bucket_mb[0]
+    settings = {}
+    for mb in args.bucket_mb:
+        settings[f"gloo, 1 engine, {mb} MiB"] = (engines[:1], "gloo", "load", mb)
+        settings[f"gloo, 2 engines, {mb} MiB"] = (engines, "gloo", "load", mb)
+    settings[f"gloo reload_weights, 2 engines, {first} MiB"] = (engines, "gloo", "reload", first)
+    settings["blob, 2 engines"] = (engines, "blob", "load", first)
+    syncs = {name: WeightSync(SyncOptions(sync_transport=transport, sync_load=load, sync_bucket_mb=mb,
                                           sync_check_every=10**9), actors, PolicySource(model), rank=0, world=1,
                               use_gpu=False, device=torch.device("cpu"), learner_logprobs=learner_logprobs,
                               wait_timeout=300)
-             for name, (actors, transport, load) in settings.items()}
+             for name, (actors, transport, load, mb) in settings.items()}
     rows: dict[str, list[dict]] = {name: [] for name in settings}
     version = 0
     for round_no in range(args.rounds + 1):  # round 0: joins and first checks, not counted
@@ -81,16 +87,16 @@ def main() -> int:
                 print(f"{name}: first sync {row['sync_push_s'] + row['sync_check_s']:.2f} s with the check, "
                       f"exact to {row['sync_logprob_diff']:.1e}", flush=True)
     medians = {name: {k: statistics.median(r[k] for r in got) for k in SPLIT} for name, got in rows.items()}
-    mb = rows["gloo, 2 engines"][0]["sync_bytes"] / 2**20
-    print(f"\nmodel {args.model} ({mb:.0f} MiB per engine), buckets of {args.bucket_mb} MiB, "
-          f"median of {args.rounds} pushes per setting\n")
+    size = rows["blob, 2 engines"][0]["sync_bytes"] or rows[f"gloo, 1 engine, {first} MiB"][0]["sync_bytes"]
+    print(f"\nmodel {args.model} ({size / 2**20:.0f} MiB per engine), median of {args.rounds} pushes per setting\n")
     print("| setting | gather s | pack s | transfer s | engine load s | push s (no join) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, m in medians.items():
         print(f"| {name} | {' | '.join(f'{m[k]:.3f}' for k in SPLIT)} |")
-    ratio = medians["gloo, 2 engines"]["sync_push_s"] / medians["gloo, 1 engine"]["sync_push_s"]
-    print(f"\n2 engines / 1 engine (gloo): {ratio:.2f}x")
-    print(json.dumps({"medians": medians, "ratio_2_to_1": ratio}))
+    ratios = {mb: medians[f"gloo, 2 engines, {mb} MiB"]["sync_push_s"] / medians[f"gloo, 1 engine, {mb} MiB"]["sync_push_s"]
+              for mb in args.bucket_mb}
+    print("\n" + ", ".join(f"{mb} MiB buckets: 2 engines / 1 engine {r:.2f}x" for mb, r in ratios.items()))
+    print(json.dumps({"medians": medians, "ratio_2_to_1": ratios}))
     for sync in syncs.values():
         sync.close()
     return 0

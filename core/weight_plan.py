@@ -65,10 +65,11 @@ def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], cap_by
     return closed
 
 
-def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """One flat tensor of the bucket's dtype (on ``device``) holding its tensors, cast to it, at
-    their offsets."""
-    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+    their offsets: the front of ``out`` when given (a reused buffer of that dtype)."""
+    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device) if out is None else out[:bucket.numel]
     for entry in bucket.entries:
         tensor = tensors[entry.name]
         if tuple(tensor.shape) != entry.shape:
@@ -94,3 +95,27 @@ def from_wire(wire: Sequence[dict]) -> list[Bucket]:
     """The plan back from :func:`to_wire`."""
     return [Bucket(getattr(torch, b["dtype"]), tuple(Entry(name, tuple(shape), offset)
                                                      for name, shape, offset in b["entries"])) for b in wire]
+
+
+class Buffers:
+    """Two reusable flat buffers per dtype, as large as the plan's largest bucket of it, handed
+    out in turn: bucket k's buffer is free again once bucket k - 1 is done with, so a sender
+    or receiver that keeps at most one bucket in flight never overwrites one in use. Reuse
+    spares the page faults of a fresh allocation per bucket (a fresh 64 MiB tensor is new
+    memory from the kernel, zeroed page by page)."""
+
+    def __init__(self, buckets: Sequence[Bucket], device: torch.device | str = "cpu"):
+        self.device = device
+        self.sizes: dict[torch.dtype, int] = {}
+        for bucket in buckets:
+            self.sizes[bucket.dtype] = max(self.sizes.get(bucket.dtype, 0), bucket.numel)
+        self.pool: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.turn: dict[torch.dtype, int] = {}
+
+    def next(self, bucket: Bucket) -> torch.Tensor:
+        pair = self.pool.setdefault(bucket.dtype, [])
+        turn = self.turn.get(bucket.dtype, 0)
+        self.turn[bucket.dtype] = turn + 1
+        if len(pair) < 2:
+            pair.append(torch.empty(self.sizes[bucket.dtype], dtype=bucket.dtype, device=self.device))
+        return pair[turn % 2][:bucket.numel]

@@ -48,3 +48,23 @@ def test_a_mismatch_is_an_error_naming_it():
         unpack(bucket, torch.zeros(5))
     with pytest.raises(ValueError, match="positive"):
         plan_buckets(specs(state), cap_bytes=0)
+
+
+def test_buffers_take_turns_so_the_bucket_in_flight_is_never_overwritten():
+    from core.weight_plan import Buffers
+
+    state = tensors()
+    buckets = plan_buckets(specs(state), cap_bytes=64 * 4)
+    buffers = Buffers(buckets)
+    assert buffers.sizes == {torch.float32: max(b.numel for b in buckets if b.dtype == torch.float32),
+                             torch.float16: max(b.numel for b in buckets if b.dtype == torch.float16)}
+    handed = [buffers.next(b) for b in buckets + buckets]
+    # consecutive buckets of one dtype get different storage; every other one the same
+    same_dtype = [(b, h) for b, h in zip(buckets + buckets, handed) if b.dtype == torch.float32]
+    for (_, first), (_, second) in zip(same_dtype, same_dtype[1:]):
+        assert first.data_ptr() != second.data_ptr()
+    assert same_dtype[0][1].data_ptr() == same_dtype[2][1].data_ptr()
+    for bucket, buffer in zip(buckets, handed):
+        packed = pack(bucket, state, out=buffer)
+        assert packed.data_ptr() == buffer.data_ptr() and packed.numel() == bucket.numel
+        assert all(torch.equal(t, state[name].reshape(t.shape)) for name, t in unpack(bucket, packed))

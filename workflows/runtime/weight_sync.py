@@ -41,7 +41,7 @@ import torch
 from actors.broadcast_group import Channel, GroupSpec, TransportUnavailable, listening_socket
 from core.config import failing, option
 from core.policy_source import PolicySource
-from core.weight_plan import Bucket, pack, plan_buckets, to_wire
+from core.weight_plan import Bucket, Buffers, pack, plan_buckets, to_wire
 
 TRANSPORTS = ("gloo", "nccl", "blob")
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
@@ -66,8 +66,8 @@ class SyncOptions:
     sync_timeout: float = option(120.0, "seconds a join or transfer may take before the engine counts as failed")
     sync_check_every: int = option(10, "check that an engine computes the learner's log-probs at the first sync, "
                                    "then every N versions (and always after an engine restarts)")
-    sync_check_tol: float = option(0.0, "largest log-prob gap the check accepts; 0: 1e-4 for engines in float32, "
-                                   "0.5 for 16-bit engines")
+    sync_check_tol: float = option(0.0, "largest log-prob gap the check accepts (relative where |log-prob| > 1); "
+                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines")
 
     def transport(self, use_gpu: bool) -> str:
         if self.sync_transport == "auto":
@@ -135,6 +135,7 @@ class WeightSync:
         self.restarts = 0  # engines found back from a restart (holding an older version than they had)
         self.engine_dtype: str | None = None
         self.plan: list[Bucket] | None = None
+        self.buffers: Buffers | None = None
         self.wire: list[dict] | None = None
         self.checked = False
         self.plan_join_s = 0.0
@@ -155,6 +156,8 @@ class WeightSync:
         if self.wire is None:
             self.wire = decision["wire"]
             self.plan = _plan_of(self.wire)
+            # reused between syncs on the CPU (no page faults); on a GPU per push (the caching allocator)
+            self.buffers = Buffers(self.plan, self.send_device) if self.rank == 0 else None
         targets, check = decision["targets"], decision["check"]
         metrics: dict[str, Any] = {"sync_transport": self.transport, "sync_engines": len(targets),
                                    "sync_buckets": len(self.plan), "presync_logprob_diff": None,
@@ -274,6 +277,8 @@ class WeightSync:
                                                               self.options.sync_load)
                     for link in links if link.index not in attempt.failed and link.index not in attempt.dead}
         in_flight: deque = deque()
+        if self.send_device.type != "cpu" and self.rank == 0:
+            self.buffers = Buffers(self.plan, self.send_device)
         for bucket in self.plan:
             mark = time.monotonic()
             tensors = self.source.materialize(bucket)
@@ -281,7 +286,7 @@ class WeightSync:
             if tensors is None or not receives:
                 continue  # FSDP ranks other than 0 only take part in the gathers
             mark = time.monotonic()
-            flat = pack(bucket, tensors, self.send_device)
+            flat = pack(bucket, tensors, self.send_device, out=self.buffers.next(bucket))
             del tensors
             attempt.seconds["sync_pack_s"] += time.monotonic() - mark
             attempt.bytes += flat.numel() * flat.element_size()
@@ -399,8 +404,11 @@ class WeightSync:
         if not links:
             return
         mark = time.monotonic()
-        blob = ray.put(weights_blob(state))
+        payload = weights_blob(state)
         del state
+        attempt.bytes = len(payload)
+        blob = ray.put(payload)
+        del payload
         attempt.seconds["sync_pack_s"] += time.monotonic() - mark
         mark = time.monotonic()
         loads = {link.index: link.actor.load_weights.remote(blob, version) for link in links}
@@ -425,25 +433,32 @@ class WeightSync:
         tolerance = self.options.tolerance(self.engine_dtype)
         diffs = []
         for index in indices:
-            diff = self._engine_diff(self.engines[index], reference, expected)
-            if diff is None:
+            gaps = self._engine_gaps(self.engines[index], reference, expected)
+            if gaps is None:
                 attempt.dead.add(index)
-            elif diff > tolerance:
-                attempt.failed[index] = f"check: log-probs differ from the learner's by {diff:.2e} > {tolerance:g}"
+                continue
+            diffs.append(float(gaps.max()))
+            # an unlikely token (log-prob -30) carries float error in proportion: relative beyond |1|
+            scaled = float((gaps / expected.detach().float().cpu().abs().clamp(min=1.0)).max())
+            if scaled > tolerance:
+                attempt.failed[index] = (f"check: log-probs differ from the learner's by {diffs[-1]:.2e} "
+                                         f"({scaled:.2e} relative) > {tolerance:g}")
                 self.engines[index].drop_channel()
-                diffs.append(diff)
-            else:
-                diffs.append(diff)
         return diffs
 
     def _engine_diff(self, link: EngineLink, reference: Reference, expected: torch.Tensor) -> float | None:
+        gaps = self._engine_gaps(link, reference, expected)
+        return None if gaps is None else float(gaps.max())
+
+    def _engine_gaps(self, link: EngineLink, reference: Reference, expected: torch.Tensor) -> torch.Tensor | None:
+        """|engine - learner| per reference token (None: the engine is gone)."""
         import ray
 
         try:
             engine = ray.get(link.actor.sequence_logprobs.remote(*reference), timeout=self.options.sync_timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return None
-        return float((torch.tensor(engine) - expected.detach().float().cpu()).abs().max())
+        return (torch.tensor(engine) - expected.detach().float().cpu()).abs()
 
     def close(self) -> None:
         for link in self.engines:
