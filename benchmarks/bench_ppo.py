@@ -66,6 +66,10 @@ def main() -> int:
             rollout_workers=args.rollout_workers, save_steps=args.steps + 1, enforce_eager=args.eager,
             max_model_len=2048, lr=1e-6, sync_transport=args.sync_transport,
             sync_check_every=args.sync_check_every))
+        from workflows.runtime.ray_session import connect_ray
+
+        # a local instance with a logical CPU per process (2 engines + 1 learner > 2 cores: they take turns)
+        connect_ray(num_cpus=max(2, args.learners + args.rollout_workers), include_dashboard=False)
         run_ppo(config)
         history = [json.loads(line) for line in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
 

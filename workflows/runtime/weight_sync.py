@@ -162,9 +162,11 @@ class WeightSync:
         metrics: dict[str, Any] = {"sync_transport": self.transport, "sync_engines": len(targets),
                                    "sync_buckets": len(self.plan), "presync_logprob_diff": None,
                                    "sync_logprob_diff": None, "sync_check_s": 0.0, "sync_retries": 0}
+        mark = time.monotonic()
         expected = self.learner_logprobs(reference) if check else None  # a forward on every learner under FSDP
         if check and self.rank == 0:
             metrics["presync_logprob_diff"] = self._engine_diff(self.engines[targets[0]], reference, expected)
+        metrics["sync_check_s"] = time.monotonic() - mark if check else 0.0
         for attempt_no in (1, 2):
             attempt = self._push(targets, version)
             attempt.seconds["sync_join_s"] += self.plan_join_s
