@@ -241,6 +241,20 @@ def learner_terms(trained: list[TrainedModel], *, gpu: bool, shards: int, frozen
     return {key: value for key, value in terms.items() if value}
 
 
+def sync_bytes(shape: ModelShape, *, bucket_bytes: int, gpu: bool, sharded: bool, transport: str) -> int:
+    """Learner rank 0's extra bytes during a weight sync (#16). Broadcast transports: two packed
+    buffers in the engines' dtype (2 bytes on GPU, 4 on CPU), each the size of a bucket or of
+    the largest tensor (the embedding) if that is larger, plus under FSDP the bucket's
+    parameters gathered whole in float32. ``blob``: the whole policy gathered (under FSDP) and
+    serialized once more."""
+    wire = 2 if gpu else 4
+    largest = shape.vocab_size * shape.hidden_size
+    if transport == "blob":
+        return shape.params * (4 if sharded else 0) + shape.params * wire
+    bucket = max(bucket_bytes // wire, largest)
+    return 2 * bucket * wire + (bucket * 4 if sharded else 0)
+
+
 def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int, tensor_parallel: int = 1) -> int:
     """2 (k and v) · layers · kv_heads · head_dim · bytes, with the kv heads split over the
     tensor-parallel ranks (each rank keeps at least one)."""

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from core.memory_plan import (GIB, MemoryPlanError, ModelShape, StagePlan, TrainedModel, check_fits, dtype_bytes,
-                              engine_terms, kv_bytes_per_token, known_shape, learner_terms, logits_bytes, read_shape)
+                              engine_terms, kv_bytes_per_token, known_shape, learner_terms, logits_bytes, read_shape,
+                              sync_bytes)
 
 DEFAULT_GPU_GIB = 80.0
 GPU_GIB_ENV = "CAI_GPU_MEMORY_GIB"  # the GPU size `cai run` checks against (it has no flag for it)
 DEFAULT_PROMPT_TOKENS = 512
-TERMS = ("weights", "gradients", "optimizer", "unsharded block", "frozen models", "activations", "logits", "kv cache")
-HEADERS = ("weights", "grads", "optim", "block", "frozen", "activ", "logits", "kv")
+TERMS = ("weights", "gradients", "optimizer", "unsharded block", "frozen models", "activations", "logits", "weight sync",
+         "kv cache")
+HEADERS = ("weights", "grads", "optim", "block", "frozen", "activ", "logits", "sync", "kv")
 PRODUCED = {"sft": False, "rm": True, "ppo": False, "dpo": False}  # stage -> its model has a score head
 
 
@@ -140,6 +142,10 @@ def ppo_plans(cfg, shape_of: Callable[[str], ModelShape], prompt_tokens: int) ->
                           frozen=frozen if on_learners else [], frozen_dtype_bytes=frozen_bytes,
                           sequences=cfg.minibatch, seq_len=seq_len, logits_sequences=share,
                           checkpointing=cfg.learner.gradient_checkpointing)
+    # learner rank 0 during a weight sync (the other ranks under FSDP: the gathered bucket only)
+    terms["weight sync"] = sync_bytes(policy, bucket_bytes=cfg.sync.sync_bucket_mb << 20, gpu=gpu,
+                                      sharded=cfg.learner.strategy == "fsdp" and cfg.learners > 1,
+                                      transport=cfg.sync.transport(gpu))
     plans = [StagePlan("ppo", f"{cfg.learner.strategy} learner", gpu, cfg.learners, terms)]
     if not on_learners:
         widest = max(frozen, key=lambda s: s.output_size)

@@ -163,3 +163,17 @@ def test_the_table_holds_what_the_cli_promises():
     assert set(KNOWN_MODELS) >= {"Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
                                  "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",
                                  "mistralai/Mistral-7B-Instruct-v0.3", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def test_weight_sync_buffers_are_two_buckets_or_two_embeddings():
+    """Learner rank 0's sync buffers (#16): two packed buffers, each a bucket or the largest
+    tensor; under FSDP also the gathered bucket in float32; the blob holds the whole policy."""
+    from core.memory_plan import known_shape, sync_bytes
+
+    llama8b = known_shape("meta-llama/Llama-3.1-8B-Instruct")
+    embedding = llama8b.vocab_size * llama8b.hidden_size  # 128256 x 4096: larger than a 64 MiB bucket
+    assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=True, sharded=False, transport="nccl") == 2 * embedding * 2
+    assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=True, sharded=True, transport="nccl") == \
+        2 * embedding * 2 + embedding * 4
+    assert sync_bytes(llama8b, bucket_bytes=4 << 30, gpu=True, sharded=False, transport="nccl") == 2 * (4 << 30)
+    assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=True, sharded=True, transport="blob") == llama8b.params * 6
