@@ -16,7 +16,8 @@ the same points), over three transports chosen explicitly by ``--sync-transport`
 * ``blob``: the policy as one safetensors blob through the object store to each engine's
   ``load_weights`` (the path before #16; kept as the baseline of ``bench_ppo``).
 
-Under FSDP every learner takes part: each bucket's parameters are all-gathered just before it
+This module decides (which engines, whether to check, retry or stop); the transfers
+themselves are ``workflows.runtime.weight_push``. Under FSDP every learner takes part: each bucket's parameters are all-gathered just before it
 is sent (``core.policy_source``), so no rank holds the whole policy. Rank 0 decides what to
 push and shares its decision over the learners' own group.
 
@@ -29,19 +30,17 @@ engine sits out until Ray has restarted it.
 
 from __future__ import annotations
 
-import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from actors.broadcast_group import Channel, GroupSpec, TransportUnavailable, listening_socket
+from actors.broadcast_group import TransportUnavailable
 from core.config import failing, option
 from core.policy_source import PolicySource
-from core.weight_plan import Bucket, Buffers, pack, plan_buckets, to_wire
+from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
 
 TRANSPORTS = ("gloo", "nccl", "blob")
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
@@ -84,61 +83,25 @@ class SyncOptions:
                         "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0})
 
 
-@dataclass(eq=False)
-class EngineLink:
-    """Learner rank 0's view of one rollout engine."""
-
-    index: int
-    actor: Any
-    generation: str | None = None  # the group formed with it; None until (re)joined
-    channel: Channel | None = None
-    version: int = -1  # the last version it confirmed
-
-    def drop_channel(self) -> None:
-        channel, self.channel, self.generation = self.channel, None, None
-        if channel is not None:
-            try:
-                channel.close()
-            except Exception:  # noqa: BLE001 - a group whose peer is gone may fail to shut down; it is dropped anyway
-                pass
-
-
-@dataclass
-class Attempt:
-    """What one push did (rank 0): seconds per part, and the engines it failed or lost."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sync_gather_s", "sync_pack_s", "sync_transfer_s", "sync_load_s", "sync_join_s"), 0.0))
-    failed: dict[int, str] = field(default_factory=dict)  # engine index -> why
-    dead: set[int] = field(default_factory=set)
-    bytes: int = 0
-
-
 class WeightSync:
     """Every learner builds one (``rank``/``world`` of the learners); rank 0 talks to the engines."""
 
     def __init__(self, options: SyncOptions, actors: Sequence[Any], source: PolicySource, *, rank: int, world: int,
                  use_gpu: bool, device: torch.device, learner_logprobs: Callable[[Reference], torch.Tensor],
                  engine_workers: int = 1, wait_timeout: float | None, ping_timeout: float = 2.0):
-        self.options, self.source, self.rank, self.world = options, source, rank, world
+        self.options, self.rank = options, rank
         self.transport = options.transport(use_gpu)
         if self.transport not in TRANSPORTS:
             raise TransportUnavailable(f"unknown --sync-transport {self.transport!r}")
         self.engines = [EngineLink(i, actor) for i, actor in enumerate(actors)]
-        self.engine_workers = engine_workers  # each engine's tensor-parallel workers: all receive
         self.device, self.learner_logprobs = device, learner_logprobs
         self.wait_timeout, self.ping_timeout = wait_timeout, ping_timeout
         self.collective = source.sharded and world > 1  # FSDP: every learner gathers each bucket
-        self.send_device = device if self.transport == "nccl" else torch.device("cpu")
-        self.token = f"{random.getrandbits(32):08x}"  # this learner process's groups: never an old one's
-        self.joins = 0
-        self.restarts = 0  # engines found back from a restart (holding an older version than they had)
-        self.engine_dtype: str | None = None
-        self.plan: list[Bucket] | None = None
-        self.buffers: Buffers | None = None
-        self.wire: list[dict] | None = None
+        self.pusher = Pusher(options, self.engines, source, rank=rank, transport=self.transport,
+                             send_device=device if self.transport == "nccl" else torch.device("cpu"),
+                             engine_workers=engine_workers)  # each engine's tensor-parallel workers: all receive
+        self.restarts = 0  # engines found back from a restart, brought up to date and checked
         self.checked = False
-        self.plan_join_s = 0.0
 
     # -- the collective entry point -------------------------------------------------------
 
@@ -153,27 +116,23 @@ class WeightSync:
         decision = self._share(decision)
         if not decision["targets"]:
             return {}
-        if self.wire is None:
-            self.wire = decision["wire"]
-            self.plan = _plan_of(self.wire)
-            # reused between syncs on the CPU (no page faults); on a GPU per push (the caching allocator)
-            self.buffers = Buffers(self.plan, self.send_device) if self.rank == 0 else None
+        if self.pusher.wire is None:
+            self.pusher.use_plan(decision["wire"])
         targets, check = decision["targets"], decision["check"]
         metrics: dict[str, Any] = {"sync_transport": self.transport, "sync_engines": len(targets),
-                                   "sync_buckets": len(self.plan), "presync_logprob_diff": None,
+                                   "sync_buckets": len(self.pusher.plan), "presync_logprob_diff": None,
                                    "sync_logprob_diff": None, "sync_check_s": 0.0, "sync_retries": 0}
         mark = time.monotonic()
         expected = self.learner_logprobs(reference) if check else None  # a forward on every learner under FSDP
         if check and self.rank == 0:
-            metrics["presync_logprob_diff"] = self._engine_diff(self.engines[targets[0]], reference, expected)
+            gaps = self._engine_gaps(self.engines[targets[0]], reference, expected)
+            metrics["presync_logprob_diff"] = None if gaps is None else float(gaps.max())
         metrics["sync_check_s"] = time.monotonic() - mark if check else 0.0
         for attempt_no in (1, 2):
-            attempt = self._push(targets, version)
-            attempt.seconds["sync_join_s"] += self.plan_join_s
-            self.plan_join_s = 0.0
+            attempt = self.pusher.push(targets, version)
             if self.rank == 0:
                 for key, value in attempt.seconds.items():
-                    metrics[key] = metrics.get(key, 0.0) + value if attempt_no > 1 else value
+                    metrics[key] = metrics.get(key, 0.0) + value
                 metrics["sync_bytes"] = attempt.bytes
                 pushed = [i for i in targets if i not in attempt.failed and i not in attempt.dead]
                 if check and pushed:
@@ -195,7 +154,7 @@ class WeightSync:
         if self.rank == 0:
             self._settle(decision["restarted"], attempt)
         metrics["sync_push_s"] = time.monotonic() - started - metrics["sync_check_s"]
-        metrics["sync_joins"] = self.joins  # groups formed by this learner so far (first joins and rejoins)
+        metrics["sync_joins"] = self.pusher.joins  # groups formed by this learner so far (first joins and rejoins)
         return metrics if self.rank == 0 else {}
 
     # -- rank 0: which engines, and whether to check -----------------------------------------
@@ -216,11 +175,10 @@ class WeightSync:
                 targets.append(link.index)
         check = bool(targets) and (bool(restarted) or not self.checked or
                                    (not only_if_stale and version % self.options.sync_check_every == 0))
-        wire = None
-        if targets and self.wire is None:
-            wire = self._make_plan(targets)
-        return {"targets": targets, "check": check, "restarted": restarted,
-                "wire": wire if wire is not None else self.wire}
+        wire = self.pusher.wire
+        if targets and wire is None:
+            wire = self.pusher.make_plan(self.engines[targets[0]])
+        return {"targets": targets, "check": check, "restarted": restarted, "wire": wire}
 
     def _settle(self, restarted: list[int], attempt: Attempt) -> None:
         """Engines back from a restart that now hold the checked weights: counted, and told."""
@@ -242,16 +200,6 @@ class WeightSync:
         return answers([link.actor for link in self.engines], "sync_state", ping_timeout=self.ping_timeout,
                        wait_timeout=self.wait_timeout)
 
-    def _make_plan(self, targets: list[int]) -> list[dict]:
-        """The bucket plan in the engines' dtype (asked of the first engine that joins)."""
-        if self.transport != "blob":
-            joined = Attempt()
-            self._join(self.engines[targets[0]], joined)
-            self.plan_join_s = joined.seconds["sync_join_s"]  # counted in this sync's sync_join_s
-        dtype = getattr(torch, self.engine_dtype) if self.engine_dtype else None
-        cap = self.options.sync_bucket_mb << 20 if self.transport != "blob" else 1 << 62
-        return to_wire(plan_buckets(self.source.specs(dtype), cap))
-
     def _share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every learner (under FSDP; the others decide nothing)."""
         if not self.collective:
@@ -262,177 +210,12 @@ class WeightSync:
         dist.broadcast_object_list(box, src=0, device=self.device)  # among this run's own learners
         return box[0]
 
-    # -- one push to ``targets`` (every learner under FSDP: the gathers are collectives) --------
-
-    def _push(self, targets: list[int], version: int) -> Attempt:
-        attempt = Attempt()
-        links = [self.engines[i] for i in targets] if self.rank == 0 else []
-        if self.transport == "blob":
-            self._push_blob(links, version, attempt)
-            return attempt
-        import ray
-
-        for link in links:
-            if link.channel is None:
-                self._join(link, attempt)
-        receives = {link.index: link.actor.sync_receive.remote(link.generation, self.wire, version,
-                                                              self.options.sync_load)
-                    for link in links if link.index not in attempt.failed and link.index not in attempt.dead}
-        in_flight: deque = deque()
-        if self.send_device.type != "cpu" and self.rank == 0:
-            self.buffers = Buffers(self.plan, self.send_device)
-        for bucket in self.plan:
-            mark = time.monotonic()
-            tensors = self.source.materialize(bucket)
-            attempt.seconds["sync_gather_s"] += time.monotonic() - mark
-            if tensors is None or not receives:
-                continue  # FSDP ranks other than 0 only take part in the gathers
-            mark = time.monotonic()
-            flat = pack(bucket, tensors, self.send_device, out=self.buffers.next(bucket))
-            del tensors
-            attempt.seconds["sync_pack_s"] += time.monotonic() - mark
-            attempt.bytes += flat.numel() * flat.element_size()
-            in_flight.append((flat, self._send(flat, links, receives, attempt)))
-            while len(in_flight) > 1:  # one bucket on the wire while the next is gathered and packed
-                self._wait(in_flight.popleft()[1], receives, attempt)
-            self._notice_early_failures(receives, attempt)
-        while in_flight:
-            self._wait(in_flight.popleft()[1], receives, attempt)
-        if not receives:
-            return attempt
-        total = sum(b.numel for b in self.plan)
-        canary = torch.tensor([random.getrandbits(62), version, len(self.plan), total], dtype=torch.int64,
-                              device=self.send_device)
-        self._wait(self._send(canary, links, receives, attempt), receives, attempt)
-        for index, ref in receives.items():
-            try:
-                stats = ray.get(ref, timeout=self.options.sync_timeout)
-            except ray.exceptions.RayActorError:
-                attempt.dead.add(index)
-                self.engines[index].drop_channel()
-                continue
-            except Exception as exc:  # noqa: BLE001 - the engine's own error, or a timeout: retried once
-                attempt.failed.setdefault(index, _short(exc))
-                self.engines[index].drop_channel()
-                continue
-            if stats["canary"] != canary.tolist():
-                attempt.failed[index] = f"canary {stats['canary']}, sent {canary.tolist()}"
-                continue
-            attempt.seconds["sync_load_s"] = max(attempt.seconds["sync_load_s"], stats["load_seconds"])
-            self.engines[index].version = version
-        return attempt
-
-    def _send(self, flat: torch.Tensor, links: list[EngineLink], receives: dict, attempt: Attempt) -> list:
-        works = []
-        for link in links:
-            if link.index in receives and link.index not in attempt.failed:
-                try:
-                    works.append((link, link.channel.broadcast(flat)))
-                except Exception as exc:  # noqa: BLE001 - a broken group: retried once with a new one
-                    self._fail(link, exc, attempt)
-        return works
-
-    def _wait(self, works: list, receives: dict, attempt: Attempt) -> None:
-        mark = time.monotonic()
-        for link, work in works:
-            try:
-                work.wait()
-            except Exception as exc:  # noqa: BLE001 - a peer gone or past the timeout
-                self._fail(link, exc, attempt)
-        attempt.seconds["sync_transfer_s"] += time.monotonic() - mark
-
-    def _notice_early_failures(self, receives: dict, attempt: Attempt) -> None:
-        """An engine's receive that ended before the canary was sent failed: stop sending to it."""
-        import ray
-
-        done, _ = ray.wait(list(receives.values()), num_returns=len(receives), timeout=0)
-        for index, ref in receives.items():
-            if ref in done and index not in attempt.failed:
-                try:
-                    ray.get(ref)
-                    why = "the engine ended its receive early"
-                except ray.exceptions.RayActorError:
-                    attempt.dead.add(index)
-                    why = "the engine died"
-                except Exception as exc:  # noqa: BLE001
-                    why = _short(exc)
-                self._fail(self.engines[index], why, attempt)
-
-    def _fail(self, link: EngineLink, why: Any, attempt: Attempt) -> None:
-        if link.index not in attempt.dead:
-            attempt.failed.setdefault(link.index, _short(why))
-        link.drop_channel()
-
-    def _join(self, link: EngineLink, attempt: Attempt) -> None:
-        """Form a new group with ``link``'s engine (rank 0 binds the port; the engine's workers
-        connect): its previous group, if any, is left on both sides."""
-        import ray
-
-        mark = time.monotonic()
-        link.drop_channel()
-        self.joins += 1
-        host = ray.util.get_node_ip_address()
-        listener = listening_socket(host)
-        spec = GroupSpec(self.transport, host, listener.getsockname()[1], 1 + self.engine_workers, self.options.sync_timeout,
-                         f"{self.token}-{self.joins}")
-        joined = link.actor.sync_join.remote(asdict(spec))
-        try:
-            channel = Channel(spec, 0, device=self.send_device, listen_socket=listener)
-            answer = ray.get(joined, timeout=self.options.sync_timeout)
-        except ray.exceptions.RayActorError:
-            attempt.dead.add(link.index)
-        except TransportUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - no answer within the timeout, or the engine refused
-            attempt.failed[link.index] = f"join: {_short(exc)}"
-        else:
-            link.channel, link.generation = channel, spec.generation
-            self.engine_dtype = answer["dtype"]
-        finally:
-            listener.close()
-        attempt.seconds["sync_join_s"] += time.monotonic() - mark
-
-    def _push_blob(self, links: list[EngineLink], version: int, attempt: Attempt) -> None:
-        """The whole policy as one safetensors blob to each engine's ``load_weights``."""
-        import ray
-
-        from core.ppo_policy import weights_blob
-
-        state: dict[str, torch.Tensor] = {}
-        mark = time.monotonic()
-        for bucket in self.plan:
-            state.update(self.source.materialize(bucket) or {})
-        attempt.seconds["sync_gather_s"] += time.monotonic() - mark
-        if not links:
-            return
-        mark = time.monotonic()
-        payload = weights_blob(state)
-        del state
-        attempt.bytes = len(payload)
-        blob = ray.put(payload)
-        del payload
-        attempt.seconds["sync_pack_s"] += time.monotonic() - mark
-        mark = time.monotonic()
-        loads = {link.index: link.actor.load_weights.remote(blob, version) for link in links}
-        for index, ref in loads.items():
-            try:
-                stats = ray.get(ref, timeout=self.options.sync_timeout)
-            except ray.exceptions.RayActorError:
-                attempt.dead.add(index)
-                continue
-            except Exception as exc:  # noqa: BLE001
-                attempt.failed[index] = _short(exc)
-                continue
-            attempt.seconds["sync_load_s"] = max(attempt.seconds["sync_load_s"], stats["seconds"])
-            self.engines[index].version = version
-        attempt.seconds["sync_transfer_s"] += time.monotonic() - mark
-
     # -- the exactness check (rank 0) ------------------------------------------------------
 
     def _check(self, indices: list[int], reference: Reference, expected: torch.Tensor, attempt: Attempt) -> list[float]:
         """Each engine's log-probs of ``reference`` against the learner's; one over the
         tolerance counts as a failed push."""
-        tolerance = self.options.tolerance(self.engine_dtype)
+        tolerance = self.options.tolerance(self.pusher.engine_dtype)
         diffs = []
         for index in indices:
             gaps = self._engine_gaps(self.engines[index], reference, expected)
@@ -448,10 +231,6 @@ class WeightSync:
                 self.engines[index].drop_channel()
         return diffs
 
-    def _engine_diff(self, link: EngineLink, reference: Reference, expected: torch.Tensor) -> float | None:
-        gaps = self._engine_gaps(link, reference, expected)
-        return None if gaps is None else float(gaps.max())
-
     def _engine_gaps(self, link: EngineLink, reference: Reference, expected: torch.Tensor) -> torch.Tensor | None:
         """|engine - learner| per reference token (None: the engine is gone)."""
         import ray
@@ -466,13 +245,3 @@ class WeightSync:
         for link in self.engines:
             link.drop_channel()
 
-
-def _plan_of(wire: list[dict]) -> list[Bucket]:
-    from core.weight_plan import from_wire
-
-    return from_wire(wire)
-
-
-def _short(exc: Any) -> str:
-    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
-    return text if len(text) < 300 else text[:300] + " ..."
