@@ -41,12 +41,12 @@ class Rollout:
 
 class RolloutWorker:
     def __init__(self, options: EngineOptions):
+        import ray
+
         self.host = VLLMEngineHost(replace(options, worker_extension_cls=WEIGHT_SYNC_EXTENSION,
                                            logprobs_mode="processed_logprobs"))
         self.version = 0  # 0 = the weights the engine started with
         self.generation: str | None = None  # the learner's broadcast group this engine is in
-        import ray
-
         # back from a crash (Ray restarted the actor): until the learners have pushed and checked
         # the current weights, it says so (the learners count it and check it before it serves)
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed

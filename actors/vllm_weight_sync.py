@@ -61,6 +61,21 @@ class WeightSyncExtension:
         if channel is not None:
             channel.close()
 
+    def _cai_buffers(self, buckets, device):
+        """Receive buffers for ``load`` mode: load_weights copies each tensor into the model
+        before asking for the next, so two buffers per dtype take turns (``reload`` keeps views
+        until a layer is complete: a fresh buffer per bucket). Kept between syncs on the CPU,
+        where a fresh allocation costs page faults; on a GPU the caching allocator reuses
+        memory by itself and the engine's memory stays free between syncs."""
+        from core.weight_plan import Buffers
+
+        wanted = Buffers(buckets, device)  # allocates nothing until asked
+        kept = getattr(self, "cai_buffers", None)
+        buffers = kept if kept is not None and kept.sizes == wanted.sizes else wanted
+        if device.type == "cpu":
+            self.cai_buffers = buffers
+        return buffers
+
     def cai_receive(self, generation: str, wire_plan: list[dict], mode: str = "load") -> dict:
         """Receive every bucket of the plan from the learner and load it, then the canary
         (four int64: what the learner says it sent). ``load`` hands each bucket to the
@@ -73,7 +88,7 @@ class WeightSyncExtension:
         import torch
         from vllm.config import set_current_vllm_config
 
-        from core.weight_plan import Buffers, from_wire, unpack
+        from core.weight_plan import from_wire, unpack
 
         channel = getattr(self, "cai_channel", None)
         if channel is None or channel.spec.generation != generation:
@@ -82,18 +97,7 @@ class WeightSyncExtension:
         buckets = from_wire(wire_plan)
         waited = 0.0
         device = channel.device
-        # load_weights copies each tensor into the model before asking for the next, so two
-        # buffers per dtype take turns; reload_weights keeps views until a layer is complete,
-        # so it gets a fresh buffer per bucket
-        # (kept between syncs on the CPU, where a fresh allocation costs page faults; on a GPU
-        # the caching allocator reuses memory by itself and the engine's share stays free)
-        buffers = None
-        if mode == "load":
-            buffers = getattr(self, "cai_buffers", None)
-            if buffers is None or buffers.sizes != Buffers(buckets, device).sizes:
-                buffers = Buffers(buckets, device)
-            if device.type == "cpu":
-                self.cai_buffers = buffers
+        buffers = self._cai_buffers(buckets, device) if mode == "load" else None
 
         def received():
             nonlocal waited
