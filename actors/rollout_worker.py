@@ -50,6 +50,7 @@ class RolloutWorker:
         # back from a crash (Ray restarted the actor): until the learners have pushed and checked
         # the current weights, it says so (the learners count it and check it before it serves)
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.node = ray.get_runtime_context().get_node_id()  # the learner's neighbours share memory with it
 
     def info(self) -> dict:
         return {**self.host.info(), "version": self.version}
@@ -67,13 +68,15 @@ class RolloutWorker:
         return {"version": version, "seconds": time.monotonic() - started}
 
     def sync_state(self) -> dict:
-        """The weights version this engine serves and the broadcast group it is in (None
-        after a restart: the learner then forms a new one with it)."""
-        return {"version": self.version, "generation": self.generation, "restarted": self.restarted}
+        """The weights version this engine serves, the broadcast group it is in (None after a
+        restart: the learner then forms a new one with it) and its Ray node."""
+        return {"version": self.version, "generation": self.generation, "restarted": self.restarted,
+                "node": self.node}
 
-    async def sync_join(self, spec: dict) -> dict:
-        """Join the learner's broadcast group (``actors.broadcast_group.GroupSpec`` as a dict)."""
-        (joined, *_) = await self.host.engine.collective_rpc("cai_join", args=(spec,))
+    async def sync_join(self, spec: dict, shared: dict | None = None) -> dict:
+        """Join the learner's broadcast group (``actors.broadcast_group.GroupSpec`` as a dict),
+        reading the buckets from its shared region when given one (``actors.shared_region``)."""
+        (joined, *_) = await self.host.engine.collective_rpc("cai_join", args=(spec, shared))
         self.generation = spec["generation"]
         return joined
 

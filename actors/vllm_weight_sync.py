@@ -38,11 +38,15 @@ class WeightSyncExtension:
 
     # -- the collective path (#16): a broadcast group with learner rank 0 ---------------------
 
-    def cai_join(self, spec: dict) -> dict:
+    def cai_join(self, spec: dict, shared: dict | None = None) -> dict:
         """Join the learner's group (``actors.broadcast_group.GroupSpec`` as a dict) as rank
-        1 + this worker's rank; a fresh group replaces any old one. Returns the dtype the
-        engine holds its weights in (what the learner sends)."""
+        1 + this worker's rank; a fresh group replaces any old one. With ``shared`` (the
+        ``shm`` transport, an engine on the learner's machine) the buckets are read from the
+        learner's shared region (``actors.shared_region``) and the group carries only their
+        "ready" messages. Returns the dtype the engine holds its weights in (what the learner
+        sends)."""
         from actors.broadcast_group import Channel, GroupSpec
+        from actors.shared_region import SharedRegion
 
         self.cai_leave()
         unpacked = [name for name, module in self.model_runner.get_model().named_modules()
@@ -52,12 +56,13 @@ class WeightSyncExtension:
             raise RuntimeError(f"{unpacked[0]} (and {len(unpacked) - 1} more) hold prepacked weights that an "
                                "in-place load cannot update")
         group = GroupSpec(**spec)
+        self.cai_region = None if shared is None else SharedRegion.attach(shared)
         self.cai_channel = Channel(group, 1 + self.rank, device=self.device if group.backend == "nccl" else "cpu")
         return {"dtype": str(self.model_config.dtype).removeprefix("torch."), "generation": group.generation}
 
     def cai_leave(self) -> None:
         channel = getattr(self, "cai_channel", None)
-        self.cai_channel = None
+        self.cai_channel = self.cai_region = None
         if channel is not None:
             channel.close()
 
@@ -78,7 +83,9 @@ class WeightSyncExtension:
 
     def cai_receive(self, generation: str, wire_plan: list[dict], mode: str = "load") -> dict:
         """Receive every bucket of the plan from the learner and load it, then the canary
-        (four int64: what the learner says it sent). ``load`` hands each bucket to the
+        (four int64: what the learner says it sent). Through the shared region, what arrives
+        per bucket is its index, and the bucket is read in place; the region's stamp is
+        returned with the canary (the learner compares them). ``load`` hands each bucket to the
         model's ``load_weights`` while the next one arrives; ``reload`` runs vLLM's
         ``reload_weights`` once over all of them (it must see every bucket in one pass).
         Returns the canary received, seconds and counts. Any failure leaves the group."""
@@ -97,15 +104,22 @@ class WeightSyncExtension:
         buckets = from_wire(wire_plan)
         waited = 0.0
         device = channel.device
-        buffers = self._cai_buffers(buckets, device) if mode == "load" else None
+        region = getattr(self, "cai_region", None)
+        if region is not None:
+            region.use_plan(buckets)
+        buffers = self._cai_buffers(buckets, device) if mode == "load" and region is None else None
 
         def received():
             nonlocal waited
             pending: deque = deque()
 
             def post(k: int) -> None:
-                flat = (buffers.next(buckets[k]) if buffers is not None
-                        else torch.empty(buckets[k].numel, dtype=buckets[k].dtype, device=device))
+                if region is not None:
+                    flat = torch.full((1,), -1, dtype=torch.int64)  # becomes k once the learner wrote bucket k
+                elif buffers is not None:
+                    flat = buffers.next(buckets[k])
+                else:
+                    flat = torch.empty(buckets[k].numel, dtype=buckets[k].dtype, device=device)
                 pending.append((k, flat, channel.broadcast(flat)))
 
             if buckets:
@@ -117,6 +131,10 @@ class WeightSyncExtension:
                 waited += time.monotonic() - started
                 if k + 1 < len(buckets):
                     post(k + 1)  # the next bucket arrives while this one loads
+                if region is not None:
+                    if int(flat) != k:
+                        raise RuntimeError(f"the learner announced bucket {int(flat)}, expected {k}")
+                    flat = region.view(k)
                 yield from unpack(buckets[k], flat)
 
         started = time.monotonic()
@@ -133,4 +151,5 @@ class WeightSyncExtension:
             raise
         total = time.monotonic() - started
         return {"canary": canary.tolist(), "buckets": len(buckets), "tensors": sum(len(b.entries) for b in buckets),
-                "transfer_seconds": waited, "load_seconds": total - waited}
+                "transfer_seconds": waited, "load_seconds": total - waited,
+                "stamp": None if region is None else region.stamped()}

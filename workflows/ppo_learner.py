@@ -333,6 +333,7 @@ def ppo_loop(config: dict[str, Any]) -> None:
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
             hold_if_drilled(config["worker"], cfg.learner, state["step"])
+    learner.sync.close()  # the groups, and the shared region's memory
     policy = learner.core.policy
     report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),
                  {"global_step": state["step"], "resumed_from_step": resumed_from, "history": state["history"],

@@ -1,6 +1,8 @@
 """How a weight sync's bytes reach the rollout engines (#16): forming each engine's group, the
 bucket loop (gather, pack, send, one bucket on the wire while the next is packed), the canary
-every engine echoes, and the ``blob`` baseline. What to push, when to check and what to do
+every engine echoes, the shared region of the ``shm`` transport (the buckets packed once into
+memory the engines on this machine read in place; each of their groups carries one "bucket k
+is ready" message per bucket) and the ``blob`` baseline. What to push, when to check and what to do
 about failures is ``workflows.runtime.weight_sync``'s part.
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.broadcast_group import Channel, GroupSpec, TransportUnavailable, listening_socket
+from actors.shared_region import SharedRegion, offsets
 from core.policy_source import PolicySource
 from core.weight_plan import Bucket, Buffers, from_wire, pack, plan_buckets, to_wire
 
@@ -30,9 +33,11 @@ class EngineLink:
     actor: Any
     generation: str | None = None  # the group formed with it; None until (re)joined
     channel: Channel | None = None
+    node: str | None = None  # its Ray node, as it last said
+    shared: bool = False  # joined to read the buckets from learner rank 0's shared region
 
     def drop_channel(self) -> None:
-        channel, self.channel, self.generation = self.channel, None, None
+        channel, self.channel, self.generation, self.shared = self.channel, None, None, False
         if channel is not None:
             try:
                 channel.close()
@@ -49,6 +54,7 @@ class Attempt:
     failed: dict[int, str] = field(default_factory=dict)  # engine index -> why
     dead: set[int] = field(default_factory=set)
     bytes: int = 0
+    shared: int = 0  # engines that read the shared region
 
 
 class Pusher:
@@ -64,6 +70,8 @@ class Pusher:
         self.wire: list[dict] | None = None
         self.plan: list[Bucket] | None = None
         self.buffers: Buffers | None = None
+        self.region: SharedRegion | None = None  # the shm transport's, on rank 0
+        self.node: str | None = None  # rank 0's Ray node
         self.pending_join_s = 0.0
 
     def make_plan(self, first: EngineLink) -> list[dict]:
@@ -96,35 +104,42 @@ class Pusher:
         for link in links:
             if link.channel is None:
                 self.join(link, attempt)
+        # sized before any engine maps it for this plan
+        region = self._shared_region() if any(link.shared for link in links) else None
         receives = {link.index: link.actor.sync_receive.remote(link.generation, self.wire, version,
                                                               self.options.sync_load)
                     for link in links if link.index not in attempt.failed and link.index not in attempt.dead}
         in_flight: deque = deque()
-        if self.rank == 0 and (self.buffers is None or self.send_device.type != "cpu"):
+        attempt.shared = sum(link.shared for link in links)
+        if self.rank == 0 and region is None and (self.buffers is None or self.send_device.type != "cpu"):
             # kept between syncs on the CPU (no page faults); on a GPU per push (the caching allocator)
             self.buffers = Buffers(self.plan, self.send_device)
-        for bucket in self.plan:
+        for k, bucket in enumerate(self.plan):
             mark = time.monotonic()
             tensors = self.source.materialize(bucket)
             attempt.seconds["sync_gather_s"] += time.monotonic() - mark
             if tensors is None or not receives:
                 continue  # FSDP ranks other than 0 only take part in the gathers
             mark = time.monotonic()
-            flat = pack(bucket, tensors, self.send_device, out=self.buffers.next(bucket))
+            out = region.view(k) if region is not None else self.buffers.next(bucket)
+            flat = pack(bucket, tensors, self.send_device, out=out)
             del tensors
             attempt.seconds["sync_pack_s"] += time.monotonic() - mark
             attempt.bytes += flat.numel() * flat.element_size()
-            in_flight.append((flat, self._send(flat, links, receives, attempt)))
+            ready = torch.tensor([k], dtype=torch.int64)  # what the shared region's readers get
+            in_flight.append((flat, ready, self._send(flat, links, receives, attempt, ready)))
             while len(in_flight) > 1:  # one bucket on the wire while the next is gathered and packed
-                self._wait(in_flight.popleft()[1], receives, attempt)
+                self._wait(in_flight.popleft()[-1], receives, attempt)
             self._notice_early_failures(receives, attempt)
         while in_flight:
-            self._wait(in_flight.popleft()[1], receives, attempt)
+            self._wait(in_flight.popleft()[-1], receives, attempt)
         if not receives:
             return attempt
         total = sum(b.numel for b in self.plan)
         canary = torch.tensor([random.getrandbits(62), version, len(self.plan), total], dtype=torch.int64,
                               device=self.send_device)
+        if region is not None:
+            region.stamp(*canary[:2].tolist())  # the readers return it: they read this sync's bytes
         self._wait(self._send(canary, links, receives, attempt), receives, attempt)
         for index, ref in receives.items():
             try:
@@ -140,15 +155,20 @@ class Pusher:
             if stats["canary"] != canary.tolist():
                 attempt.failed[index] = f"canary {stats['canary']}, sent {canary.tolist()}"
                 continue
+            if self.engines[index].shared and stats["stamp"] != canary[:2].tolist():
+                attempt.failed[index] = f"the shared region read says sync {stats['stamp']}, sent {canary[:2].tolist()}"
+                continue
             attempt.seconds["sync_load_s"] = max(attempt.seconds["sync_load_s"], stats["load_seconds"])
         return attempt
 
-    def _send(self, flat: torch.Tensor, links: list[EngineLink], receives: dict, attempt: Attempt) -> list:
+    def _send(self, flat: torch.Tensor, links: list[EngineLink], receives: dict, attempt: Attempt,
+              ready: torch.Tensor | None = None) -> list:
+        """``flat`` to each engine's group; ``ready`` instead to those reading the shared region."""
         works = []
         for link in links:
             if link.index in receives and link.index not in attempt.failed:
                 try:
-                    works.append((link, link.channel.broadcast(flat)))
+                    works.append((link, link.channel.broadcast(ready if link.shared and ready is not None else flat)))
                 except Exception as exc:  # noqa: BLE001 - a broken group: retried once with a new one
                     self._fail(link, exc, attempt)
         return works
@@ -194,9 +214,11 @@ class Pusher:
         self.joins += 1
         host = ray.util.get_node_ip_address()
         listener = listening_socket(host)
-        spec = GroupSpec(self.transport, host, listener.getsockname()[1], 1 + self.engine_workers, self.options.sync_timeout,
+        backend = "gloo" if self.transport == "shm" else self.transport
+        spec = GroupSpec(backend, host, listener.getsockname()[1], 1 + self.engine_workers, self.options.sync_timeout,
                          f"{self.token}-{self.joins}")
-        joined = link.actor.sync_join.remote(asdict(spec))
+        shared = self._shared_region().address if self._neighbour(link) else None
+        joined = link.actor.sync_join.remote(asdict(spec), shared)
         try:
             channel = Channel(spec, 0, device=self.send_device, listen_socket=listener)
             answer = ray.get(joined, timeout=self.options.sync_timeout)
@@ -207,11 +229,45 @@ class Pusher:
         except Exception as exc:  # noqa: BLE001 - no answer within the timeout, or the engine refused
             attempt.failed[link.index] = f"join: {_short(exc)}"
         else:
-            link.channel, link.generation = channel, spec.generation
+            link.channel, link.generation, link.shared = channel, spec.generation, shared is not None
             self.engine_dtype = answer["dtype"]
         finally:
             listener.close()
         attempt.seconds["sync_join_s"] += time.monotonic() - mark
+
+    def _neighbour(self, link: EngineLink) -> bool:
+        """Whether ``link``'s engine reads the shared region: the shm transport, on this node."""
+        if self.transport != "shm":
+            return False
+        if self.node is None:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id()
+        return link.node == self.node
+
+    def _shared_region(self) -> SharedRegion:
+        """Rank 0's region, sized for the plan once there is one (the whole policy in the
+        engines' dtype, in this machine's memory: refused when it is not free)."""
+        if self.region is None:
+            self.region = SharedRegion.create(int(self.token, 16))
+        if self.plan is not None and not self.region.buckets:
+            needed = offsets(self.plan)[1]
+            import psutil
+
+            free = psutil.virtual_memory().available
+            if needed > free:
+                raise TransportUnavailable(
+                    f"--sync-transport shm needs {needed / 2**30:.1f} GiB of shared memory for the policy, this "
+                    f"machine has {free / 2**30:.1f} GiB free; use --sync-transport gloo")
+            self.region.use_plan(self.plan)
+        return self.region
+
+    def close(self) -> None:
+        for link in self.engines:
+            link.drop_channel()
+        region, self.region = self.region, None
+        if region is not None:
+            region.close()
 
     def _push_blob(self, links: list[EngineLink], version: int, attempt: Attempt) -> None:
         """The whole policy as one safetensors blob to each engine's ``load_weights``."""

