@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--rollout-workers", type=int, default=1)
     parser.add_argument("--eager", action="store_true", help="skip vLLM's torch.compile warm-up")
-    parser.add_argument("--sync-transport", default="auto", choices=("auto", "gloo", "blob"))
+    parser.add_argument("--sync-transport", default="auto", choices=("auto", "shm", "gloo", "blob"))
     parser.add_argument("--sync-check-every", type=int, default=10)
     args = parser.parse_args()
 

@@ -4,8 +4,8 @@ to 1 and to 2 vLLM-CPU rollout engines, per transport and engine load mode, side
     .venv/bin/python benchmarks/bench_weight_sync.py --model default --rounds 10 --bucket-mb 64 16
 
 Both engines start once; each round pushes a perturbed policy with every setting in turn
-(gloo to 1 and to 2 engines per bucket size, 2 engines gloo with ``reload_weights``, 2
-engines blob),
+(gloo to 1 and to 2 engines per bucket size, shm to 1 and to 2 engines, 2 engines gloo with
+``reload_weights``, 2 engines blob),
 so slow spells of a noisy machine hit every setting alike. Reports the median of each
 setting's pushes and the ratio 2 engines / 1 engine. Not timed: the exactness check (it runs
 in the first, uncounted round) and forming the groups (an engine is in one group at a time, so
@@ -64,6 +64,8 @@ def main() -> int:
     for mb in args.bucket_mb:
         settings[f"gloo, 1 engine, {mb} MiB"] = (engines[:1], "gloo", "load", mb)
         settings[f"gloo, 2 engines, {mb} MiB"] = (engines, "gloo", "load", mb)
+    settings[f"shm, 1 engine, {first} MiB"] = (engines[:1], "shm", "load", first)
+    settings[f"shm, 2 engines, {first} MiB"] = (engines, "shm", "load", first)
     settings[f"gloo reload_weights, 2 engines, {first} MiB"] = (engines, "gloo", "reload", first)
     settings["blob, 2 engines"] = (engines, "blob", "load", first)
     syncs = {name: WeightSync(SyncOptions(sync_transport=transport, sync_load=load, sync_bucket_mb=mb,
@@ -93,9 +95,10 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, m in medians.items():
         print(f"| {name} | {' | '.join(f'{m[k]:.3f}' for k in SPLIT)} |")
-    ratios = {mb: medians[f"gloo, 2 engines, {mb} MiB"]["sync_push_s"] / medians[f"gloo, 1 engine, {mb} MiB"]["sync_push_s"]
-              for mb in args.bucket_mb}
-    print("\n" + ", ".join(f"{mb} MiB buckets: 2 engines / 1 engine {r:.2f}x" for mb, r in ratios.items()))
+    ratios = {f"{transport} {mb} MiB": medians[f"{transport}, 2 engines, {mb} MiB"]["sync_push_s"]
+              / medians[f"{transport}, 1 engine, {mb} MiB"]["sync_push_s"]
+              for transport, mb in [*(("gloo", mb) for mb in args.bucket_mb), ("shm", first)]}
+    print("\n" + ", ".join(f"{name}: 2 engines / 1 engine {r:.2f}x" for name, r in ratios.items()))
     print(json.dumps({"medians": medians, "ratio_2_to_1": ratios}))
     for sync in syncs.values():
         sync.close()

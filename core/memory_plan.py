@@ -246,12 +246,15 @@ def sync_bytes(shape: ModelShape, *, bucket_bytes: int, gpu: bool, sharded: bool
     buffers in the engines' dtype (2 bytes on GPU, 4 on CPU), each the size of a bucket or of
     the largest tensor (the embedding) if that is larger, plus under FSDP the bucket's
     parameters gathered whole in float32. ``blob``: the whole policy gathered (under FSDP) and
-    serialized once more."""
+    serialized once more. ``shm``: the whole policy packed in the engines' dtype, in host
+    memory (on a GPU learner the device holds only the gathered bucket under FSDP)."""
     wire = 2 if gpu else 4
     largest = shape.vocab_size * shape.hidden_size
     if transport == "blob":
         return shape.params * (4 if sharded else 0) + shape.params * wire
     bucket = max(bucket_bytes // wire, largest)
+    if transport == "shm":
+        return (0 if gpu else shape.params * wire) + (bucket * 4 if sharded else 0)
     return 2 * bucket * wire + (bucket * 4 if sharded else 0)
 
 

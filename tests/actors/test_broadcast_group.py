@@ -67,7 +67,7 @@ def test_nccl_broadcasts_from_rank_0_on_the_current_stream(vllm_calls, monkeypat
 
 
 def test_the_transport_is_explicit_and_never_silently_replaced():
-    assert SyncOptions().transport(use_gpu=True) == "nccl" and SyncOptions().transport(use_gpu=False) == "gloo"
+    assert SyncOptions().transport(use_gpu=True) == "nccl" and SyncOptions().transport(use_gpu=False) == "shm"
     assert SyncOptions(sync_transport="blob").transport(use_gpu=True) == "blob"
     with pytest.raises(TransportUnavailable, match="unknown broadcast backend 'mpi'"):
         GroupSpec("mpi", "h", 1, 2, 1.0, "g")

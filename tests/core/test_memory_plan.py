@@ -177,3 +177,6 @@ def test_weight_sync_buffers_are_two_buckets_or_two_embeddings():
         2 * embedding * 2 + embedding * 4
     assert sync_bytes(llama8b, bucket_bytes=4 << 30, gpu=True, sharded=False, transport="nccl") == 2 * (4 << 30)
     assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=True, sharded=True, transport="blob") == llama8b.params * 6
+    # shm: the whole policy in the engines' dtype in host memory, none of it on a GPU
+    assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=False, sharded=False, transport="shm") == llama8b.params * 4
+    assert sync_bytes(llama8b, bucket_bytes=64 << 20, gpu=True, sharded=True, transport="shm") == embedding * 4

@@ -251,14 +251,7 @@ class Pusher:
         if self.region is None:
             self.region = SharedRegion.create(int(self.token, 16))
         if self.plan is not None and not self.region.buckets:
-            needed = offsets(self.plan)[1]
-            import psutil
-
-            free = psutil.virtual_memory().available
-            if needed > free:
-                raise TransportUnavailable(
-                    f"--sync-transport shm needs {needed / 2**30:.1f} GiB of shared memory for the policy, this "
-                    f"machine has {free / 2**30:.1f} GiB free; use --sync-transport gloo")
+            refuse_unless_free(offsets(self.plan)[1])
             self.region.use_plan(self.plan)
         return self.region
 
@@ -303,6 +296,19 @@ class Pusher:
             attempt.seconds["sync_load_s"] = max(attempt.seconds["sync_load_s"], stats["seconds"])
         attempt.seconds["sync_transfer_s"] += time.monotonic() - mark
 
+
+
+def refuse_unless_free(needed: int, free: int | None = None) -> None:
+    """The shm transport's region must fit in this machine's free memory (``free``: psutil's
+    available bytes when not given); a region the kernel cannot back would end in the OOM killer."""
+    if free is None:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if needed > free:
+        raise TransportUnavailable(
+            f"--sync-transport shm needs {needed / 2**30:.1f} GiB of shared memory for the policy, this machine "
+            f"has {free / 2**30:.1f} GiB free; use --sync-transport gloo")
 
 
 def _short(exc: Any) -> str:
