@@ -1,7 +1,7 @@
 """Seconds per PPO step of `cai train ppo`, split into rollout, scoring, training and weight sync.
 
     .venv/bin/python benchmarks/bench_ppo.py --model default --steps 5 --rollout-batch 8 --max-new-tokens 64 \
-        --rollout-workers 2 --sync-transport gloo
+        --rollout-workers 2 --sync-transport shm
 
 Runs the real job (Ray Train learners, vLLM rollout actors) on the given policy with a reward
 model of the same size: the policy's weights under a fresh one-output sequence-classification
