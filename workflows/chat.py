@@ -31,10 +31,9 @@ class ChatConfig:
 
 def run_chat(config: ChatConfig) -> dict[str, Any]:
     """Each prompt's answer and its token count."""
-    import ray
-
     model_path = resolve_model(config.model)
     connect_ray()
+    import ray  # after joining: ray reads RAY_AUTH_MODE once, when it is imported (connect_ray sets it)
     host = (
         ray.remote(VLLMEngineHost)
         .options(name=f"cai-chat-{int(time.time())}", namespace=NAMESPACE, num_cpus=1, num_gpus=config.gpus)

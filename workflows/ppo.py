@@ -175,8 +175,6 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
-    import ray
-
     from workflows.runtime.model_preflight import prepare_model
     from workflows.runtime.ray_session import connect_ray
 
@@ -219,6 +217,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     rollout_demand = {f"{cfg.rollout_workers} rollout engine(s) x {shape}":
                       {k: v * cfg.rollout_workers for k, v in engines.bundle().items()}}
     cluster = connect_ray()
+    import ray  # after joining: ray reads RAY_AUTH_MODE once, when it is imported (connect_ray sets it)
     # Rollout engines and learners hold their resources at the same time: refuse what can never
     # fit before anything starts (Ray Train would otherwise retry its worker group for ever).
     frozen_actors = cfg.frozen_on == "actors"

@@ -269,10 +269,6 @@ def learner_demand(workers: int, use_gpu: bool) -> dict[str, dict[str, float]]:
 
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Launch (or resume) the TorchTrainer, copy the final model to --out, write the summary."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from actors.run_log import METRICS_FILE, start_run_log
 
     from workflows.runtime.model_preflight import prepare_model, preflight_models
@@ -288,6 +284,11 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         print(f"cai train {job.kind} [{run_id}]: {line}", file=sys.stderr, flush=True)
 
     cluster = connect_ray()
+    # after joining: ray reads RAY_AUTH_MODE once, when it is imported (connect_ray sets it)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     check_total_fits(learner_demand(job.workers, job.learner.use_gpu), fixed=cluster.get("local", False),
                      what=f"cai train {job.kind}", report=note)
     # Ray Train waits this long for its worker group, then (controller_failure_limit=0) fails

@@ -154,6 +154,23 @@ def test_generate_joins_a_token_head_through_ray_address(token_head, tiny_model,
 
 
 @pytest.mark.slow
+def test_training_commands_join_a_token_head_through_ray_address(token_head, tiny_model, tmp_path):
+    """The training commands import ray only after joining (ray reads RAY_AUTH_MODE once, at
+    import): with RAY_AUTH_MODE unset they send the found token as `ray start` does. Here the
+    job asks for more engines than the head has, so it stops at placement, having joined."""
+    home, address = token_head
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say something kind."}) + "\n")
+    result = subprocess.run(
+        [str(BIN / "cai"), "train", "ppo", "--policy", tiny_model, "--reward-fn", "core.rewards:brevity",
+         "--prompts", str(prompts), "--out", str(tmp_path / "ppo"), "--rollout-batch", "2", "--minibatch", "2",
+         "--rollout-workers", "3", "--placement-timeout", "3"],
+        env=clean_env(HOME=str(home), RAY_ADDRESS=address), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "wants a token" not in result.stderr and "could not reserve 3 workers" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_wrong_or_missing_token_is_one_line_at_once(token_head, tiny_model, tmp_path):
     home, address = token_head
     other_home = tmp_path / "other-home"
