@@ -27,7 +27,7 @@ from core.config import config_to_dict, failing, identity, identity_defaults, op
 from core.run_identity import RUN_FILE, same_identity, training_run_id
 from core.training_data import data_lineage
 from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.placement import check_total_fits
+from workflows.runtime.placement import PlacementError, check_total_fits
 
 FINAL_MODEL = "final_model"
 SUMMARY = "training_summary.json"
@@ -326,6 +326,13 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
+    except ray.train.ControllerError as exc:
+        if "worker group startup timed out" not in str(exc):  # Ray 2.60's words for "no room in time"
+            raise
+        demand = ", ".join(learner_demand(job.workers, job.learner.use_gpu))
+        raise PlacementError(f"cai train {job.kind}: the learners ({demand}) did not all start within "
+                             f"--placement-timeout {job.cluster.placement_timeout:g} s: the cluster had no room "
+                             "for them. Ask for fewer learners or add nodes") from None
     finally:
         ray.kill(run_log)
     if result.checkpoint is None:

@@ -168,6 +168,18 @@ def test_training_commands_join_a_token_head_through_ray_address(token_head, tin
         env=clean_env(HOME=str(home), RAY_ADDRESS=address), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "wants a token" not in result.stderr and "could not reserve 3 workers" in result.stderr, result.stderr[-3000:]
+    # the same for Ray Train's learners, whose start timeout ends as one line too
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    result = subprocess.run(
+        [str(BIN / "cai"), "train", "sft", "--model", tiny_model, "--data", str(data), "--out", str(tmp_path / "sft"),
+         "--workers", "3", "--placement-timeout", "3"],
+        env=clean_env(HOME=str(home), RAY_ADDRESS=address), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cai: error: cai train sft: the learners (3 learner(s) x 1 CPU) did not all start within "
+                           "--placement-timeout 3 s"), result.stderr[-3000:]
 
 
 @pytest.mark.slow
