@@ -11,11 +11,13 @@ DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup model test test-fast demo clean-demo help
+.PHONY: setup model test test-fast flake-hunt demo clean-demo help
 
 help:
 	@echo "make demo   set up, then run the pipeline on the embedded default model"
 	@echo "make test   set up, then run the test suite"
+	@echo "make test-fast  the tests that need neither Ray nor vLLM (under a minute)"
+	@echo "make flake-hunt the fault tests, FLAKE_RUNS (5) times in a row"
 	@echo "make setup  create $(VENV), install -e .[$(EXTRAS)], prepare the default model"
 
 setup: $(STAMP) model
@@ -39,8 +41,19 @@ model: $(STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The pure cores and everything else that needs neither Ray nor vLLM (tests/conftest.py
+# marks every test with a Ray fixture slow, and refuses ray.init and vLLM imports here).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	RAY_CAI_TEST_FAST=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Every test that kills, restarts or races something, FLAKE_RUNS times in a row, each run a fresh
+# pytest process; stops at the first failure. Run it after touching a fault path.
+FLAKE_RUNS ?= 5
+flake-hunt: setup
+	for run in $$(seq $(FLAKE_RUNS)); do \
+		echo "flake hunt: run $$run of $(FLAKE_RUNS)"; \
+		$(PY) -m pytest -m fault -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+	done
 
 demo: setup
 	$(VENV)/bin/python -m workflows.demo --out $(DEMO_OUT) $(DEMO_ARGS)

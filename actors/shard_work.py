@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,9 +45,9 @@ async def guarded_row(row: dict[str, Any], process_row: Callable[[dict[str, Any]
 
 
 def engine_dead(exc: BaseException) -> bool:
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    return isinstance(exc, EngineDeadError)
+    # vLLM's engine client imports this module; where it is not loaded, no engine ran here
+    exceptions = sys.modules.get("vllm.v1.engine.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.EngineDeadError)
 
 
 class OccupancySampler:

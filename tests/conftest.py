@@ -1,6 +1,9 @@
 """Shared fixtures: one tiny model, one local Ray instance and one vLLM engine per session.
 
-Engines take ~20 s to start on the CPU, so tests that need one share it.
+Engines take ~20 s to start on the CPU, so tests that need one share it. A test that uses a
+Ray fixture is marked ``slow`` here, so ``make test-fast`` (``-m "not slow"``) never starts
+Ray; with ``RAY_CAI_TEST_FAST=1`` (set by ``make test-fast``) a test that still calls
+``ray.init`` fails and says to mark it slow, and one that imports vLLM fails to import it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,38 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_CAI_DASHBOARD", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train 2.60's controller polls its workers every 2 s and runs a preemption watcher that
+# polls every 5 s: each training job waited out both at its end (about 5 s of a 20 s job, over
+# some 20 jobs). Faster polling only makes a lost worker noticed sooner; nothing here drains a
+# node. Set before the session's Ray starts, so its workers (the controllers) inherit them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+RAY_FIXTURES = {"ray_local", "tiny_engine", "ray_head", "token_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+    if os.environ.get("RAY_CAI_TEST_FAST") != "1":
+        return
+    import sys
+
+    import ray
+
+    # vLLM invisible: `import vllm` fails ("import of vllm halted"), and packages that probe for
+    # it (TRL) find none; its import alone takes seconds
+    sys.modules["vllm"] = None
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("`make test-fast` runs without Ray: mark this test slow (or give it a Ray fixture)")
+
+    ray.init = refuse
 
 
 @pytest.fixture(scope="session")

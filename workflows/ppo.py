@@ -74,6 +74,9 @@ class PPOConfig:
     lora: LoraOptions = option(LoraOptions(), "LoRA adapters on the policy instead of training every weight (the "
                                "engines get merged weights; the saved policy is merged)")
     rollout_workers: int = option(1, "vLLM rollout actors")
+    kill_engine_at_step: int = option(0, "fault drill (tests set it): as step N begins, learner rank 0 kills the "
+                                      "last rollout engine (Ray restarts it) and waits until it is down, once per "
+                                      "run; 0 = never")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64), "how rollouts are sampled: the learner's "
                                       "log-probs are log softmax(logits/T) over the whole vocabulary, so --top-p and "
                                       "--repetition-penalty stay 1")
@@ -92,7 +95,7 @@ class PPOConfig:
             "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
             "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
             "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
-            "rollout_workers": self.rollout_workers >= 1,
+            "rollout_workers": self.rollout_workers >= 1, "kill_engine_at_step": self.kill_engine_at_step >= 0,
         }
         require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
                       self.cluster.problems(), self.lora.problems(), self.sync.problems())

@@ -27,11 +27,13 @@ itself, its model paths resolved for this node. The rollout actors are reached t
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -324,6 +326,8 @@ def ppo_loop(config: dict[str, Any]) -> None:
     learner, state = setup_learner(config)
     cfg, resumed_from = learner.cfg, state["step"]
     while state["step"] < cfg.steps:
+        if learner.rank == 0 and cfg.kill_engine_at_step == state["step"] + 1:
+            kill_engine_drill(config["worker"], learner.client, state["step"] + 1)
         state = ppo_step(learner, state)
         log_step(config["worker"], state["history"][-1])
         save = None
@@ -338,6 +342,32 @@ def ppo_loop(config: dict[str, Any]) -> None:
     report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),
                  {"global_step": state["step"], "resumed_from_step": resumed_from, "history": state["history"],
                   "final_kl_coef": state["kl_coef"], "strategy": cfg.learner.strategy})
+
+
+def kill_engine_drill(worker: WorkerContext, client: RolloutClient, step: int) -> None:
+    """The rollout fault drill (``--kill-engine-at-step``): kill the last rollout engine as
+    ``step`` begins and return once it is down (Ray restarts it, which takes far longer than a
+    rollout ping), so the step meets a lost engine at a known point. Once per run: a marker
+    beside the learner records keeps a restarted learner from killing it again."""
+    import ray
+
+    marker = Path(worker.workers_dir) / "killed-engine"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"step": step, "time": time.time()}))
+    engine = client.actors[-1]
+    ray.kill(engine, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:  # answered by the old process until the kill lands; then it fails, or waits for the restart
+            ray.get(engine.weights_version.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            print(f"cai train ppo: fault drill: killed rollout engine {len(client.actors) - 1} before step {step}",
+                  flush=True)
+            return
+        time.sleep(0.1)
+    raise RuntimeError("fault drill: the killed rollout engine kept answering for 120 s")
 
 
 def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: list[Any]) -> float:

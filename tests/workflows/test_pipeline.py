@@ -53,39 +53,39 @@ ENGINE = {"enforce_eager": True, "max_model_len": 1024}
 
 @pytest.mark.slow
 def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny_model, tmp_path, capsys):
+    """SL-CAI -> SFT -> label -> DPO through `cai run`: each stage reads the one before it. The RM,
+    PPO and eval stages run the same job functions that test_train.py, test_ppo.py and
+    test_eval_compare.py run on the real stack, and their wiring is checked by the plan tests above
+    (`make demo` runs all six)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"How do I do task {i}?"}) + "\n" for i in range(8)))
-    eval_prompts = tmp_path / "eval.jsonl"
-    eval_prompts.write_text("".join(
-        json.dumps({"id": f"e{i}", "category": "red_team" if i % 2 else "helpful", "prompt": f"Question {i}?"}) + "\n"
-        for i in range(4)))
     train = {"workers": 1, "max_steps": 2, "batch_size": 2, "max_length": 256, "eval_split": 0.0, "lr": 1e-3}
     config = tmp_path / "pipeline.yaml"
     import yaml
 
     config.write_text(yaml.safe_dump({
-        "model": tiny_model, "prompts": str(prompts), "eval_prompts": str(eval_prompts), "out": str(tmp_path / "run"),
+        "model": tiny_model, "prompts": str(prompts), "out": str(tmp_path / "run"), "rl": "dpo",
         # the SFT model labels its own answers: one engine in the label stage instead of two
         "feedback_model": str(tmp_path / "run" / "sft"),
         "generate": {"max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
-        "sft": train, "rm": train,
+        "sft": train, "dpo": train,
         "label": {"samples": 2, "max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
-        "ppo": {"steps": 2, "rollout_batch": 4, "minibatch": 4, "max_new_tokens": 12, **ENGINE},
-        "eval": {"principles": 1, "max_new_tokens": 12, "workers": 1, **ENGINE},
     }))
     assert main(["run", "--config", str(config)]) == 0
     run = tmp_path / "run"
     record = json.loads((run / "pipeline.json").read_text())
-    assert list(record["stages"]) == ["generate", "sft", "label", "rm", "ppo", "eval"]
+    assert list(record["stages"]) == ["generate", "sft", "label", "dpo"]
     assert all(stage["status"] == "done" for stage in record["stages"].values())
     assert record["stages"]["generate"]["summary"]["rows_out"] == 8
-    for model_dir in ("sft", "rm", "ppo"):
+    for model_dir in ("sft", "dpo"):
         assert (run / model_dir / "model.safetensors").stat().st_size > 0
         assert (run / model_dir / "training_summary.json").exists()
-    assert len((run / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
-    report, plot = run / "eval" / "report.md", run / "eval" / "report.png"
-    assert report.stat().st_size > 0 and plot.stat().st_size > 0
-    assert "sft" in report.read_text() and "ppo" in report.read_text()  # vLLM served both trained models
+    import pyarrow.parquet as pq
+
+    labelled = pq.read_table(run / "rl-cai" / "data", columns=["policy_model"]).to_pylist()
+    assert labelled and {Path(r["policy_model"]).name for r in labelled} == {"sft"}, "the SFT policy sampled them"
+    dpo = json.loads((run / "dpo" / "training_summary.json").read_text())
+    assert dpo["metrics"]["global_step"] == 2
 
     capsys.readouterr()
     assert main(["run", "--config", str(config)]) == 0
@@ -95,4 +95,4 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
 
     assert main(["status", str(run)]) == 0
     status = capsys.readouterr().out
-    assert "generate  done" in status and "shards 1/1" in status and "report:" in status
+    assert "generate  done" in status and "shards 1/1" in status and "dpo" in status

@@ -51,6 +51,8 @@ class PoolConfig:
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = option(
         "SPREAD", "how worker bundles spread over nodes"
     )
+    kill_worker_at_shard: int = option(0, "fault drill (tests set it): the pool kills the worker it has just handed "
+                                       "the N-th shard of this run, with that shard in flight, once; 0 = never")
 
     def problems(self) -> list[str]:
         checks = {
@@ -61,6 +63,7 @@ class PoolConfig:
             "gpus_per_worker": self.gpus_per_worker >= 0,
             "inflight_shards": self.inflight_shards >= 1,
             "max_attempts": self.max_attempts >= 1,
+            "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
         }
         return failing(checks)
 
@@ -164,9 +167,16 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
             *job.worker_args, run_name=run_name, **job.worker_kwargs
         )
 
+    handed = [0]
+
     def submit(actor, shard: int):
         manifest.shards[shard].attempts += 1
-        return actor.run_shard.remote(shard, read_shard_inputs(job.out, shard))
+        ref = actor.run_shard.remote(shard, read_shard_inputs(job.out, shard))
+        handed[0] += 1
+        if handed[0] == pool.kill_worker_at_shard:  # the fault drill: a worker lost with work in flight
+            progress.note(f"fault drill: killing the worker that holds shard {shard}")
+            ray.kill(actor, no_restart=True)
+        return ref
 
     def on_result(shard: int, result: dict[str, Any]) -> None:
         write_shard_output(job.out, shard, result["rows"], result["rejects"], job.output_schema)

@@ -299,6 +299,7 @@ def test_jobs_list_status_logs(ray_head, generate_job):
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_failed_and_stopped_jobs_map_to_exit_codes(ray_head, tiny_model):
     failed = ray_head.cai("submit", "--address", ray_head.url, "--", "prompts", "check", "/nonexistent.jsonl")
     assert failed.returncode == 1 and "FAILED" in failed.stderr

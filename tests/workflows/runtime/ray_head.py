@@ -46,9 +46,17 @@ def short_temp_dir(prefix: str) -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any Ray address or auth setting, .venv/bin first."""
+    """This process's environment without any Ray address or auth setting, .venv/bin first.
+
+    A head started with it stops at once on SIGTERM: Ray 2.60's `ray start --block` otherwise
+    drains its node for up to 30 s first (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, for Serve
+    replicas behind a proxy; a test head has none), and every teardown waited that out."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_CAI_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # see conftest.py
+        if name in os.environ:
+            env[name] = os.environ[name]
     env.update(extra)
     return env
 

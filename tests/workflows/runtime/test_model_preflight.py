@@ -18,6 +18,8 @@ from actors.model_source import REMEDY, ModelNotOnNodeError, ModelSource, model_
 from workflows.runtime.model_preflight import model_source
 from workflows.runtime.models import ModelNotFoundError, cache_dir
 
+pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
+
 SCENARIO = Path(__file__).with_name("model_preflight_scenario.py")
 
 # --- fingerprints and local checks, no Ray -------------------------------------------------

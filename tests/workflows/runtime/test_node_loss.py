@@ -11,7 +11,7 @@ from tests.workflows.runtime.cluster_scenario import run_scenario
 
 SCENARIO = Path(__file__).with_name("node_loss_scenario.py")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from tests.workflows.runtime.cluster_scenario import run_scenario
 
 from workflows.runtime.placement import PlacementError, WorkerResources, workers_that_fit
 
+pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
+
 SCENARIO = Path(__file__).with_name("placement_scenario.py")
 
 # --- pure: bundles and counting, no Ray ---------------------------------------------------

@@ -12,6 +12,8 @@ import ray
 
 from workflows.runtime.shard_pool import NoCapacityError, ShardFailedError, ShardQueue, run_shard_pool
 
+pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
+
 
 class Squares:
     """Squares a shard index. ``die_on``: exits its process on that shard, once (a marker file

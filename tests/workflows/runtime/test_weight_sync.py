@@ -21,7 +21,7 @@ from core.policy_source import PolicySource
 from core.sampling import SamplingConfig
 from workflows.runtime.weight_sync import SyncOptions, TransportError, WeightSync
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 REFERENCE = ([10, 11, 12, 13], [20, 21, 22, 23, 24])
 
 
@@ -155,6 +155,17 @@ def _renamed_back(bucket):
                                       for e in bucket.entries))
 
 
+def wait_until_dead(actor) -> None:
+    """Return once a killed actor's process is gone (it answers until the kill lands)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.info.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+    raise AssertionError("the killed engine kept answering for 60 s")
+
+
 def test_a_group_whose_peer_is_gone_raises_within_the_timeout(engines, learner):
     """The learner's end of a gloo group whose engine process is gone: the broadcast raises
     within --sync-timeout instead of returning as if the weights had arrived."""
@@ -166,7 +177,7 @@ def test_a_group_whose_peer_is_gone_raises_within_the_timeout(engines, learner):
         sync.sync(6, REFERENCE)
         channel: Channel = sync.engines[0].channel
         ray.kill(engines[0], no_restart=True)
-        time.sleep(1)
+        wait_until_dead(engines[0])
         started = time.monotonic()
         with pytest.raises(RuntimeError):
             for _ in range(50):  # the send buffer may take a bucket or two before the peer's absence shows
