@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -101,38 +100,28 @@ def test_generate_two_workers_two_rounds_every_row_checked_through_a_killed_work
         run_generate(config(tiny_model, prompts, out, revisions=3, few_shot=1))
 
 
-def wait_for_shards(out: Path, count: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while len(list((out / "rejects").glob("shard-*.jsonl"))) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {count} shards finished in {timeout}s")
-        time.sleep(0.1)
-
-
 def test_interrupted_run_resumes_without_redoing_finished_shards(ray_local, tiny_model, tmp_path):
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 32)
+    """The driver crashes (the fault drill --crash-after-shard: SIGKILL right after writing its
+    3rd shard) with shards in flight; the same command then does only the rest."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 16)
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "workflows.cli", "generate", "--model", tiny_model, "--constitution", "harmless",
             "--prompts", str(prompts), "--out", str(out), "--workers", "1", "--max-new-tokens", "24",
-            "--shard-size", "2", "--enforce-eager", "--max-model-len", "2048"]
-    env = {**os.environ, "RAY_ADDRESS": ray_local["address"]}
-    argv.append("--ignore-eos")
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_shards(out, 3)
-    finally:
-        first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
-        first.wait()
+            "--shard-size", "2", "--enforce-eager", "--max-model-len", "2048", "--ignore-eos",
+            "--crash-after-shard", "3"]
+    crashed = subprocess.run(argv, env={**os.environ, "RAY_ADDRESS": ray_local["address"]},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, "the driver died by the drill"
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "rejects").glob("shard-*.jsonl")}
-    assert 3 <= len(done_before) < 16, "interrupted part-way"
+    assert len(done_before) == 3, f"interrupted after its 3rd shard of 8: {sorted(done_before)}"
 
     summary = run_generate(config(tiny_model, prompts, out, workers=1, max_new_tokens=24, shard_size=2))
-    assert summary["rows_out"] == 32
+    assert summary["rows_out"] == 16
     for name, mtime in done_before.items():
         assert (out / "rejects" / name).stat().st_mtime_ns == mtime, f"{name} was regenerated"
     rows = read_rows(out)
-    assert sorted(r["index"] for r in rows) == list(range(32))
-    assert len({r["id"] for r in rows}) == 32
+    assert sorted(r["index"] for r in rows) == list(range(16))
+    assert len({r["id"] for r in rows}) == 16
 
 
 def test_two_runs_with_the_same_folder_name_run_at_once_on_one_cluster(ray_local, tiny_model, tmp_path):

@@ -12,6 +12,8 @@ that identify a run.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,8 @@ class PoolConfig:
     )
     kill_worker_at_shard: int = option(0, "fault drill (tests set it): the pool kills the worker it has just handed "
                                        "the N-th shard of this run, with that shard in flight, once; 0 = never")
+    crash_after_shard: int = option(0, "fault drill (tests set it): the driver kills itself (SIGKILL, as a crash "
+                                    "would) right after writing the N-th shard it finished; 0 = never")
 
     def problems(self) -> list[str]:
         checks = {
@@ -64,6 +68,7 @@ class PoolConfig:
             "inflight_shards": self.inflight_shards >= 1,
             "max_attempts": self.max_attempts >= 1,
             "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
+            "crash_after_shard": self.crash_after_shard >= 0,
         }
         return failing(checks)
 
@@ -167,7 +172,7 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
             *job.worker_args, run_name=run_name, **job.worker_kwargs
         )
 
-    handed = [0]
+    handed, finished = [0], [0]
 
     def submit(actor, shard: int):
         manifest.shards[shard].attempts += 1
@@ -188,6 +193,10 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
         occupancy[1] += result["occupancy_samples"]
         progress.shard_done(state.rows, result["tokens"])
         manifest.save(force=False)
+        finished[0] += 1
+        if finished[0] == pool.crash_after_shard:  # the fault drill: the driver dies between shards
+            progress.note(f"fault drill: the driver crashes after shard {shard}")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_failure(shard: int, reason: str) -> None:
         manifest.shards[shard].last_error = reason[:500]
