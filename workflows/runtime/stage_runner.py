@@ -54,9 +54,10 @@ class PoolConfig:
         "SPREAD", "how worker bundles spread over nodes"
     )
     kill_worker_at_shard: int = option(0, "fault drill (tests set it): the pool kills the worker it has just handed "
-                                       "the N-th shard of this run, with that shard in flight, once; 0 = never")
+                                       "its N-th shard (counted from this command's start), with that shard in "
+                                       "flight; 0 = never")
     crash_after_shard: int = option(0, "fault drill (tests set it): the driver kills itself (SIGKILL, as a crash "
-                                    "would) right after writing the N-th shard it finished; 0 = never")
+                                    "would) right after writing the N-th shard this command finished; 0 = never")
 
     def problems(self) -> list[str]:
         checks = {
