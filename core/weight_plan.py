@@ -1,6 +1,6 @@
 """The bucket plan of a weight sync (#16): a policy's tensors in dtype-grouped, size-capped
 buckets, each sent as one flat 1-D tensor, with the names, shapes and offsets sent once per
-sync as plain lists (tensors do not survive ``collective_rpc``; PITFALLS.md).
+sync as plain lists (tensors do not survive ``collective_rpc``; docs/vllm-cpu-facts.md).
 
 Pure torch: the learner packs with :func:`pack`, each engine rebuilds views with :func:`unpack`
 and hands them to vLLM's ``load_weights``. Tensors go in model order (layers stay together),

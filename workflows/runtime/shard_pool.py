@@ -1,7 +1,7 @@
 """A fault-tolerant pool of Ray actors pulling shards until none are left.
 
 ``ray.util.ActorPool`` has no fault tolerance and Ray Data's fixed-size actor pools can hang
-when an actor dies (PITFALLS.md), so the pool is ours and small:
+when an actor dies (docs/vllm-cpu-facts.md), so the pool is ours and small:
 
 * each worker slot keeps up to ``inflight_per_worker`` shards in flight, so the engine is
   never idle between shards;
