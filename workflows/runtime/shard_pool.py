@@ -105,6 +105,7 @@ def run_shard_pool(
     placement_timeout_s: float = 0.0,
     on_wait: Callable[[str], None] = lambda message: None,
     report_every_s: float = 30.0,
+    hold: Callable[[], bool] = lambda: False,
 ) -> None:
     """Drive ``submit(actor, shard) -> ObjectRef`` over the queue until every shard is done.
 
@@ -117,6 +118,10 @@ def run_shard_pool(
     placed). While no worker is up and some are unplaced, the pool is waiting for capacity:
     it says so through ``on_wait`` every ``report_every_s`` and raises :class:`NoCapacityError`
     after ``placement_timeout_s`` (0: waits forever).
+
+    While ``hold()`` is true (a fault drill), the pool hands out no shard: the ones in flight
+    finish and the workers idle. Held workers count as not up, so once their nodes are gone
+    the pool stops after the placement timeout like any pool without workers.
     """
     import ray
 
@@ -145,12 +150,16 @@ def run_shard_pool(
     try:
         while queue or inflight:
             starting = {s.ready_ref: i for i, s in slots.items() if s.ready_ref is not None}
+            held = hold()
             for slot_index, slot in slots.items():
-                while slot.ready_ref is None and queue and slot.inflight < inflight_per_worker:
+                while slot.ready_ref is None and queue and not held and slot.inflight < inflight_per_worker:
                     shard = queue.take()
                     inflight[submit(slot.actor, shard)] = (shard, slot_index, slot.generation)
                     slot.inflight += 1
-            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=poll_seconds)
+            waitables = [*inflight, *starting]
+            if not waitables:  # held, and nothing in flight: ray.wait([]) would return at once
+                time.sleep(poll_seconds)
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=poll_seconds) if waitables else ([], [])
             for ref in ready:
                 if ref in starting:
                     slot_index = starting[ref]
@@ -175,7 +184,7 @@ def run_shard_pool(
                     continue
                 on_result(shard, result)
 
-            live = any(s.ready_ref is None for s in slots.values())
+            live = not held and any(s.ready_ref is None for s in slots.values())
             missing = None if live else unplaced()
             now = time.monotonic()
             if missing is None:

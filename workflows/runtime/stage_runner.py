@@ -58,6 +58,9 @@ class PoolConfig:
                                        "flight; 0 = never")
     crash_after_shard: int = option(0, "fault drill (tests set it): the driver kills itself (SIGKILL, as a crash "
                                     "would) right after writing the N-th shard this command finished; 0 = never")
+    hold_after_shard: int = option(0, "fault drill (tests set it): once this command has finished N shards, the "
+                                   "pool hands out no more and waits, its workers idle, until they are lost; "
+                                   "0 = never")
 
     def problems(self) -> list[str]:
         checks = {
@@ -70,6 +73,7 @@ class PoolConfig:
             "max_attempts": self.max_attempts >= 1,
             "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
             "crash_after_shard": self.crash_after_shard >= 0,
+            "hold_after_shard": self.hold_after_shard >= 0,
         }
         return failing(checks)
 
@@ -203,11 +207,18 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
         manifest.shards[shard].last_error = reason[:500]
         progress.note(f"shard {shard} failed ({reason[:80]}); retrying")
 
+    def hold() -> bool:  # the fault drill: a pool that stops handing out shards, for node-loss tests
+        if pool.hold_after_shard and finished[0] >= pool.hold_after_shard and not held[0]:
+            progress.note(f"fault drill: holding after {finished[0]} shards; the workers idle until they are lost")
+            held[0] = True
+        return held[0]
+
+    held = [False]
     queue = ShardQueue.of(pending, pool.max_attempts)
     try:
         run_shard_pool(make_actor=make_actor, n_workers=n_workers, queue=queue, submit=submit,
                        on_result=on_result, on_failure=on_failure, inflight_per_worker=pool.inflight_shards,
-                       unplaced=unplaced, placement_timeout_s=timeout, on_wait=progress.note)
+                       unplaced=unplaced, placement_timeout_s=timeout, on_wait=progress.note, hold=hold)
     finally:
         manifest.save()
         release(pg)

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault]
 @pytest.fixture(scope="module")
 def scenario(tiny_model) -> dict:
     result, done = run_scenario(SCENARIO, tiny_model, timeout=1200)
-    print("node-loss phases (s):", result.get("phase_seconds"), "shards done before total loss:",
+    print("node-loss phases (s):", result.get("phase_seconds"), "shards done when the bundle moved:",
+          result.get("shards_when_bundle_moved"), "before total loss:",
           result.get("shards_before_total_loss"), "of", result.get("prompts", 0) // 2)
     return {**result, "log": done.stderr}
 

@@ -84,3 +84,28 @@ def test_waiting_for_capacity_says_so_and_stops_at_the_timeout(ray_local, tmp_pa
                        placement_timeout_s=2, on_wait=waits.append, report_every_s=0.5)
     assert time.monotonic() - started < 30
     assert waits and "waiting" in waits[0] and "1 bundle on no node" in waits[0]
+
+
+def test_a_held_pool_hands_out_nothing_and_stops_once_its_workers_are_gone(ray_local, tmp_path):
+    """The hold drill: after 3 results no shard is handed out; the pool idles while its
+    workers' nodes are there, and stops at the placement timeout once they are gone."""
+    actor_cls = ray.remote(num_cpus=0)(Squares)
+    results, submitted, polls = {}, [], []
+
+    def submit(actor, shard: int):
+        submitted.append(shard)
+        return actor.run.remote(shard)
+
+    def unplaced() -> str | None:  # the nodes go on the 5th look after the hold
+        polls.append(time.monotonic())
+        return "2 bundles on no node" if len(polls) >= 5 else None
+
+    with pytest.raises(NoCapacityError, match=r"--placement-timeout 1\b.*2 bundles on no node") as stopped:
+        run_shard_pool(make_actor=lambda slot, generation: actor_cls.remote(str(tmp_path / "m")), n_workers=2,
+                       queue=ShardQueue.of(range(10), 3), submit=submit, on_result=results.__setitem__,
+                       poll_seconds=0.2, unplaced=unplaced, placement_timeout_s=1,
+                       hold=lambda: len(results) >= 3)
+    # in flight when the hold began: at most 2 per worker beyond the 3rd result, all finished
+    assert 3 <= len(results) <= 5 and sorted(results) == sorted(submitted) == list(range(len(results)))
+    assert f"{10 - len(results)} shard(s) are not done" in str(stopped.value)
+    assert len(polls) >= 5, "held, the pool kept looking for lost workers instead of ending"
