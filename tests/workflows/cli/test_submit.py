@@ -300,15 +300,19 @@ def test_jobs_list_status_logs(ray_head, generate_job):
 
 @pytest.mark.slow
 @pytest.mark.fault
-def test_failed_and_stopped_jobs_map_to_exit_codes(ray_head, tiny_model):
+def test_failed_and_stopped_jobs_map_to_exit_codes(ray_head, tiny_model, tmp_path):
     failed = ray_head.cai("submit", "--address", ray_head.url, "--", "prompts", "check", "/nonexistent.jsonl")
     assert failed.returncode == 1 and "FAILED" in failed.stderr
     assert "cai: error:" in failed.stdout  # the driver's own error line, streamed back
 
+    # a job that cannot end by itself (so RUNNING is never missed): its one worker asks for more
+    # CPUs than the head has, and --placement-timeout 0 waits for them forever, until stopped
     job_id = f"cai-test-stop-{secrets.token_hex(4)}"
+    write_prompts(tmp_path / "prompts.jsonl", 2)
     follower = subprocess.Popen(
         [str(BIN / "cai"), "submit", "--address", ray_head.url, "--job-id", job_id, "--",
-         "models", "chat", "--model", tiny_model, "--max-new-tokens", "8", "hello"],
+         "generate", "--model", tiny_model, "--constitution", "harmless", "--prompts", str(tmp_path / "prompts.jsonl"),
+         "--out", str(tmp_path / "run"), "--workers", "1", "--cpus-per-worker", "512", "--placement-timeout", "0"],
         env=ray_head.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
