@@ -358,13 +358,13 @@ def test_generate_and_ppo_metrics_reach_prometheus_with_their_run_tag(ray_head, 
     prompts.write_text("".join(json.dumps({"prompt": f"Say something about topic {i}."}) + "\n" for i in range(8)))
     ppo = ray_head.cai(
         "submit", "--address", ray_head.url, "--", "train", "ppo", "--policy", tiny_model, "--prompts", str(prompts),
-        "--out", str(tmp_path / "ppo"), "--reward-fn", "vowel_share", "--steps", "3", "--rollout-batch", "4",
+        "--out", str(tmp_path / "ppo"), "--reward-fn", "vowel_share", "--steps", "2", "--rollout-batch", "4",
         "--minibatch", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", "--learners", "1", "--rollout-workers", "1",
         "--enforce-eager", "--max-model-len", "512", "--storage-path", str(tmp_path / "storage"), timeout=420)
     assert ppo.returncode == 0, ppo.stderr[-3000:] + ppo.stdout[-3000:]
     ppo_run = json.loads((tmp_path / "ppo" / "run.json").read_text())["run_id"]
     deadline = time.monotonic() + 30  # one more scrape after the last report
-    while not metrics.series("ray_cai_ppo_step", run=ppo_run, stage="ppo") and time.monotonic() < deadline:
+    while max(metrics.series("ray_cai_ppo_step", run=ppo_run, stage="ppo") or [0]) < 2 and time.monotonic() < deadline:
         time.sleep(1)
 
     assert sum(metrics.series("ray_cai_prompts_completed_total", run=run, stage="generate")) >= 6
@@ -378,7 +378,7 @@ def test_generate_and_ppo_metrics_reach_prometheus_with_their_run_tag(ray_head, 
         assert metrics.series("ray_cai_ppo_phase_seconds", run=ppo_run, phase=phase), phase
     assert {name for name, _ in metrics.seen} <= exported_names()
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3] and all(row["step_seconds"] > 0 for row in rows)
+    assert [row["step"] for row in rows] == [1, 2] and all(row["step_seconds"] > 0 for row in rows)
 
 
 @pytest.mark.slow

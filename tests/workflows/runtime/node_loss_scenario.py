@@ -6,8 +6,9 @@ node, and the run goes through, in order:
 
 1. no worker node: the pool waits for placement (and says so) instead of failing;
 2. two 1-CPU nodes join mid-wait: the two engines start and shards flow;
-3. a spare node joins and the node hosting worker 0 is removed: its shards go back to the
-   queue and worker 0's bundle moves to the spare node; the run goes on until the hold drill
+3. a spare node joins and the node of a worker that has finished a shard (so it is up, with
+   shards in flight) is removed: its shards go back to the queue and its bundle moves to the
+   spare node; the run goes on until the hold drill
    (``--hold-after-shard``) stops it handing out shards, so it is still running, whatever the
    engines' speed, when
 4. every worker node is removed: the run stops with a clear error once the placement timeout
@@ -39,7 +40,7 @@ SMALL_STORE = 80 * 1024 * 1024
 # more on the moved worker), and the rerun on the new node finishes the rest.
 PROMPTS = 48
 HOLD_AFTER_SHARD = 16
-PLACEMENT_TIMEOUT_S = 20
+PLACEMENT_TIMEOUT_S = 15  # the nodes join 6 s into the first wait
 
 
 def done_shards(out: Path) -> int:
@@ -47,11 +48,27 @@ def done_shards(out: Path) -> int:
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
+    wait_for(lambda: True if predicate() else None, timeout, what)
+
+
+def wait_for(value, timeout: float, what: str):
+    """The first value of ``value()`` that is not None, polled every 0.2 s up to ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while (found := value()) is None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.2)
+    return found
+
+
+def a_working_slot(run_dir: Path, run_name: str) -> int | None:
+    """The pool slot of a worker that has finished a shard (the manifest names who did each),
+    so it is up and, while shards are queued, has more in flight; None before any."""
+    shards = json.loads((run_dir / "manifest.json").read_text())["shards"].values()
+    prefix = f"cai-generate-{run_name}-"
+    for worker in (s["worker"] for s in shards if s["status"] == "done" and s["worker"].startswith(prefix)):
+        return int(worker.removeprefix(prefix).split()[0].split(".")[0])
+    return None
 
 
 def bundle_node(run_dir: Path, index: int) -> str:
@@ -98,16 +115,19 @@ def main(result_path: str, work: str, model: str) -> None:
         # 2. nodes join mid-wait
         workers = [cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE) for _ in range(2)]
         wait_until(lambda: done_shards(out) >= 4, 300, "no shard finished after nodes joined")
+        run_name = json.loads((out / "manifest.json").read_text())["run_id"]
+        slot = wait_for(lambda: a_working_slot(out, run_name), 60, "the manifest names no worker of a finished shard")
         result["shards_before_node_loss"] = done_shards(out)
         phase("nodes joined, 4 shards done")
-        # 3. a spare joins; the node of worker 0 goes
+        # 3. a spare joins; the node of a working worker goes, with its shards in flight
         spare = cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE)
-        victim_id = bundle_node(out, 0)
+        victim_id = bundle_node(out, slot)
         victim = next(node for node in workers if node.node_id == victim_id)
         cluster.remove_node(victim, allow_graceful=False)
         workers.remove(victim)
         workers.append(spare)
-        wait_until(lambda: bundle_node(out, 0) == spare.node_id, 120, "worker 0's bundle never moved to the spare")
+        wait_until(lambda: bundle_node(out, slot) == spare.node_id, 120,
+                   f"worker {slot}'s bundle never moved to the spare")
         result["bundle_moved_to_spare"] = True
         result["shards_when_bundle_moved"] = done_shards(out)
         wait_until(lambda: done_shards(out) >= HOLD_AFTER_SHARD or not driver.is_alive(), 300,
@@ -131,8 +151,10 @@ def main(result_path: str, work: str, model: str) -> None:
         # copies the model there through the object store and finishes the rest
         node_cache = work_dir / "node-cache"
         cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE, env_vars={"RAY_CAI_CACHE": str(node_cache)})
+        # one worker: the few shards left need no second engine start (--workers is not part of
+        # the run's identity, so this is still the same run)
         staged = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, stage_model=True),
-                                     pool=dataclasses.replace(config.pool, hold_after_shard=0))
+                                     pool=dataclasses.replace(config.pool, hold_after_shard=0, workers=1))
         summary = run_generate(staged)
         result["staged_copies"] = sorted(p.parent.name for p in node_cache.glob("staged/*/.ray-cai-staged"))
         result["rerun"] = {k: summary[k] for k in ("rows_in", "rows_out", "rejected", "run_id")}
