@@ -5,7 +5,9 @@
 node, and the run goes through, in order:
 
 1. no worker node: the pool waits for placement (and says so) instead of failing;
-2. two 1-CPU nodes join mid-wait: the two engines start and shards flow;
+2. two 1-CPU nodes join mid-wait: the two engines start and shards flow; the fault drill
+   ``--kill-worker-at-shard 3`` kills the worker handed the 3rd shard, so a shard in flight is
+   lost and redone whatever the timing below (a removed node's worker may be between shards);
 3. a spare node joins and the node of a worker that has finished a shard (so it is up, with
    shards in flight) is removed, its worker process killed with it: its shards go back to the queue and its bundle moves to the
    spare node; the run goes on until the hold drill
@@ -21,6 +23,7 @@ Usage: python node_loss_scenario.py RESULT.json WORK_DIR MODEL_DIR
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -91,7 +94,7 @@ def main(result_path: str, work: str, model: str) -> None:
     config = load_config(GenerateConfig, overrides=dict(
         model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2, revisions=1,
         max_new_tokens=32, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
-        placement_timeout=PLACEMENT_TIMEOUT_S, hold_after_shard=HOLD_AFTER_SHARD))
+        placement_timeout=PLACEMENT_TIMEOUT_S, hold_after_shard=HOLD_AFTER_SHARD, kill_worker_at_shard=3))
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "object_store_memory": SMALL_STORE})
@@ -131,7 +134,8 @@ def main(result_path: str, work: str, model: str) -> None:
         # The node goes with its processes, as a lost machine does: these raylets share one
         # machine, and a worker outlives its removed raylet by a second or two, long enough to
         # finish the shards it holds (CI saw nothing retried). Its pid is the manifest's.
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone already: the worker the drill killed
+            os.kill(pid, signal.SIGKILL)
         cluster.remove_node(victim, allow_graceful=False)
         workers.remove(victim)
         workers.append(spare)
