@@ -37,10 +37,12 @@ def _is_conversation(value: Any) -> bool:
 
 # What each column `cai train` reads must hold, checked row by row in JSON files (Parquet and
 # saved datasets carry their types in their schema, checked once per file).
-COLUMN_TYPES: dict[str, tuple[str, Any]] = {
-    "prompt": ("a string", _is_text),
-    "chosen": ("a string", _is_text),
-    "rejected": ("a string", _is_text),
+TEXT_OR_CONVERSATION = ("a string or a list of {role, content} strings",
+                        lambda value: _is_text(value) or _is_conversation(value))
+COLUMN_TYPES: dict[str, tuple[str, Any]] = {  # preference columns: plain text or conversational, as TRL takes them
+    "prompt": TEXT_OR_CONVERSATION,
+    "chosen": TEXT_OR_CONVERSATION,
+    "rejected": TEXT_OR_CONVERSATION,
     "chosen_prob": ("a number", _is_number),
     "messages": ("a list of {role, content} strings", _is_conversation),
     "revisions": ("a list", lambda value: isinstance(value, list)),
@@ -94,12 +96,16 @@ def check_json_rows(path: Path, required: Sequence[str], keep: Sequence[str] = (
 
 
 def _check_schema(path: Path, part, required: Sequence[str]) -> None:
-    """Text columns of a Parquet file or saved dataset must be strings."""
+    """Columns of a Parquet file or saved dataset that hold text (or conversations) must not
+    hold numbers: a plain value column there must be a string one."""
+    import datasets
+
     for column in required:
         feature = part.features.get(column)
-        dtype = getattr(feature, "dtype", None)
-        if COLUMN_TYPES.get(column, ("", None))[0] == "a string" and dtype not in ARROW_TEXT:
-            raise TrainingDataError(f"{path}: column {column!r} must hold strings, it holds {feature}")
+        if isinstance(feature, datasets.Value) and column in COLUMN_TYPES and feature.dtype not in ARROW_TEXT \
+                and COLUMN_TYPES[column][0] != "a number":
+            raise TrainingDataError(f"{path}: column {column!r} must be {COLUMN_TYPES[column][0]}, "
+                                    f"it holds {feature.dtype}")
 
 
 def _dataset_files(path: Path) -> tuple[str, dict[str, Any]]:

@@ -100,7 +100,7 @@ def score_rollouts(model: ActorCritic, frozen: FrozenScorer, batch: RolloutBatch
                                           kind=cfg.kl_estimator)
     values = values * batch.mask
     advantages, returns = ppo_math.gae_advantages(rewards, values, batch.mask, cfg.gamma, cfg.lam)
-    advantages = ppo_math.masked_whiten(advantages, batch.mask)
+    advantages = ppo_math.masked_whiten(advantages, batch.mask, all_ranks_sum=all_ranks_sum)
     return {"old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
             "kl": kl, "entropy": entropy}
 
@@ -158,6 +158,17 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
+def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every learner (a collective; the tensor itself on one learner)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -188,6 +199,7 @@ class Learner:
     reward_inputs: list[Any]  # what the reward gets per prompt: the conversation or the question
     pad_id: int
     reference: Reference  # the sequence the sync check scores: the last step's longest rollout
+    reward_offset: float = 0.0  # subtracted from every score: the reward model's training mean (--reward-center)
 
 
 def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torch.device) -> FrozenScorer:
@@ -264,7 +276,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
     reference = (list(prompts[0]), list(prompts[-1][:16]))
     learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, optimizer, kl_control, client, sync,
-                      prompts, reward_inputs, pad_id, reference)
+                      prompts, reward_inputs, pad_id, reference, config.get("reward_offset", 0.0))
     return learner, state
 
 
@@ -283,10 +295,11 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     responses = [list(r.token_ids) for r in rollouts]
     texts = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
-    scores = learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)
+    scores = [score - learner.reward_offset
+              for score in learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)]
     if cfg.missing_eos_penalty:
         scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
-                                               cfg.penalty_reward_value)
+                                               cfg.missing_eos_penalty)
     timings["scoring_seconds"] = time.monotonic() - started
 
     started = time.monotonic()

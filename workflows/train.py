@@ -300,7 +300,8 @@ def build_rm(cfg: RMConfig, output_dir: str):
 
 def measure_reward_model(trainer) -> dict[str, float]:
     """Pairwise accuracy (chosen scored above rejected) on the held-out split and on the
-    training pairs, from the model's rewards on each tokenized pair."""
+    training pairs, from the model's rewards on each tokenized pair; and the mean and spread
+    of its scores over the training answers (``train_reward_mean``: `--reward-center`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -324,7 +325,12 @@ def measure_reward_model(trainer) -> dict[str, float]:
                 c, r = torch.chunk(rewards, 2)
                 chosen.append(c.cpu())
                 rejected.append(r.cpu())
-        metrics[f"{name}_pairwise_accuracy"] = pairwise_accuracy(torch.cat(chosen), torch.cat(rejected))
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        metrics[f"{name}_pairwise_accuracy"] = pairwise_accuracy(chosen, rejected)
+        if name == "train":  # what `cai train ppo --reward-center` subtracts from every score
+            scores = torch.cat([chosen, rejected])
+            metrics["train_reward_mean"] = scores.mean().item()
+            metrics["train_reward_std"] = scores.std().item() if len(scores) > 1 else 0.0
     model.train(was_training)
     return metrics
 

@@ -165,10 +165,14 @@ def test_a_sharded_adamw_step_matches_an_unsharded_one(ranks, tiny_model):
 def test_the_ppo_update_on_shards_matches_the_unsharded_one(ranks, tiny_model):
     """The learner's FSDP path end to end: ActorCritic forward on shards, gradients averaged
     by reduce-scatter, ``clip_grad_norm_`` over DTensor shards (max_grad_norm 0.1: the clip is
-    active), two AdamW steps (the second one sees the ratio of the two clipped gradients)."""
+    active), two AdamW steps (the second one sees the ratio of the two clipped gradients).
+    Both ranks held the same two rollouts, so the advantages were whitened over four rows: the
+    unsharded run sums its statistics over two ranks the same way."""
     from core.sharding import full_state
 
-    expected = ppo_update_once(tiny_model, lambda m: m, full_state)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("workflows.ppo_learner.all_ranks_sum", lambda tensor: tensor * WORLD)
+        expected = ppo_update_once(tiny_model, lambda m: m, full_state)
     gathered = ranks[0]["ppo"]
     assert gathered.keys() == expected.keys()
     gaps = {name: (gathered[name] - tensor).abs().max().item() for name, tensor in expected.items()}

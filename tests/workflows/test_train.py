@@ -61,31 +61,17 @@ def assert_served_by_vllm(model_dir) -> None:
         ray.kill(host)
 
 
-def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
-    import random
-
-    rng = random.Random(0)
-    words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]
-    pairs = tmp_path / "pairs.jsonl"
-    with pairs.open("w") as handle:
-        for i in range(48):
-            # the same random words; the chosen answer carries the marker where the rejected has another word
-            body = rng.sample(words, 6)
-            position = rng.randrange(7)
-            chosen = " ".join(body[:position] + ["harmless"] + body[position:])
-            rejected = " ".join(body[:position] + [rng.choice(words)] + body[position:])
-            handle.write(json.dumps({
-                "prompt": [{"role": "user", "content": f"Question {i}: is it safe?"}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "chosen_prob": 0.9,
-            }) + "\n")
-    out = tmp_path / "rm"
-    summary = run_train(train_config("rm", tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
-                                     batch_size=4, strategy="fsdp", gradient_checkpointing=True))
+def test_reward_model_learns_a_marker_preference(trained_reward_model):
+    """`cai train rm` under FSDP with gradient checkpointing (the session's trained_reward_model,
+    also the reward of the LoRA PPO run)."""
+    out, summary = Path(trained_reward_model["path"]), trained_reward_model["summary"]
     metrics = summary["metrics"]
     assert metrics["train_pairwise_accuracy"] >= 0.8
     assert metrics["train_pairwise_accuracy"] > metrics["before_train_pairwise_accuracy"]
+    # what `cai train ppo --reward-center` subtracts, read back from the model folder
+    from workflows.ppo import reward_model_mean
+
+    assert reward_model_mean(str(out)) == metrics["train_reward_mean"] and metrics["train_reward_std"] > 0
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
