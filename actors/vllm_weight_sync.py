@@ -61,8 +61,10 @@ class WeightSyncExtension:
         return {"dtype": str(self.model_config.dtype).removeprefix("torch."), "generation": group.generation}
 
     def cai_leave(self) -> None:
-        channel = getattr(self, "cai_channel", None)
+        channel, region = getattr(self, "cai_channel", None), getattr(self, "cai_region", None)
         self.cai_channel = self.cai_region = None
+        if region is not None:
+            region.close()
         if channel is not None:
             channel.close()
 
