@@ -42,17 +42,13 @@ from typing import Any, Literal
 
 import torch
 
-from actors.broadcast_group import TransportUnavailable
+from actors.broadcast_group import TransportError, TransportUnavailable
 from core.config import failing, option
 from core.policy_source import PolicySource
 from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
 
 TRANSPORTS = ("shm", "gloo", "nccl", "blob")
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
-
-
-class TransportError(RuntimeError):
-    """A push did not reach an engine twice (a peer gone quiet, a timeout, a failed load or check)."""
 
 
 @dataclass(frozen=True)
