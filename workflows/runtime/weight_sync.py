@@ -48,6 +48,10 @@ from core.policy_source import PolicySource
 from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
 
 TRANSPORTS = ("shm", "gloo", "nccl", "blob")
+# A 16-bit engine's log-probs of a sequence differ from the learner's by up to this much with
+# the same weights (kernels and rounding); measured in docs/weight-sync.md.
+STALE_NOISE_16BIT = 0.1
+STALE_RATIO = 0.5  # a sync must remove at least half of a gap above the noise
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
 
 
@@ -68,7 +72,9 @@ class SyncOptions:
     sync_check_every: int = option(10, "check that an engine computes the learner's log-probs at the first sync, "
                                    "then every N versions (and always after an engine restarts)")
     sync_check_tol: float = option(0.0, "largest log-prob gap the check accepts (relative where |log-prob| > 1); "
-                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines")
+                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines. Beside it, an engine "
+                                   "whose gap after the sync is not below half its gap before (when that was above "
+                                   "the precision's noise) fails: it kept stale weights")
 
     def transport(self, use_gpu: bool) -> str:
         if self.sync_transport == "auto":
@@ -79,6 +85,12 @@ class SyncOptions:
         if self.sync_check_tol > 0:
             return self.sync_check_tol
         return 1e-4 if engine_dtype in (None, "float32", "float64") else 0.5
+
+    @staticmethod
+    def noise(engine_dtype: str | None) -> float:
+        """The log-prob gap a correctly synced engine may still show from precision alone
+        (docs/weight-sync.md): below it, a sync's effect cannot be told from noise."""
+        return 1e-4 if engine_dtype in (None, "float32", "float64") else STALE_NOISE_16BIT
 
     def problems(self) -> list[str]:
         return failing({"sync_bucket_mb": self.sync_bucket_mb >= 1, "sync_timeout": self.sync_timeout > 0,
@@ -126,9 +138,13 @@ class WeightSync:
                                    "sync_logprob_diff": None, "sync_check_s": 0.0, "sync_retries": 0}
         mark = time.monotonic()
         expected = self.learner_logprobs(reference) if check else None  # a forward on every learner under FSDP
+        before: dict[int, float] = {}  # each checked engine's gap before the push: a stale one keeps it
         if check and self.rank == 0:
-            gaps = self._engine_gaps(self.engines[targets[0]], reference, expected)
-            metrics["presync_logprob_diff"] = None if gaps is None else float(gaps.max())
+            for index in targets:
+                gaps = self._engine_gaps(self.engines[index], reference, expected)
+                if gaps is not None:
+                    before[index] = float(gaps.max())
+            metrics["presync_logprob_diff"] = max(before.values()) if before else None
         metrics["sync_check_s"] = time.monotonic() - mark if check else 0.0
         for attempt_no in (1, 2):
             attempt = self.pusher.push(targets, version)
@@ -140,7 +156,7 @@ class WeightSync:
                 pushed = [i for i in targets if i not in attempt.failed and i not in attempt.dead]
                 if check and pushed:
                     mark = time.monotonic()
-                    diffs = self._check(pushed, reference, expected, attempt)
+                    diffs = self._check(pushed, reference, expected, attempt, before)
                     metrics["sync_check_s"] += time.monotonic() - mark
                     metrics["sync_logprob_diff"] = max(diffs) if diffs else None
             retry = self._share(sorted(attempt.failed) if self.rank == 0 else None)
@@ -216,10 +232,14 @@ class WeightSync:
 
     # -- the exactness check (rank 0) ------------------------------------------------------
 
-    def _check(self, indices: list[int], reference: Reference, expected: torch.Tensor, attempt: Attempt) -> list[float]:
-        """Each engine's log-probs of ``reference`` against the learner's; one over the
-        tolerance counts as a failed push."""
-        tolerance = self.options.tolerance(self.pusher.engine_dtype)
+    def _check(self, indices: list[int], reference: Reference, expected: torch.Tensor, attempt: Attempt,
+               before: dict[int, float]) -> list[float]:
+        """Each engine's log-probs of ``reference`` against the learner's. A push fails when
+        the gap is over the tolerance, or when it is not clearly below the engine's gap before
+        the push (``before``) where that was above the precision's noise: in 16 bits the
+        tolerance alone is wider than what a PPO step moves, so a stale engine could pass it."""
+        dtype = self.pusher.engine_dtype
+        tolerance, noise = self.options.tolerance(dtype), self.options.noise(dtype)
         diffs = []
         for index in indices:
             gaps = self._engine_gaps(self.engines[index], reference, expected)
@@ -229,9 +249,15 @@ class WeightSync:
             diffs.append(float(gaps.max()))
             # an unlikely token (log-prob -30) carries float error in proportion: relative beyond |1|
             scaled = float((gaps / expected.detach().float().cpu().abs().clamp(min=1.0)).max())
+            gap_before = before.get(index, 0.0)
             if scaled > tolerance:
                 attempt.failed[index] = (f"check: log-probs differ from the learner's by {diffs[-1]:.2e} "
                                          f"({scaled:.2e} relative) > {tolerance:g}")
+            elif gap_before > noise and diffs[-1] > STALE_RATIO * gap_before:
+                attempt.failed[index] = (f"check: the sync left a log-prob gap of {diffs[-1]:.2e}, "
+                                         f"{diffs[-1] / gap_before:.0%} of the {gap_before:.2e} before it: the engine "
+                                         "kept stale weights")
+            if index in attempt.failed:
                 self.engines[index].drop_channel()
         return diffs
 
