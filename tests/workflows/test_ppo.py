@@ -226,6 +226,30 @@ def test_lora_policy_with_frozen_models_in_actors(ppo_run, trained_reward_model,
     assert all("lora_" in name for name in load_file(out / "adapter" / "adapter_model.safetensors"))
 
 
+def test_a_failure_on_learner_rank_0_alone_ends_every_learner_within_seconds(ppo_run, tmp_path, capsys):
+    """The drill --sync-fail-at-version 2: learner rank 0 alone raises as it prepares the push
+    after step 2 (as a refused shared region or a failed join would), while rank 1 heads for the
+    gathers of that push. Every learner stops at once, and the command prints one line."""
+    from workflows.cli.main import main
+
+    out = tmp_path / "failing"
+    flags = ["train", "ppo", "--policy", ppo_run["tiny_model"], "--prompts", str(ppo_run["prompts"]), "--out", str(out),
+             "--reward-fn", "vowel_share", "--steps", "3", "--rollout-batch", "4", "--minibatch", "2",
+             "--ppo-epochs", "1", "--max-new-tokens", "8", "--learners", "2", "--strategy", "fsdp",
+             "--rollout-workers", "1", "--enforce-eager", "--max-model-len", "512", "--max-failures", "0",
+             "--storage-path", str(tmp_path / "storage"), "--sync-fail-at-version", "2"]
+    capsys.readouterr()
+    assert main(flags) == 1
+    ended = time.time()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cai: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "learner rank 0 failed: TransportUnavailable: fault drill" in lines[0], lines[0]
+    # step 1 was logged; step 2's rollout, update and the failed push took the rest
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1] and ended - rows[0]["time"] < 30, (ended, rows)
+
+
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(ppo_run, tiny_model):
     summary = run_ppo(ppo_config(tiny_model, ppo_run["prompts"], ppo_run["out"],

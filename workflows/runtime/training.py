@@ -35,6 +35,25 @@ HOLD_SECONDS = 600  # how long a fault drill holds a learner (see LearnerOptions
 FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
 
 
+class LearnerFailed(RuntimeError):
+    """A learner raised and the run stopped (one line for the terminal; the cause is chained)."""
+
+
+def learner_failure(failures: dict[int, BaseException]) -> str:
+    """``learner rank R failed: Type: first line`` for the failure that caused the others: the
+    lowest rank whose error is not a peer's echo (weight_sync.PeerFailed)."""
+    def root(exc: BaseException) -> BaseException:
+        cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's own exception
+        return cause if isinstance(cause, BaseException) else exc
+
+    ranked = sorted((rank, root(exc)) for rank, exc in failures.items()) if failures else []
+    if not ranked:
+        return "a learner failed"
+    rank, exc = next(((r, e) for r, e in ranked if type(e).__name__ != "PeerFailed"), ranked[0])
+    text = str(exc).strip().splitlines()
+    return f"learner rank {rank} failed: {type(exc).__name__}: {text[0] if text else ''}"
+
+
 @dataclass(frozen=True)
 class LearnerOptions:
     """How the Ray Train learners of every training job (sft, rm, dpo, ppo) run and save."""
@@ -326,6 +345,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise LearnerFailed(f"cai train {job.kind}: {learner_failure(exc.worker_failures)}; every learner "
+                            f"stopped (Ray Train run {name}; CAI_DEBUG=1 shows the traceback)") from exc
     except ray.train.ControllerError as exc:
         if "worker group startup timed out" not in str(exc):  # Ray 2.60's words for "no room in time"
             raise

@@ -55,6 +55,10 @@ STALE_RATIO = 0.5  # a sync must remove at least half of a gap above the noise
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
 
 
+class PeerFailed(RuntimeError):
+    """Learner rank 0 failed in a step only it takes; the other learners stop with it."""
+
+
 @dataclass(frozen=True)
 class SyncOptions:
     """How learner rank 0 brings the rollout engines to each new policy (``cai train ppo``)."""
@@ -75,6 +79,9 @@ class SyncOptions:
                                    "0: 1e-4 for engines in float32, 0.5 for 16-bit engines. Beside it, an engine "
                                    "whose gap after the sync is not below half its gap before (when that was above "
                                    "the precision's noise) fails: it kept stale weights")
+    sync_fail_at_version: int = option(0, "fault drill (tests set it): learner rank 0 alone fails as it prepares "
+                                       "the push of weights version N, as a refused shared region or a failed "
+                                       "join would; every learner must stop at once; 0 = never")
 
     def transport(self, use_gpu: bool) -> str:
         if self.sync_transport == "auto":
@@ -94,7 +101,8 @@ class SyncOptions:
 
     def problems(self) -> list[str]:
         return failing({"sync_bucket_mb": self.sync_bucket_mb >= 1, "sync_timeout": self.sync_timeout > 0,
-                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0})
+                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0,
+                        "sync_fail_at_version": self.sync_fail_at_version >= 0})
 
 
 class WeightSync:
@@ -126,8 +134,7 @@ class WeightSync:
         if self.rank != 0 and not self.collective:
             return {}
         started = time.monotonic()
-        decision = self._decide(version, only_if_stale) if self.rank == 0 else None
-        decision = self._share(decision)
+        decision = self._on_rank0(lambda: self._decide(version, only_if_stale), share=True)
         if not decision["targets"]:
             return {}
         if self.pusher.wire is None:
@@ -147,7 +154,7 @@ class WeightSync:
             metrics["presync_logprob_diff"] = max(before.values()) if before else None
         metrics["sync_check_s"] = time.monotonic() - mark if check else 0.0
         for attempt_no in (1, 2):
-            attempt = self.pusher.push(targets, version)
+            attempt = self.pusher.push(targets, version, agree=self._on_rank0)
             if self.rank == 0:
                 for key, value in attempt.seconds.items():
                     metrics[key] = metrics.get(key, 0.0) + value
@@ -179,6 +186,8 @@ class WeightSync:
     # -- rank 0: which engines, and whether to check -----------------------------------------
 
     def _decide(self, version: int, only_if_stale: bool) -> dict[str, Any]:
+        if version == self.options.sync_fail_at_version:  # the fault drill: a rank-0-only failure
+            raise TransportUnavailable(f"fault drill: learner rank 0 fails preparing the push of version {version}")
         states = self._ping()
         targets, restarted = [], []
         for link in self.engines:
@@ -219,6 +228,32 @@ class WeightSync:
 
         return answers([link.actor for link in self.engines], "sync_state", ping_timeout=self.ping_timeout,
                        wait_timeout=self.wait_timeout)
+
+    def _on_rank0(self, work: Callable[[], Any], *, share: bool = False) -> Any:
+        """Run ``work`` on rank 0 alone, then tell every learner whether it failed (one
+        broadcast among the learners), so that an error there stops them all at this point
+        instead of leaving the others in the next collective until the process group's
+        timeout (30 minutes). Returns rank 0's value: on every learner with ``share``, else
+        on rank 0 (None on the others)."""
+        failure: BaseException | None = None
+        value = None
+        if self.rank == 0:
+            try:
+                value = work()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+                failure = exc
+        if not self.collective:
+            if failure is not None:
+                raise failure
+            return value
+        outcome = self._share(None if self.rank != 0 else
+                              {"error": f"{type(failure).__name__}: {failure}" if failure else None,
+                               "value": value if share else None})
+        if failure is not None:
+            raise failure
+        if outcome["error"]:
+            raise PeerFailed(f"learner rank 0 failed, so this learner stops too: {outcome['error']}")
+        return outcome["value"] if share else value
 
     def _share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every learner (under FSDP; the others decide nothing)."""
