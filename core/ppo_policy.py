@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.ppo_math import entropy_from_logits, logprobs_from_logits
+from core.precision import cast_forward
 
 
 @dataclass
@@ -75,14 +76,20 @@ class ActorCritic(nn.Module):
         self.value_head = nn.Linear(value_backbone.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        # the forward's dtype when the parameters are not sharded (FSDP casts them itself):
+        # every parameter is cast for the forward (core.precision); None: as they are
+        self.compute_dtype: torch.dtype | None = None
 
-    def forward(self, batch: RolloutBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: RolloutBatch, temperature: float = 1.0,
+                cast: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cast=False``: in the master weights' own dtype (the weight-sync check's reference)."""
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids, "use_cache": False}
-        logits = response_logits(self.policy(**inputs).logits, batch, temperature)
-        hidden = self.value_backbone(**inputs).last_hidden_state
+        dtype = self.compute_dtype if cast else None
+        logits = response_logits(cast_forward(self.policy, dtype, **inputs).logits, batch, temperature)
+        hidden = cast_forward(self.value_backbone, dtype, **inputs).last_hidden_state
         columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
-        values = self.value_head(hidden[:, columns]).squeeze(-1)
+        values = cast_forward(self.value_head, dtype, hidden[:, columns]).squeeze(-1)
         outputs = logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
         # copies, not views (squeeze, gather): FSDP2 warns about views among a sharded root's
         # outputs; (B, T) each, so the copies cost nothing next to the logits

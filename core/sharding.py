@@ -25,16 +25,18 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def shard_model(model: nn.Module, *, use_gpu: bool) -> nn.Module:
+def shard_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard ``model`` in place over the default process group: each transformer block is one
-    FSDP unit, the rest (embeddings, heads, norms) the root unit. Returns ``model``."""
+    FSDP unit, the rest (embeddings, heads, norms) the root unit. Every parameter is cast to
+    ``compute_dtype`` for the forward (the shards stay in their own dtype, the optimizer's
+    masters) and gradients are reduced in float32 (core.precision). Returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks found (_no_split_modules) to shard")
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_gpu
-              else MixedPrecisionPolicy())
+    policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+              if compute_dtype != torch.float32 else MixedPrecisionPolicy())
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -224,6 +224,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from core.lora import add_adapters
+    from core.precision import master_dtype, resolve_compute_dtype
     from core.sharding import shard_model
 
     worker: WorkerContext = config["worker"]
@@ -248,13 +249,16 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     frozen = build_frozen(cfg, config, rank, device)
     restored = restore_model(model)
     state = restored[1] if restored else {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
-    model = model.to(device)
+    compute = resolve_compute_dtype(cfg.learner.compute_dtype, cfg.learner.use_gpu)
+    model = model.to(device, dtype=master_dtype(cfg.learner.master_dtype))
     if cfg.learner.strategy == "fsdp" and world > 1:
-        core = ddp = shard_model(model, use_gpu=cfg.learner.use_gpu)
+        core = ddp = shard_model(model, compute_dtype=compute)
     elif world > 1:
+        model.compute_dtype = compute  # every parameter cast for the forward, as FSDP's policy does
         ddp = ray.train.torch.prepare_model(model, move_to_device=False)
         core = ddp.module
     else:
+        model.compute_dtype = compute
         core = ddp = model
     trained = [p for p in core.parameters() if p.requires_grad]  # with LoRA: the adapters and the value model
     optimizer = torch.optim.AdamW(trained, lr=cfg.learner.lr, eps=1e-5)
@@ -442,4 +446,5 @@ def reference_logprobs(model: ActorCritic, pad_id: int, device: torch.device, re
     prompt, response = reference
     model.eval()
     with torch.no_grad():
-        return model(pack_rollouts([prompt], [response], pad_id).to(device))[0][0, :len(response)].cpu()
+        # in the master weights' dtype: the engines' copy of them is what the check compares
+        return model(pack_rollouts([prompt], [response], pad_id).to(device), cast=False)[0][0, :len(response)].cpu()

@@ -104,12 +104,12 @@ def shard_and_step(rank: int, port: int, model_dir: str, out: str) -> None:
     try:
         model = load_model(model_dir)
         whole = shard_bytes(model)  # before sharding: every parameter, whole
-        shard_model(model, use_gpu=False)
+        shard_model(model)
         before = full_state(model, rank=rank)
         one_step(model)
         after = full_state(model, rank=rank)
         buckets = bucket_by_bucket(model, rank)
-        stepped = ppo_update_once(model_dir, lambda m: shard_model(m, use_gpu=False),
+        stepped = ppo_update_once(model_dir, lambda m: shard_model(m),
                                   lambda m: full_state(m, rank=rank))
         torch.save({"whole_bytes": whole, "shard_bytes": shard_bytes(model),
                     "before": before, "after": after, "ppo": stepped, "buckets": buckets}, Path(out) / f"rank{rank}.pt")

@@ -88,7 +88,7 @@ def test_fsdp_on_the_gpu_computes_in_bf16_and_gathers_the_whole_model(tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
     before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    shard_model(model, use_gpu=True)
+    shard_model(model, compute_dtype=torch.bfloat16)
     logits = model(input_ids=torch.tensor([[1, 5, 9, 4]], device="cuda")).logits
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()

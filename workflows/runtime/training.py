@@ -63,8 +63,15 @@ class LearnerOptions:
                            "too (--tensor-parallel each)", identity=True)
     seed: int = option(0, "seed for data order, the held-out split, initialization and sampling", identity=True)
     strategy: Literal["ddp", "fsdp"] = option("ddp", "how the learners hold the trained model: whole replicas (DDP), "
-                                              "or FSDP2 shards, one unit per transformer block (bf16 compute with "
-                                              "fp32 reduction on GPU)", identity=True)
+                                              "or FSDP2 shards, one unit per transformer block (computing in "
+                                              "--compute-dtype, reducing gradients in float32)", identity=True)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "dtype of every forward (policy, value, reference, reward model): in bfloat16 each parameter is cast "
+        "for the forward, under DDP as under FSDP, while the trained weights stay float32 masters. auto: bfloat16 "
+        "with --use-gpu, float32 on CPUs", identity=True)
+    master_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", "dtype of the weights the optimizer steps. bfloat16 is pure bf16 training, which warns: updates "
+        "smaller than a weight's bf16 step are lost", identity=True)
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
                                           "pass instead of keeping them: about one hidden state per block and token "
                                           "stays in memory, for ~1/3 more compute")
