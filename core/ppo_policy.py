@@ -131,20 +131,38 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False) -> ActorCritic:
+def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False,
+                      on_meta: bool = False) -> ActorCritic:
     """The policy from ``policy_path``; the value model from ``value_path``.
 
     A reward model's directory (a one-output sequence classifier, from ``cai train rm``)
     gives the value model its backbone *and* its scoring head, as TRL and Huang et al. (2024,
     "The N implementation details of RLHF with PPO") start it: its first values are the
     reward model's scores of each prefix. A causal LM's directory gives the backbone and a
-    zero head (values start at 0)."""
+    zero head (values start at 0).
+
+    ``on_meta``: the same modules from the configs alone, on the ``meta`` device (no weight is
+    read or allocated): what the FSDP learners other than rank 0 shard before rank 0
+    broadcasts the weights (core.sharding.load_from_rank0)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(value_path, trust_remote_code=trust_remote_code)
+    scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1
+    if on_meta:
+        policy_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            policy = AutoModelForCausalLM.from_config(policy_config, dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+            backbone = (AutoModelForSequenceClassification.from_config(config, dtype=torch.float32,
+                                                                       trust_remote_code=trust_remote_code).base_model
+                        if scorer else AutoModel.from_config(config, dtype=torch.float32,
+                                                             trust_remote_code=trust_remote_code))
+            model = ActorCritic(policy, backbone)
+        disable_dropout(model)
+        return model
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     head = None
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1:
+    if scorer:
         reward_model = AutoModelForSequenceClassification.from_pretrained(
             value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
         backbone, head = reward_model.base_model, reward_model.score  # TRL reads the head as `.score` too

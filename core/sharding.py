@@ -43,6 +43,27 @@ def shard_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.float32)
     return model
 
 
+def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.device) -> nn.Module:
+    """Give a model sharded on the ``meta`` device (:func:`shard_model` after building it on
+    meta) its weights from rank 0's whole copy ``full`` (None on the other ranks): each rank
+    allocates only its shards on ``device`` and receives them from rank 0
+    (``set_model_state_dict(broadcast_from_rank0=True)``). Buffers (rotary frequencies, not in
+    the state dict's loaded keys on every model) are broadcast whole. So no rank but 0 ever
+    holds the whole model in host memory. A collective: every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(source[name])
+        dist.broadcast(buffer, src=0)
+    return model
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 

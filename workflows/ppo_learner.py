@@ -26,6 +26,7 @@ itself, its model paths resolved for this node. The rollout actors are reached t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -225,7 +226,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
 
     from core.lora import add_adapters
     from core.precision import master_dtype, resolve_compute_dtype
-    from core.sharding import shard_model
+    from core.sharding import load_from_rank0, shard_model
 
     worker: WorkerContext = config["worker"]
     cfg: PPOConfig = local_models(config["config"], worker.model_sources)
@@ -240,26 +241,34 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=trust)
-    model = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust)
-    if cfg.learner.gradient_checkpointing:
-        for part in (model.policy, model.value_backbone):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
-        model.policy = add_adapters(model.policy, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_targets)
+    sharded = cfg.learner.strategy == "fsdp" and world > 1
+    masters = master_dtype(cfg.learner.master_dtype)
+
+    def build(on_meta: bool) -> ActorCritic:
+        built = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust, on_meta=on_meta)
+        if cfg.learner.gradient_checkpointing:
+            for part in (built.policy, built.value_backbone):
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                built.policy = add_adapters(built.policy, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_targets)
+        return built.to(dtype=masters)
+
+    # Under FSDP only rank 0 reads the weights (its whole copy is the only one in host memory);
+    # every rank shards a model built on `meta` and receives its shards from rank 0.
+    full = build(on_meta=False) if rank == 0 or not sharded else None
     frozen = build_frozen(cfg, config, rank, device)
-    restored = restore_model(model)
+    restored = restore_model(full)
     state = restored[1] if restored else {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
     compute = resolve_compute_dtype(cfg.learner.compute_dtype, cfg.learner.use_gpu)
-    model = model.to(device, dtype=master_dtype(cfg.learner.master_dtype))
-    if cfg.learner.strategy == "fsdp" and world > 1:
-        core = ddp = shard_model(model, compute_dtype=compute)
-    elif world > 1:
-        model.compute_dtype = compute  # every parameter cast for the forward, as FSDP's policy does
-        ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-        core = ddp.module
+    if sharded:
+        core = ddp = shard_model(build(on_meta=True), compute_dtype=compute)
+        load_from_rank0(core, full, device)
+        del full
     else:
-        model.compute_dtype = compute
-        core = ddp = model
+        core = full.to(device)
+        core.compute_dtype = compute  # every parameter cast for the forward, as FSDP's policy does
+        ddp = ray.train.torch.prepare_model(core, move_to_device=False) if world > 1 else core
     trained = [p for p in core.parameters() if p.requires_grad]  # with LoRA: the adapters and the value model
     optimizer = torch.optim.AdamW(trained, lr=cfg.learner.lr, eps=1e-5)
     if restored:
