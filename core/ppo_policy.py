@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,21 +87,63 @@ class ActorCritic(nn.Module):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids, "use_cache": False}
         dtype = self.compute_dtype if cast else None
-        logits = response_logits(cast_forward(self.policy, dtype, **inputs).logits, batch, temperature)
+        logits = cast_forward(self.policy, dtype, **inputs, **response_logits_kwargs(self.policy, batch)).logits
+        logprobs, entropy = response_logprobs(logits, batch, temperature, with_entropy=True)
         hidden = cast_forward(self.value_backbone, dtype, **inputs).last_hidden_state
         columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
         values = cast_forward(self.value_head, dtype, hidden[:, columns]).squeeze(-1)
-        outputs = logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
+        outputs = logprobs, entropy, values
         # copies, not views (squeeze, gather): FSDP2 warns about views among a sharded root's
         # outputs; (B, T) each, so the copies cost nothing next to the logits
         return tuple(t.clone() for t in outputs)
 
 
-def response_logits(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """The logits that predict each response token (columns P-1 .. P+T-2), divided by the
-    sampling temperature. (B, T, V), float32."""
-    start = batch.prompt_width - 1
-    return logits[:, start:start + batch.response.shape[1]].float() / temperature
+# Response tokens whose (tokens, vocabulary) logits are in float32 at once: 1024 x 152k
+# (Qwen2.5's vocabulary) is 0.6 GB, where a (64, 1024, 152k) batch whole would be 40 GB.
+LOGITS_CHUNK_TOKENS = 1024
+
+
+def _chunk_logprobs(chunk: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scaled = chunk.float() / temperature
+    logprobs = logprobs_from_logits(scaled, tokens)
+    return logprobs, entropy_from_logits(scaled) if with_entropy else logprobs.new_zeros(())
+
+
+def response_logprobs(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0, *,
+                      with_entropy: bool = False,
+                      chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens (B, T) and, ``with_entropy``, the entropy of each
+    next-token distribution (B, T), float32, from the model's logits in their own dtype.
+    The logits are taken ``chunk_tokens`` response tokens at a time: only one chunk is ever
+    in float32, and under autograd each chunk is recomputed in the backward
+    (``torch.utils.checkpoint``) instead of keeping its float32 softmax."""
+    width = batch.response.shape[1]
+    # the columns P-1 .. P+T-2; a forward given logits_to_keep (:func:`response_logits_kwargs`)
+    # returned only the last T+1
+    start = batch.prompt_width - 1 if logits.shape[1] == batch.input_ids.shape[1] else logits.shape[1] - width - 1
+    rows = max(1, chunk_tokens // max(width, 1))  # whole rows per chunk (a row longer than the chunk: one row)
+    logprobs, entropies = [], []
+    for first in range(0, logits.shape[0], rows):
+        chunk = logits[first:first + rows, start:start + width]
+        tokens = batch.response[first:first + rows]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, chunk, tokens, temperature, with_entropy,
+                                                        use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(chunk, tokens, temperature, with_entropy)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+
+def response_logits_kwargs(model: nn.Module, batch: RolloutBatch) -> dict[str, int]:
+    """``logits_to_keep`` for causal LMs of transformers that take it: the head then computes
+    the logits of the response columns only (T + 1 positions, not the prompt's too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its base
+    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+        return {"logits_to_keep": batch.response.shape[1] + 1}
+    return {}
 
 
 def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -108,8 +151,8 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float 
     sampling temperature. (B, T)"""
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False).logits
-        return logprobs_from_logits(response_logits(logits, batch, temperature), batch.response)
+                       position_ids=batch.position_ids, use_cache=False, **response_logits_kwargs(model, batch)).logits
+        return response_logprobs(logits, batch, temperature)[0]
 
 
 def disable_dropout(model: nn.Module) -> int:
