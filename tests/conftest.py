@@ -72,8 +72,9 @@ def reward_model(tiny_model, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trained_reward_model(ray_local, tiny_model, tmp_path_factory) -> dict:
-    """A reward model trained by `cai train rm` (2 FSDP learners, gradient checkpointing) to
-    prefer answers holding the word "harmless": its folder and its training summary."""
+    """A reward model trained by `cai train rm` (2 FSDP learners, gradient checkpointing, bf16
+    compute over float32 masters) to prefer answers holding the word "harmless": its folder and
+    its training summary."""
     import json
     import random
 
@@ -100,7 +101,8 @@ def trained_reward_model(ray_local, tiny_model, tmp_path_factory) -> dict:
     out = root / "rm"
     summary = run_train(load_config(RMConfig, overrides=dict(
         model=tiny_model, data=[str(pairs)], out=str(out), workers=2, batch_size=4, max_length=192, logging_steps=1,
-        save_steps=4, max_steps=30, lr=2e-3, eval_split=0.0, strategy="fsdp", gradient_checkpointing=True)))
+        save_steps=4, max_steps=30, lr=2e-3, eval_split=0.0, strategy="fsdp", gradient_checkpointing=True,
+        compute_dtype="bfloat16")))
     return {"path": str(out), "summary": summary}
 
 

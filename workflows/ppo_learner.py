@@ -284,7 +284,8 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     client = RolloutClient(config["rollout_actors"], wait_timeout=wait)
     sync = WeightSync(cfg.sync, client.actors, PolicySource(core.policy, rank=rank), rank=rank, world=world,
                       use_gpu=cfg.learner.use_gpu, device=device, engine_workers=cfg.engine.tensor_parallel,
-                      learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait)
+                      learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait,
+                      learner_dtype=str(compute if sharded else masters).removeprefix("torch."))
     prompts = config["prompt_ids"]
     # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
     reference = (list(prompts[0]), list(prompts[-1][:16]))

@@ -35,6 +35,15 @@ HOLD_SECONDS = 600  # how long a fault drill holds a learner (see LearnerOptions
 FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
 
 
+def precision_summary(learner: LearnerOptions) -> dict[str, str]:
+    """The run's precision policy as it resolved (core.precision), for training_summary.json."""
+    from core.precision import resolve_compute_dtype
+
+    compute = str(resolve_compute_dtype(learner.compute_dtype, learner.use_gpu)).removeprefix("torch.")
+    return {"compute_dtype": compute, "master_dtype": learner.master_dtype,
+            "forward": "every parameter cast to the compute dtype" if compute != "float32" else "float32"}
+
+
 class LearnerFailed(RuntimeError):
     """A learner raised and the run stopped (one line for the terminal; the cause is chained)."""
 
@@ -381,6 +390,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "history": metrics.get("history", []),
         "wall_seconds": round(time.monotonic() - started, 2),
         "run_id": run_id,
+        "precision": precision_summary(job.learner),
         "ray_train": {"name": name, "storage_path": storage},
         "data": data_lineage(job.data),
         "config": config_to_dict(job.config),

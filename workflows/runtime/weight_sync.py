@@ -110,8 +110,11 @@ class WeightSync:
 
     def __init__(self, options: SyncOptions, actors: Sequence[Any], source: PolicySource, *, rank: int, world: int,
                  use_gpu: bool, device: torch.device, learner_logprobs: Callable[[Reference], torch.Tensor],
-                 engine_workers: int = 1, wait_timeout: float | None, ping_timeout: float = 2.0):
-        self.options, self.rank = options, rank
+                 engine_workers: int = 1, wait_timeout: float | None, ping_timeout: float = 2.0,
+                 learner_dtype: str = "float32"):
+        """``learner_dtype``: the dtype of ``learner_logprobs``' forward (bfloat16 under FSDP's
+        mixed precision), which bounds the check's tolerance as the engines' dtype does."""
+        self.options, self.rank, self.learner_dtype = options, rank, learner_dtype
         self.transport = options.transport(use_gpu)
         if self.transport not in TRANSPORTS:
             raise TransportUnavailable(f"unknown --sync-transport {self.transport!r}")
@@ -273,7 +276,8 @@ class WeightSync:
         the gap is over the tolerance, or when it is not clearly below the engine's gap before
         the push (``before``) where that was above the precision's noise: in 16 bits the
         tolerance alone is wider than what a PPO step moves, so a stale engine could pass it."""
-        dtype = self.pusher.engine_dtype
+        # the precision of the two sides' log-probs: the lower one sets what the check can see
+        dtype = self.pusher.engine_dtype if self.learner_dtype in ("float32", "float64") else self.learner_dtype
         tolerance, noise = self.options.tolerance(dtype), self.options.noise(dtype)
         diffs = []
         for index in indices:
