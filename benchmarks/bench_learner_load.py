@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import socket
 import sys
 import tempfile
 from datetime import timedelta
@@ -31,18 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORLD = 2
-MB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from benchmarks.bench_learners import MB, WORLD, free_port, rss_bytes  # noqa: E402
 
 
 def learner(rank: int, way: str, model: str, port: int, out: str) -> None:
