@@ -10,7 +10,12 @@
   or ``VLLM_DISABLE_PYNCCL`` is set, and its ``broadcast`` then returns without doing anything
   (vllm 0.32, ``device_communicators/pynccl.py``): an update would "succeed" and the engine
   keep its old weights. Opening the channel refuses that with :class:`TransportUnavailable`.
-  NCCL calls have no timeout of their own; the learner bounds the engine side with Ray.
+  NCCL calls have no timeout of their own, and ``stream.synchronize()`` waits forever for a
+  peer that died mid-broadcast. So ``wait()`` polls a CUDA event recorded after the broadcast
+  against the same ``timeout_s`` as gloo; past it, the communicator is aborted
+  (``PyNcclCommunicator.destroy``: ``ncclCommAbort``, which also ends the kernel still waiting
+  for the peer) and :class:`TransportError` is raised. ``close()`` destroys the communicator a
+  join made, so a rejoin does not leak one.
 
 The transport is chosen explicitly (``--sync-transport``); nothing falls back to another.
 """
@@ -18,6 +23,8 @@ The transport is chosen explicitly (``--sync-transport``); nothing falls back to
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +36,10 @@ BACKENDS = ("gloo", "nccl")
 
 class TransportUnavailable(RuntimeError):
     """The chosen transport cannot move tensors here (e.g. NCCL without a GPU): never a quiet no-op."""
+
+
+class TransportError(RuntimeError):
+    """A transfer did not complete (a peer gone quiet, past the timeout, a failed load or check)."""
 
 
 @dataclass(frozen=True)
@@ -85,24 +96,48 @@ class Channel:
             return self.group.broadcast(tensor, root=0)
         stream = torch.cuda.current_stream(self.device)
         self.comm.broadcast(tensor, src=0, stream=stream)
-        return _StreamDone(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return EventDone(done, self.spec.timeout_s, self.abort, what=f"NCCL broadcast (rank {self.rank})")
+
+    def abort(self) -> None:
+        """End the group now, even mid-transfer (NCCL: ``ncclCommAbort``); the channel is closed."""
+        self.close()
 
     def close(self) -> None:
-        group, self.group, self.comm = self.group, None, None
-        if group is None:
-            return
-        if self.spec.backend == "gloo":
+        group, comm, self.group, self.comm = self.group, self.comm, None, None
+        if comm is not None:
+            comm.destroy()  # ncclCommAbort, in a thread it waits 5 s for (vllm 0.32 pynccl.py)
+        if group is not None and self.spec.backend == "gloo":
             from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
             stateless_destroy_torch_distributed_process_group(group)
 
 
-class _StreamDone:
-    def __init__(self, stream):
-        self.stream = stream
+class EventDone:
+    """Waits for a CUDA event against a deadline: polls ``query()`` (it never blocks), and past
+    ``timeout_s`` calls ``on_timeout`` (abort the communicator) and raises
+    :class:`TransportError`. The deadline counts from the broadcast, as gloo's does."""
+
+    POLL_S = (0.0005, 0.01)  # first and longest sleep between polls
+
+    def __init__(self, event, timeout_s: float, on_timeout: Callable[[], None], what: str = "transfer"):
+        self.event, self.timeout_s, self.on_timeout, self.what = event, timeout_s, on_timeout, what
+        self.deadline = time.monotonic() + timeout_s
 
     def wait(self) -> bool:
-        self.stream.synchronize()
+        pause = self.POLL_S[0]
+        while not self.event.query():
+            if time.monotonic() >= self.deadline:
+                aborted = "the communicator was aborted"
+                try:
+                    self.on_timeout()
+                except Exception as exc:  # noqa: BLE001 - the transfer has failed either way; say both
+                    aborted = f"aborting the communicator failed too ({type(exc).__name__}: {exc})"
+                raise TransportError(f"{self.what} did not finish within --sync-timeout {self.timeout_s:g} s "
+                                     f"(a peer gone or stalled); {aborted}")
+            time.sleep(pause)
+            pause = min(pause * 2, self.POLL_S[1])
         return True
 
 

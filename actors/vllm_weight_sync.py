@@ -61,8 +61,10 @@ class WeightSyncExtension:
         return {"dtype": str(self.model_config.dtype).removeprefix("torch."), "generation": group.generation}
 
     def cai_leave(self) -> None:
-        channel = getattr(self, "cai_channel", None)
+        channel, region = getattr(self, "cai_channel", None), getattr(self, "cai_region", None)
         self.cai_channel = self.cai_region = None
+        if region is not None:
+            region.close()
         if channel is not None:
             channel.close()
 
@@ -142,10 +144,15 @@ class WeightSyncExtension:
             if mode == "reload":
                 self.reload_weights(weights_iterator=received())
             else:
+                model = self.model_runner.get_model()
                 with set_current_vllm_config(self.vllm_config), torch.no_grad():
-                    self.model_runner.get_model().load_weights(weights=received())
+                    loaded = model.load_weights(weights=received())
             canary = torch.zeros(4, dtype=torch.int64, device=device)
-            channel.broadcast(canary).wait()
+            channel.broadcast(canary).wait()  # first: the learner is not left sending it to no one
+            missing = [] if mode == "reload" else unloaded_parameters(model, loaded)
+            if missing:  # a plan that skips a tensor: the engine would serve a mix of old and new weights
+                raise RuntimeError(f"{len(missing)} of the engine's parameters got no tensor from this sync "
+                                   f"(e.g. {', '.join(missing[:3])}): the learner's plan does not cover the model")
         except BaseException:
             self.cai_leave()
             raise
@@ -153,3 +160,11 @@ class WeightSyncExtension:
         return {"canary": canary.tolist(), "buckets": len(buckets), "tensors": sum(len(b.entries) for b in buckets),
                 "transfer_seconds": waited, "load_seconds": total - waited,
                 "stamp": None if region is None else region.stamped()}
+
+
+def unloaded_parameters(model, loaded: set[str] | None) -> list[str]:
+    """The model's parameters that ``load_weights`` did not report loading (its return value:
+    vLLM's names, stacked projections included), sorted; [] when it reports nothing."""
+    if loaded is None:
+        return []
+    return sorted(name for name, _ in model.named_parameters() if name not in loaded)

@@ -117,7 +117,7 @@ def run_learner(rank: int, strategy: str, port: int, options: dict, out: str) ->
     model = load_actor_critic(policy, policy)
     frozen = FrozenModels(policy, reward_fn="vowel_share")  # the reference: the policy, loaded again
     if strategy == "fsdp":
-        core = trained = shard_model(model, use_gpu=False)
+        core = trained = shard_model(model)
     else:
         core, trained = model, torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg.learner.lr, eps=1e-5)

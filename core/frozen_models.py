@@ -11,7 +11,7 @@ They only run forward passes, so each holds no gradients and no optimizer state,
   :class:`FrozenModels`), as OpenRLHF keeps its reference and reward models in their own Ray
   actor groups. The learners then hold only the models they train.
 
-Log-probs are float32 in either dtype: ``response_logits`` casts the logits to float32 before
+Log-probs are float32 in either dtype: ``response_logprobs`` casts the logits to float32 before
 the temperature and the log-softmax.
 """
 

@@ -7,16 +7,17 @@ states each formula with a worked example.
 
 Training (sft, rm, dpo, PPO's policy and value) with AdamW:
 
-* GPU, bf16 mixed precision: 2 (bf16 weights) + 2 (bf16 gradients) + 12 (fp32 master copy
-  and two fp32 moments) = 16 bytes per trained parameter, the figure of the ZeRO paper
-  (Rajbhandari et al. 2020, §3.1, "16Ψ" for mixed-precision Adam).
-* CPU, float32 throughout: 4 + 4 + 8 (two moments) = 16 bytes as well.
+* float32 masters (core.precision, the default): 4 (weights) + 4 (gradients) + 8 (two fp32
+  moments) = 16 bytes per trained parameter, the figure of the ZeRO paper (Rajbhandari et al.
+  2020, §3.1, "16Ψ" for mixed-precision Adam). With ``--compute-dtype bfloat16`` each
+  parameter is also cast to bf16 for the forward: under DDP the whole model's copy (2 bytes a
+  parameter, kept for the backward), under FSDP only the gathered block's. ``--master-dtype
+  bfloat16`` (pure bf16) holds 2 + 2 + 8 instead.
 * DDP: every learner holds all of it. FSDP: weights, gradients and optimizer state are
   divided by the learners, plus one transformer block gathered unsharded during
-  forward/backward (its weights, and its gradients before the reduce-scatter).
-* LoRA (r > 0): the base weights stay frozen in the training dtype (2 bytes on GPU, 4 on
-  CPU); the adapters, r·(in + out) parameters per targeted linear layer, are the only
-  trained parameters (16 bytes each).
+  forward/backward (its weights, and its gradients before the reduce-scatter), in the compute dtype.
+* LoRA (r > 0): the base weights stay frozen in the master dtype; the adapters, r·(in + out)
+  parameters per targeted linear layer, are the only trained parameters (16 bytes each).
 
 Frozen models (PPO's reference and reward model, DPO's reference) hold weights only, one
 full copy per device that holds them, in their own dtype. Activations (with or without
@@ -149,9 +150,10 @@ def read_shape(directory: str | Path) -> ModelShape:
 # -- terms --------------------------------------------------------------------------------
 
 
-def training_bytes_per_param(gpu: bool) -> dict[str, int]:
-    """Bytes per trained parameter with AdamW (ZeRO's 16): bf16 mixed precision on GPU, float32 on CPU."""
-    return {"weights": 2, "gradients": 2, "optimizer": 12} if gpu else {"weights": 4, "gradients": 4, "optimizer": 8}
+def training_bytes_per_param(master_bytes: int = 4) -> dict[str, int]:
+    """Bytes per trained parameter with AdamW: the weights and gradients in the master dtype
+    (float32: ZeRO's 16 in all), and two float32 moments."""
+    return {"weights": master_bytes, "gradients": master_bytes, "optimizer": 8}
 
 
 def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...] | list[str]) -> int:
@@ -218,21 +220,23 @@ def logits_bytes(shape: ModelShape, *, sequences: int, seq_len: int) -> int:
 
 def learner_terms(trained: list[TrainedModel], *, gpu: bool, shards: int, frozen: list[ModelShape] = (),
                   frozen_dtype_bytes: int = 2, sequences: int, seq_len: int, logits_sequences: int = 0,
-                  checkpointing: bool = False) -> dict[str, int]:
-    """Per-learner bytes: trained models (sharded over ``shards`` learners with FSDP, 1 for DDP),
-    frozen copies, activations of ``sequences`` × ``seq_len`` tokens through every trained model
-    (recomputed in backward with ``checkpointing``), and the logits of the largest forward
-    (``logits_sequences`` rows, default ``sequences``)."""
-    per = training_bytes_per_param(gpu)
-    base_bytes = 2 if gpu else 4  # LoRA's frozen base, in the training dtype
+                  checkpointing: bool = False, compute_bytes: int = 4, master_bytes: int = 4) -> dict[str, int]:
+    """Per-learner bytes: trained models (sharded over ``shards`` learners with FSDP, 1 for DDP)
+    in ``master_bytes`` per weight, their copy cast to ``compute_bytes`` for the forward when
+    that is smaller, frozen copies, activations of ``sequences`` × ``seq_len`` tokens through
+    every trained model (recomputed in backward with ``checkpointing``), and the logits of the
+    largest forward (``logits_sequences`` rows, default ``sequences``)."""
+    per = training_bytes_per_param(master_bytes)
     terms = {
-        "weights": sum(m.trainable_params * per["weights"] + m.frozen_params * base_bytes for m in trained) // shards,
+        "weights": sum(m.trainable_params * per["weights"] + m.frozen_params * master_bytes for m in trained) // shards,
         "gradients": sum(m.trainable_params for m in trained) * per["gradients"] // shards,
         "optimizer": sum(m.trainable_params for m in trained) * per["optimizer"] // shards,
     }
     if shards > 1:
         # the block FSDP gathers for compute: its weights, and its gradients before the reduce-scatter
-        terms["unsharded block"] = max(m.shape.layer_params * base_bytes * (1 if m.lora_r else 2) for m in trained)
+        terms["unsharded block"] = max(m.shape.layer_params * compute_bytes * (1 if m.lora_r else 2) for m in trained)
+    elif compute_bytes < master_bytes:  # DDP: every parameter cast for the forward, kept for the backward
+        terms["compute copy"] = sum(m.shape.params for m in trained) * compute_bytes
     terms["frozen models"] = sum(s.params for s in frozen) * frozen_dtype_bytes
     terms["activations"] = sum(activation_bytes(m.shape, sequences=sequences, seq_len=seq_len, gpu=gpu,
                                                 checkpointing=checkpointing) for m in trained)

@@ -12,6 +12,7 @@ AI: RL-CAI runs this PPO against a reward model trained on AI preference labels)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -44,16 +45,33 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    all_ranks_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalize ``x`` to mean 0 and (unbiased) variance 1 over the masked entries; entries
     outside the mask are 0. With ``shift_mean=False`` the mean is added back (only the scale
-    changes). Statistics are taken over the whole batch, as PPO normalizes advantages; it
-    needs at least 2 masked entries (see ``masked_var``)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    changes). The formula is TRL's ``masked_whiten``; statistics are over the whole batch.
+
+    ``all_ranks_sum`` sums a tensor over every learner (an all-reduce): the mean and variance
+    are then the whole step's, not this rank's, so each learner scales its advantages alike.
+    With fewer than 2 masked entries in all (one learner's single one-token answer, say) the
+    variance is undefined (TRL divides by zero): the entries are centred, not scaled.
+    """
+    total = all_ranks_sum or (lambda t: t)
+    keep = mask.bool()
+    first = total(torch.stack([torch.where(keep, x, 0.0).sum(), keep.sum().to(x.dtype)]))
+    count = first[1]
+    mean = first[0] / count.clamp_min(1)
+    squares = total(torch.where(keep, (x - mean) ** 2, 0.0).sum())
+    centred = x - mean
+    if count >= 2:
+        centred = centred * torch.rsqrt(squares / (count - 1) + WHITEN_EPS)
     if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0.0)
+        centred = centred + mean
+    return torch.where(keep, centred, 0.0)
 
 
 def response_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -252,14 +270,16 @@ class FixedKLController:
         """Does nothing: the coefficient is fixed."""
 
 
-def penalize_missing_eos(scores: list[float], finished: list[bool], penalty_value: float) -> list[float]:
-    """Replace the score of every answer that ran out of tokens before its end of sequence
-    with ``penalty_value`` (TRL PPOv2's ``non_eos_penalty``/``penalty_reward_value``): a
-    reward model scores a truncated answer as if it were complete, and the policy learns to
-    ramble up to the limit."""
+def penalize_missing_eos(scores: list[float], finished: list[bool], penalty: float) -> list[float]:
+    """Subtract ``penalty`` from the score of every answer that ran out of tokens before its
+    end of sequence (TRL's ``missing_eos_penalty``: ``rewards[~contains_eos] -= penalty``). A
+    reward model scores a truncated answer as if it were complete, and the policy would learn
+    to ramble up to the limit. Subtracting keeps the penalty a known distance below the answer's
+    own score, whatever the reward model's scale (replacing the score with a fixed value
+    rewards truncation wherever typical scores are below it)."""
     if len(scores) != len(finished):
         raise ValueError(f"{len(scores)} scores for {len(finished)} answers")
-    return [score if done else penalty_value for score, done in zip(scores, finished)]
+    return [score if done else score - penalty for score, done in zip(scores, finished)]
 
 
 def learning_rate(schedule: Literal["constant", "linear"], base: float, update: int, total: int) -> float:

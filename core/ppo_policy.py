@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from core.ppo_math import entropy_from_logits, logprobs_from_logits
+from core.precision import cast_forward
 
 
 @dataclass
@@ -75,25 +77,73 @@ class ActorCritic(nn.Module):
         self.value_head = nn.Linear(value_backbone.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        # the forward's dtype when the parameters are not sharded (FSDP casts them itself):
+        # every parameter is cast for the forward (core.precision); None: as they are
+        self.compute_dtype: torch.dtype | None = None
 
-    def forward(self, batch: RolloutBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: RolloutBatch, temperature: float = 1.0,
+                cast: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cast=False``: in the master weights' own dtype (the weight-sync check's reference)."""
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids, "use_cache": False}
-        logits = response_logits(self.policy(**inputs).logits, batch, temperature)
-        hidden = self.value_backbone(**inputs).last_hidden_state
+        dtype = self.compute_dtype if cast else None
+        logits = cast_forward(self.policy, dtype, **inputs, **response_logits_kwargs(self.policy, batch)).logits
+        logprobs, entropy = response_logprobs(logits, batch, temperature, with_entropy=True)
+        hidden = cast_forward(self.value_backbone, dtype, **inputs).last_hidden_state
         columns = slice(batch.prompt_width - 1, batch.prompt_width - 1 + batch.response.shape[1])
-        values = self.value_head(hidden[:, columns]).squeeze(-1)
-        outputs = logprobs_from_logits(logits, batch.response), entropy_from_logits(logits), values
+        values = cast_forward(self.value_head, dtype, hidden[:, columns]).squeeze(-1)
+        outputs = logprobs, entropy, values
         # copies, not views (squeeze, gather): FSDP2 warns about views among a sharded root's
         # outputs; (B, T) each, so the copies cost nothing next to the logits
         return tuple(t.clone() for t in outputs)
 
 
-def response_logits(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """The logits that predict each response token (columns P-1 .. P+T-2), divided by the
-    sampling temperature. (B, T, V), float32."""
-    start = batch.prompt_width - 1
-    return logits[:, start:start + batch.response.shape[1]].float() / temperature
+# Response tokens whose (tokens, vocabulary) logits are in float32 at once: 1024 x 152k
+# (Qwen2.5's vocabulary) is 0.6 GB, where a (64, 1024, 152k) batch whole would be 40 GB.
+LOGITS_CHUNK_TOKENS = 1024
+
+
+def _chunk_logprobs(chunk: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scaled = chunk.float() / temperature
+    logprobs = logprobs_from_logits(scaled, tokens)
+    return logprobs, entropy_from_logits(scaled) if with_entropy else logprobs.new_zeros(())
+
+
+def response_logprobs(logits: torch.Tensor, batch: RolloutBatch, temperature: float = 1.0, *,
+                      with_entropy: bool = False,
+                      chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens (B, T) and, ``with_entropy``, the entropy of each
+    next-token distribution (B, T), float32, from the model's logits in their own dtype.
+    The logits are taken ``chunk_tokens`` response tokens at a time: only one chunk is ever
+    in float32, and under autograd each chunk is recomputed in the backward
+    (``torch.utils.checkpoint``) instead of keeping its float32 softmax."""
+    width = batch.response.shape[1]
+    # the columns P-1 .. P+T-2; a forward given logits_to_keep (:func:`response_logits_kwargs`)
+    # returned only the last T+1
+    start = batch.prompt_width - 1 if logits.shape[1] == batch.input_ids.shape[1] else logits.shape[1] - width - 1
+    rows = max(1, chunk_tokens // max(width, 1))  # whole rows per chunk (a row longer than the chunk: one row)
+    logprobs, entropies = [], []
+    for first in range(0, logits.shape[0], rows):
+        chunk = logits[first:first + rows, start:start + width]
+        tokens = batch.response[first:first + rows]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, chunk, tokens, temperature, with_entropy,
+                                                        use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(chunk, tokens, temperature, with_entropy)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+
+def response_logits_kwargs(model: nn.Module, batch: RolloutBatch) -> dict[str, int]:
+    """``logits_to_keep`` for causal LMs of transformers that take it: the head then computes
+    the logits of the response columns only (T + 1 positions, not the prompt's too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its base
+    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+        return {"logits_to_keep": batch.response.shape[1] + 1}
+    return {}
 
 
 def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -101,8 +151,8 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float 
     sampling temperature. (B, T)"""
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False).logits
-        return logprobs_from_logits(response_logits(logits, batch, temperature), batch.response)
+                       position_ids=batch.position_ids, use_cache=False, **response_logits_kwargs(model, batch)).logits
+        return response_logprobs(logits, batch, temperature)[0]
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -124,20 +174,38 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False) -> ActorCritic:
+def load_actor_critic(policy_path: str, value_path: str, *, trust_remote_code: bool = False,
+                      on_meta: bool = False) -> ActorCritic:
     """The policy from ``policy_path``; the value model from ``value_path``.
 
     A reward model's directory (a one-output sequence classifier, from ``cai train rm``)
     gives the value model its backbone *and* its scoring head, as TRL and Huang et al. (2024,
     "The N implementation details of RLHF with PPO") start it: its first values are the
     reward model's scores of each prefix. A causal LM's directory gives the backbone and a
-    zero head (values start at 0)."""
+    zero head (values start at 0).
+
+    ``on_meta``: the same modules from the configs alone, on the ``meta`` device (no weight is
+    read or allocated): what the FSDP learners other than rank 0 shard before rank 0
+    broadcasts the weights (core.sharding.load_from_rank0)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(value_path, trust_remote_code=trust_remote_code)
+    scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1
+    if on_meta:
+        policy_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            policy = AutoModelForCausalLM.from_config(policy_config, dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+            backbone = (AutoModelForSequenceClassification.from_config(config, dtype=torch.float32,
+                                                                       trust_remote_code=trust_remote_code).base_model
+                        if scorer else AutoModel.from_config(config, dtype=torch.float32,
+                                                             trust_remote_code=trust_remote_code))
+            model = ActorCritic(policy, backbone)
+        disable_dropout(model)
+        return model
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     head = None
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or ()) and config.num_labels == 1:
+    if scorer:
         reward_model = AutoModelForSequenceClassification.from_pretrained(
             value_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
         backbone, head = reward_model.base_model, reward_model.score  # TRL reads the head as `.score` too

@@ -25,19 +25,42 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def shard_model(model: nn.Module, *, use_gpu: bool) -> nn.Module:
+def shard_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard ``model`` in place over the default process group: each transformer block is one
-    FSDP unit, the rest (embeddings, heads, norms) the root unit. Returns ``model``."""
+    FSDP unit, the rest (embeddings, heads, norms) the root unit. Every parameter is cast to
+    ``compute_dtype`` for the forward (the shards stay in their own dtype, the optimizer's
+    masters) and gradients are reduced in float32 (core.precision). Returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no transformer blocks found (_no_split_modules) to shard")
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_gpu
-              else MixedPrecisionPolicy())
+    policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+              if compute_dtype != torch.float32 else MixedPrecisionPolicy())
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    return model
+
+
+def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.device) -> nn.Module:
+    """Give a model sharded on the ``meta`` device (:func:`shard_model` after building it on
+    meta) its weights from rank 0's whole copy ``full`` (None on the other ranks): each rank
+    allocates only its shards on ``device`` and receives them from rank 0
+    (``set_model_state_dict(broadcast_from_rank0=True)``). Buffers (rotary frequencies, not in
+    the state dict's loaded keys on every model) are broadcast whole. So no rank but 0 ever
+    holds the whole model in host memory. A collective: every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(source[name])
+        dist.broadcast(buffer, src=0)
     return model
 
 

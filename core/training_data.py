@@ -1,7 +1,8 @@
 """Training data: what `cai train` reads, checked on the driver before any worker starts.
 
 A ``--data`` path is a `cai generate`/`cai label` run directory (its Parquet shards), a
-Parquet/JSONL/JSON/CSV file, or a saved ``datasets`` directory. ``datasets`` is imported
+Parquet/JSONL/JSON file, or a saved ``datasets`` directory. JSON rows are checked one by one
+first, so a broken line or a wrong type is one error naming the file and the line. ``datasets`` is imported
 inside the functions, so importing this module stays light.
 """
 
@@ -16,7 +17,95 @@ from core.manifest import file_fingerprint
 
 
 class TrainingDataError(ValueError):
-    """Training data is missing, empty, or lacks a column (raised before any worker starts)."""
+    """Training data is missing, empty, malformed or lacks a column (raised before any worker
+    starts). The message is one line naming the file and, for a bad row, its line."""
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+# What each column `cai train` reads must hold, checked row by row in JSON files (Parquet and
+# saved datasets carry their types in their schema, checked once per file).
+TEXT_OR_CONVERSATION = ("a string or a list of {role, content} strings",
+                        lambda value: _is_text(value) or _is_conversation(value))
+COLUMN_TYPES: dict[str, tuple[str, Any]] = {  # preference columns: plain text or conversational, as TRL takes them
+    "prompt": TEXT_OR_CONVERSATION,
+    "chosen": TEXT_OR_CONVERSATION,
+    "rejected": TEXT_OR_CONVERSATION,
+    "chosen_prob": ("a number", _is_number),
+    "messages": ("a list of {role, content} strings", _is_conversation),
+    "revisions": ("a list", lambda value: isinstance(value, list)),
+}
+ARROW_TEXT = ("string", "large_string")
+
+
+def _check_row(path: Path, where: str, row: Any, required: Sequence[str], keep: Sequence[str]) -> None:
+    if not isinstance(row, dict):
+        raise TrainingDataError(f"{path}, {where}: expected a JSON object, got {type(row).__name__}")
+    for column in (*required, *keep):
+        if column not in row or column not in COLUMN_TYPES:
+            continue  # a missing column is reported once for the whole file, after loading
+        value = row[column]
+        if value is None and column in keep:
+            continue
+        kind, valid = COLUMN_TYPES[column]
+        if not valid(value):
+            shown = json.dumps(value)[:60] if value is not None else "null"
+            raise TrainingDataError(f"{path}, {where}: {column!r} must be {kind}, got {shown}")
+
+
+def check_json_rows(path: Path, required: Sequence[str], keep: Sequence[str] = ()) -> None:
+    """Read a JSONL (or JSON) file row by row and raise :class:`TrainingDataError` naming the
+    line of the first row that is not valid JSON, not an object, or has a column of the wrong
+    type; before ``datasets`` (pyarrow) would fail on it with a traceback that names neither."""
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        try:
+            first = handle.read(1)
+            while first.isspace():
+                first = handle.read(1)
+            handle.seek(0)
+            if first == "[":  # one JSON document: a list of rows
+                try:
+                    rows = json.load(handle)
+                except json.JSONDecodeError as exc:
+                    raise TrainingDataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+                for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+                    _check_row(path, f"item {index}", row, required, keep)
+                return
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TrainingDataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+                _check_row(path, f"line {number}", row, required, keep)
+        except UnicodeDecodeError as exc:
+            raise TrainingDataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _check_schema(path: Path, part, required: Sequence[str]) -> None:
+    """Columns of a Parquet file or saved dataset that hold text (or conversations) must not
+    hold numbers: a plain value column there must be a string one."""
+    import datasets
+
+    for column in required:
+        feature = part.features.get(column)
+        if isinstance(feature, datasets.Value) and column in COLUMN_TYPES and feature.dtype not in ARROW_TEXT \
+                and COLUMN_TYPES[column][0] != "a number":
+            raise TrainingDataError(f"{path}: column {column!r} must be {COLUMN_TYPES[column][0]}, "
+                                    f"it holds {feature.dtype}")
 
 
 def _dataset_files(path: Path) -> tuple[str, dict[str, Any]]:
@@ -49,12 +138,20 @@ def load_training_data(paths: Sequence[str], required: Sequence[str], *, keep: S
             part = datasets.load_from_disk(str(path))
         else:
             kind, files = _dataset_files(path)
-            part = datasets.load_dataset(kind, split="train", **files)
+            if kind == "json":
+                check_json_rows(path, required, keep)
+            try:
+                part = datasets.load_dataset(kind, split="train", **files)
+            except Exception as exc:  # noqa: BLE001 - pyarrow/datasets errors span many types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise TrainingDataError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {first[:200]})") \
+                    from None
         missing = [c for c in required if c not in part.column_names]
         if missing:
             raise TrainingDataError(f"{path}: missing column(s) {missing} (columns: {part.column_names})")
         if len(part) == 0:
             raise TrainingDataError(f"{path}: no rows")
+        _check_schema(path, part, required)
         part = part.select_columns([c for c in part.column_names if c in (*required, *keep)])
         parts.append(part)
     if not parts:

@@ -71,6 +71,42 @@ def reward_model(tiny_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def trained_reward_model(ray_local, tiny_model, tmp_path_factory) -> dict:
+    """A reward model trained by `cai train rm` (2 FSDP learners, gradient checkpointing, bf16
+    compute over float32 masters) to prefer answers holding the word "harmless": its folder and
+    its training summary."""
+    import json
+    import random
+
+    from core.config import load_config
+    from workflows.train import RMConfig, run_train
+
+    rng = random.Random(0)
+    words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]
+    root = tmp_path_factory.mktemp("trained-rm")
+    pairs = root / "pairs.jsonl"
+    with pairs.open("w") as handle:
+        for i in range(48):
+            # the same random words; the chosen answer carries the marker where the rejected has another word
+            body = rng.sample(words, 6)
+            position = rng.randrange(7)
+            chosen = " ".join(body[:position] + ["harmless"] + body[position:])
+            rejected = " ".join(body[:position] + [rng.choice(words)] + body[position:])
+            handle.write(json.dumps({
+                "prompt": [{"role": "user", "content": f"Question {i}: is it safe?"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "chosen_prob": 0.9,
+            }) + "\n")
+    out = root / "rm"
+    summary = run_train(load_config(RMConfig, overrides=dict(
+        model=tiny_model, data=[str(pairs)], out=str(out), workers=2, batch_size=4, max_length=192, logging_steps=1,
+        save_steps=4, max_steps=30, lr=2e-3, eval_split=0.0, strategy="fsdp", gradient_checkpointing=True,
+        compute_dtype="bfloat16")))
+    return {"path": str(out), "summary": summary}
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 

@@ -115,10 +115,19 @@ def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
 def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int, frozen=()) -> StagePlan:
     """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward."""
     gpu, workers = cfg.learner.use_gpu, cfg.training.workers
+    compute, master = precision_bytes(cfg.learner)
     terms = learner_terms(trained, gpu=gpu, shards=workers if cfg.learner.strategy == "fsdp" else 1,
-                          frozen=list(frozen), frozen_dtype_bytes=2 if gpu else 4, sequences=sequences,
-                          seq_len=cfg.training.max_length, checkpointing=cfg.learner.gradient_checkpointing)
+                          frozen=list(frozen), frozen_dtype_bytes=compute, sequences=sequences,
+                          seq_len=cfg.training.max_length, checkpointing=cfg.learner.gradient_checkpointing,
+                          compute_bytes=compute, master_bytes=master)
     return StagePlan(stage, f"{cfg.learner.strategy} learner", gpu, workers, terms)
+
+
+def precision_bytes(learner) -> tuple[int, int]:
+    """Bytes per parameter of the learners' forward and of their masters (core.precision)."""
+    compute = ({"float32": 4, "bfloat16": 2}[learner.compute_dtype] if learner.compute_dtype != "auto"
+               else 2 if learner.use_gpu else 4)
+    return compute, dtype_bytes(learner.master_dtype)
 
 
 def _trained(shape: ModelShape, lora) -> TrainedModel:
@@ -141,7 +150,8 @@ def ppo_plans(cfg, shape_of: Callable[[str], ModelShape], prompt_tokens: int) ->
                           shards=cfg.learners if cfg.learner.strategy == "fsdp" else 1,
                           frozen=frozen if on_learners else [], frozen_dtype_bytes=frozen_bytes,
                           sequences=cfg.minibatch, seq_len=seq_len, logits_sequences=share,
-                          checkpointing=cfg.learner.gradient_checkpointing)
+                          checkpointing=cfg.learner.gradient_checkpointing,
+                          **dict(zip(("compute_bytes", "master_bytes"), precision_bytes(cfg.learner))))
     # learner rank 0 during a weight sync (the other ranks under FSDP: the gathered bucket only)
     terms["weight sync"] = sync_bytes(policy, bucket_bytes=cfg.sync.sync_bucket_mb << 20, gpu=gpu,
                                       sharded=cfg.learner.strategy == "fsdp" and cfg.learners > 1,

@@ -25,7 +25,15 @@ from workflows.runtime.frozen_group import frozen_demand, start_frozen_actors
 from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
 from workflows.runtime.ray_session import NAMESPACE
-from workflows.runtime.training import LearnerOptions, LoraOptions, TrainJob, learner_demand, open_training_run, run_training
+from workflows.runtime.training import (
+    SUMMARY,
+    LearnerOptions,
+    LoraOptions,
+    TrainJob,
+    learner_demand,
+    open_training_run,
+    run_training,
+)
 from workflows.runtime.weight_sync import SyncOptions
 
 METRICS = "metrics.jsonl"
@@ -56,10 +64,12 @@ class PPOConfig:
     lam: float = option(0.95, "GAE λ", identity=True)
     lr_schedule: Literal["linear", "constant"] = option("linear", "learning rate over the run: decaying linearly to 0 "
                                                       "(TRL's PPO) or constant", identity=True)
-    missing_eos_penalty: bool = option(False, "score an answer cut off at --max-new-tokens, before its end of "
-                                       "sequence, as --penalty-reward-value instead of by the reward (TRL's "
-                                       "non_eos_penalty)", identity=True)
-    penalty_reward_value: float = option(-1.0, "the score of a cut-off answer with --missing-eos-penalty", identity=True)
+    missing_eos_penalty: float = option(0.0, "subtract this from the score of an answer cut off at --max-new-tokens "
+                                        "before its end of sequence (TRL's missing_eos_penalty); 0 = off",
+                                        identity=True)
+    reward_center: bool = option(False, "subtract the reward model's mean score on its training pairs "
+                                 "(train_reward_mean in its training_summary.json, written by cai train rm) from "
+                                 "every score, so that 0 is a typical answer", identity=True)
     max_grad_norm: float = option(1.0, "gradient clipping", identity=True)
     learners: int = option(1, "Ray Train workers holding policy and value models (DDP replicas or FSDP shards, "
                            "--strategy), and the frozen reference and reward models unless --frozen-on actors",
@@ -90,7 +100,7 @@ class PPOConfig:
         checks = {
             "steps": self.steps >= 1, "rollout_batch": self.rollout_batch >= 1, "minibatch": self.minibatch >= 1,
             "ppo_epochs": self.ppo_epochs >= 1, "temperature": self.sampling.temperature > 0,
-            "kl_coef": self.kl_coef >= 0,
+            "kl_coef": self.kl_coef >= 0, "missing_eos_penalty": self.missing_eos_penalty >= 0,
             "target_kl": self.target_kl >= 0, "kl_horizon": self.kl_horizon >= 1, "clip_range": self.clip_range > 0,
             "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
             "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
@@ -112,6 +122,8 @@ class PPOConfig:
                               "or blob")
         if bool(self.reward_model) == bool(self.reward_fn):
             raise ConfigError("give exactly one of --reward-model and --reward-fn")
+        if self.reward_center and not self.reward_model:
+            raise ConfigError("--reward-center needs --reward-model: it centres a reward model's scores")
         if self.rollout_batch % self.learners:
             raise ConfigError(f"--rollout-batch {self.rollout_batch} must divide evenly over --learners {self.learners}")
         if self.minibatch > self.rollout_batch // self.learners:
@@ -199,6 +211,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     resolved = replace(cfg, **{key: path for key, (path, _) in models.items()})
     max_model_len = cfg.engine.max_model_len or _model_context(policy)
     prompt_ids, prompt_messages, rejects = render_prompts(cfg, policy, max_model_len)
+    reward_offset = reward_model_mean(reward_model) if cfg.reward_center else 0.0
     out = Path(cfg.out).expanduser().resolve()
     done, run_id = open_training_run(out, cfg, cfg.cluster.run_name)
     if done:
@@ -210,7 +223,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 handle.write(json.dumps(row) + "\n")
         if rejects:
             (staging / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
-        summary.update(prompts=len(prompt_ids), rejected=len(rejects))
+        summary.update(prompts=len(prompt_ids), rejected=len(rejects), reward_offset=reward_offset)
 
     def note(line: str) -> None:
         print(f"cai train ppo [{run_id}]: {line}", file=sys.stderr, flush=True)
@@ -231,7 +244,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         models = {key: pair for key, pair in models.items() if key not in ("ref_model", "reward_model")}
     actors, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
     groups = [pg]
-    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(actors)}
+    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(actors),
+                 "reward_offset": reward_offset}
     try:
         if frozen_actors:
             frozen, frozen_pg = start_frozen_actors(resolved, run_id, cfg.learners, note)
@@ -248,6 +262,17 @@ def run_ppo(cfg: PPOConfig) -> dict:
             ray.kill(actor)
         for group in groups:
             release(group)
+
+
+def reward_model_mean(path: str) -> float:
+    """The reward model's mean score on its training pairs, as `cai train rm` recorded it
+    (``train_reward_mean`` in the model folder's training_summary.json)."""
+    summary = Path(path) / SUMMARY
+    try:
+        return float(json.loads(summary.read_text())["metrics"]["train_reward_mean"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--reward-center: {summary} holds no metrics.train_reward_mean (a reward model from "
+                          "cai train rm records it); drop --reward-center for this model") from None
 
 
 def _model_context(path: str) -> int:

@@ -47,10 +47,11 @@ def checkpoint_state(model: ActorCritic, optimizer, rank: int) -> tuple[dict | N
     return (model_state, optimizer_state) if rank == 0 else (None, None)
 
 
-def restore_model(model: ActorCritic) -> tuple[Path, dict[str, Any]] | None:
+def restore_model(model: ActorCritic | None) -> tuple[Path, dict[str, Any]] | None:
     """Load the latest checkpoint Ray Train hands back (after a restart or a rerun) into the
-    unsharded model; returns its folder and the run state. The optimizer follows once the
-    model is sharded and the optimizer built (:func:`restore_optimizer`)."""
+    unsharded model (None: the run state only, on an FSDP rank that gets its weights from rank
+    0); returns its folder and the run state. The optimizer follows once the model is sharded
+    and the optimizer built (:func:`restore_optimizer`)."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -59,7 +60,8 @@ def restore_model(model: ActorCritic) -> tuple[Path, dict[str, Any]] | None:
         return None
     local = Path(checkpoint.to_directory())
     print(f"cai train ppo: resuming from {checkpoint.path}", flush=True)
-    model.load_state_dict(load_file(str(local / MODEL_STATE)))
+    if model is not None:
+        model.load_state_dict(load_file(str(local / MODEL_STATE)))
     return local, json.loads((local / PPO_STATE).read_text())
 
 

@@ -26,6 +26,7 @@ itself, its model paths resolved for this node. The rollout actors are reached t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -100,7 +101,7 @@ def score_rollouts(model: ActorCritic, frozen: FrozenScorer, batch: RolloutBatch
                                           kind=cfg.kl_estimator)
     values = values * batch.mask
     advantages, returns = ppo_math.gae_advantages(rewards, values, batch.mask, cfg.gamma, cfg.lam)
-    advantages = ppo_math.masked_whiten(advantages, batch.mask)
+    advantages = ppo_math.masked_whiten(advantages, batch.mask, all_ranks_sum=all_ranks_sum)
     return {"old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
             "kl": kl, "entropy": entropy}
 
@@ -158,6 +159,17 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
+def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every learner (a collective; the tensor itself on one learner)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -188,6 +200,7 @@ class Learner:
     reward_inputs: list[Any]  # what the reward gets per prompt: the conversation or the question
     pad_id: int
     reference: Reference  # the sequence the sync check scores: the last step's longest rollout
+    reward_offset: float = 0.0  # subtracted from every score: the reward model's training mean (--reward-center)
 
 
 def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torch.device) -> FrozenScorer:
@@ -212,7 +225,8 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from core.lora import add_adapters
-    from core.sharding import shard_model
+    from core.precision import master_dtype, resolve_compute_dtype
+    from core.sharding import load_from_rank0, shard_model
 
     worker: WorkerContext = config["worker"]
     cfg: PPOConfig = local_models(config["config"], worker.model_sources)
@@ -227,23 +241,34 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=trust)
-    model = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust)
-    if cfg.learner.gradient_checkpointing:
-        for part in (model.policy, model.value_backbone):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
-        model.policy = add_adapters(model.policy, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_targets)
+    sharded = cfg.learner.strategy == "fsdp" and world > 1
+    masters = master_dtype(cfg.learner.master_dtype)
+
+    def build(on_meta: bool) -> ActorCritic:
+        built = load_actor_critic(cfg.policy, cfg.value_model, trust_remote_code=trust, on_meta=on_meta)
+        if cfg.learner.gradient_checkpointing:
+            for part in (built.policy, built.value_backbone):
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                built.policy = add_adapters(built.policy, cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_targets)
+        return built.to(dtype=masters)
+
+    # Under FSDP only rank 0 reads the weights (its whole copy is the only one in host memory);
+    # every rank shards a model built on `meta` and receives its shards from rank 0.
+    full = build(on_meta=False) if rank == 0 or not sharded else None
     frozen = build_frozen(cfg, config, rank, device)
-    restored = restore_model(model)
+    restored = restore_model(full)
     state = restored[1] if restored else {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
-    model = model.to(device)
-    if cfg.learner.strategy == "fsdp" and world > 1:
-        core = ddp = shard_model(model, use_gpu=cfg.learner.use_gpu)
-    elif world > 1:
-        ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-        core = ddp.module
+    compute = resolve_compute_dtype(cfg.learner.compute_dtype, cfg.learner.use_gpu)
+    if sharded:
+        core = ddp = shard_model(build(on_meta=True), compute_dtype=compute)
+        load_from_rank0(core, full, device)
+        del full
     else:
-        core = ddp = model
+        core = full.to(device)
+        core.compute_dtype = compute  # every parameter cast for the forward, as FSDP's policy does
+        ddp = ray.train.torch.prepare_model(core, move_to_device=False) if world > 1 else core
     trained = [p for p in core.parameters() if p.requires_grad]  # with LoRA: the adapters and the value model
     optimizer = torch.optim.AdamW(trained, lr=cfg.learner.lr, eps=1e-5)
     if restored:
@@ -259,12 +284,13 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     client = RolloutClient(config["rollout_actors"], wait_timeout=wait)
     sync = WeightSync(cfg.sync, client.actors, PolicySource(core.policy, rank=rank), rank=rank, world=world,
                       use_gpu=cfg.learner.use_gpu, device=device, engine_workers=cfg.engine.tensor_parallel,
-                      learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait)
+                      learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait,
+                      learner_dtype=str(compute if sharded else masters).removeprefix("torch."))
     prompts = config["prompt_ids"]
     # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
     reference = (list(prompts[0]), list(prompts[-1][:16]))
     learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, optimizer, kl_control, client, sync,
-                      prompts, reward_inputs, pad_id, reference)
+                      prompts, reward_inputs, pad_id, reference, config.get("reward_offset", 0.0))
     return learner, state
 
 
@@ -283,10 +309,11 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     responses = [list(r.token_ids) for r in rollouts]
     texts = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
-    scores = learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)
+    scores = [score - learner.reward_offset
+              for score in learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)]
     if cfg.missing_eos_penalty:
         scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
-                                               cfg.penalty_reward_value)
+                                               cfg.missing_eos_penalty)
     timings["scoring_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -429,4 +456,5 @@ def reference_logprobs(model: ActorCritic, pad_id: int, device: torch.device, re
     prompt, response = reference
     model.eval()
     with torch.no_grad():
-        return model(pack_rollouts([prompt], [response], pad_id).to(device))[0][0, :len(response)].cpu()
+        # in the master weights' dtype: the engines' copy of them is what the check compares
+        return model(pack_rollouts([prompt], [response], pad_id).to(device), cast=False)[0][0, :len(response)].cpu()

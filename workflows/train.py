@@ -81,11 +81,21 @@ class DPOConfig(TrainJobConfig):
 
 
 def _model_dtype(learner: LearnerOptions):
-    """bf16 weights for DDP on GPU; float32 on CPU, and under FSDP, whose mixed precision
-    keeps float32 shards (the optimizer's master weights) and computes in bf16 on GPU."""
+    """The trained weights' dtype: float32 masters (core.precision), under DDP and FSDP alike;
+    bfloat16 only with --master-dtype bfloat16, which warns."""
+    from core.precision import master_dtype
+
+    return master_dtype(learner.master_dtype)
+
+
+def _bf16_compute(learner: LearnerOptions) -> bool:
+    """Whether the Hugging Face trainer computes in bf16 (its ``bf16``): under FSDP, accelerate's
+    FSDP2 casts every parameter for the forward (MixedPrecisionPolicy); under DDP, autocast."""
     import torch
 
-    return torch.bfloat16 if learner.use_gpu and learner.strategy == "ddp" else torch.float32
+    from core.precision import resolve_compute_dtype
+
+    return resolve_compute_dtype(learner.compute_dtype, learner.use_gpu) == torch.bfloat16
 
 
 # Accelerate's FSDP plugin, as the Hugging Face trainers take it: FSDP2, one unit per
@@ -103,7 +113,8 @@ def with_strategy(trainer_class, learner: LearnerOptions):
     * on CPU, FSDP at all: ``AcceleratorState`` switches to ``DistributedType.FSDP`` only for
       accelerator devices and silently trains CPU processes as DDP (accelerate/state.py,
       1.15); here the plugin is put in place as it would be on GPUs (gloo runs FSDP2);
-    * on GPU, bf16 compute with float32 gradient reduction (accelerate sets both to bf16).
+    * in bf16 (--compute-dtype), bf16 compute with float32 gradient reduction (accelerate sets both
+      to bf16).
     """
     if learner.strategy != "fsdp":
         return trainer_class
@@ -120,7 +131,7 @@ def with_strategy(trainer_class, learner: LearnerOptions):
                 state.distributed_type = DistributedType.FSDP
                 state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
                 self.is_fsdp_enabled = True
-            if learner.use_gpu:
+            if _bf16_compute(learner):
                 state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
                     param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -149,7 +160,7 @@ def _common_args(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
         seed=learner.seed,
         data_seed=learner.seed,
         use_cpu=not learner.use_gpu,
-        bf16=learner.use_gpu,
+        bf16=_bf16_compute(learner),
         ddp_backend="nccl" if learner.use_gpu else "gloo",
         # under FSDP, recomputation is the plugin's (activation_checkpointing), which wraps each block
         **({"fsdp": True, "fsdp_config": {**FSDP_CONFIG, "activation_checkpointing": learner.gradient_checkpointing}}
@@ -300,7 +311,8 @@ def build_rm(cfg: RMConfig, output_dir: str):
 
 def measure_reward_model(trainer) -> dict[str, float]:
     """Pairwise accuracy (chosen scored above rejected) on the held-out split and on the
-    training pairs, from the model's rewards on each tokenized pair."""
+    training pairs, from the model's rewards on each tokenized pair; and the mean and spread
+    of its scores over the training answers (``train_reward_mean``: `--reward-center`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -324,7 +336,12 @@ def measure_reward_model(trainer) -> dict[str, float]:
                 c, r = torch.chunk(rewards, 2)
                 chosen.append(c.cpu())
                 rejected.append(r.cpu())
-        metrics[f"{name}_pairwise_accuracy"] = pairwise_accuracy(torch.cat(chosen), torch.cat(rejected))
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        metrics[f"{name}_pairwise_accuracy"] = pairwise_accuracy(chosen, rejected)
+        if name == "train":  # what `cai train ppo --reward-center` subtracts from every score
+            scores = torch.cat([chosen, rejected])
+            metrics["train_reward_mean"] = scores.mean().item()
+            metrics["train_reward_std"] = scores.std().item() if len(scores) > 1 else 0.0
     model.train(was_training)
     return metrics
 

@@ -4,13 +4,14 @@ path runs for real in tests/workflows/runtime/test_weight_sync.py."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from actors import broadcast_group
-from actors.broadcast_group import Channel, GroupSpec, TransportUnavailable
+from actors.broadcast_group import Channel, GroupSpec, TransportError, TransportUnavailable
 from core.weight_plan import plan_buckets
 from workflows.runtime.weight_sync import SyncOptions
 
@@ -51,19 +52,73 @@ def test_a_disabled_nccl_communicator_is_refused(vllm_calls):
         Channel(SPEC, 0, device="cpu")
 
 
-def test_nccl_broadcasts_from_rank_0_on_the_current_stream(vllm_calls, monkeypatch):
-    streams = []
+class Event:
+    """A CUDA event stand-in: done after ``polls_until_done`` queries (None: never, a stream
+    whose peer died mid-broadcast)."""
 
-    class Stream:
-        def synchronize(self):
-            streams.append("synchronized")
+    def __init__(self, polls_until_done: int | None = 0):
+        self.polls_until_done, self.queries, self.stream = polls_until_done, 0, None
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    def record(self, stream) -> None:
+        self.stream = stream
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.polls_until_done is not None and self.queries > self.polls_until_done
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """torch.cuda's stream and event, without a GPU; ``cuda["event"]`` is the next event."""
+    state = {"event": Event(3), "stream": object()}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["stream"])
+    monkeypatch.setattr(torch.cuda, "Event", lambda: state["event"])
+    return state
+
+
+def test_nccl_broadcasts_from_rank_0_on_the_current_stream_and_waits_for_its_event(vllm_calls, cuda):
     channel = Channel(SPEC, 0, device="cpu")
     flat = torch.zeros(8)
-    assert channel.broadcast(flat).wait() and streams == ["synchronized"]
+    assert channel.broadcast(flat).wait()
     (sent, src, stream), = vllm_calls["communicator"].broadcasts
-    assert sent is flat and src == 0 and isinstance(stream, Stream)
+    assert sent is flat and src == 0 and stream is cuda["stream"]
+    assert cuda["event"].stream is cuda["stream"] and cuda["event"].queries == 4, "recorded after the broadcast, polled"
+
+
+def test_a_broadcast_that_never_finishes_aborts_the_communicator_within_the_timeout(vllm_calls, cuda):
+    destroyed = []
+    vllm_calls["communicator"].destroy = lambda: destroyed.append("ncclCommAbort")
+    channel = Channel(GroupSpec("nccl", "10.0.0.5", 29500, world_size=2, timeout_s=0.5, generation="g"), 0,
+                      device="cpu")
+    cuda["event"] = Event(None)
+    work = channel.broadcast(torch.zeros(8))
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=r"NCCL broadcast \(rank 0\) did not finish within --sync-timeout 0.5 s.*"
+                                             r"the communicator was aborted"):
+        work.wait()
+    assert 0.4 <= time.monotonic() - started < 2.0
+    assert destroyed == ["ncclCommAbort"] and channel.comm is None and channel.group is None
+    channel.close()  # closing an aborted channel does nothing more
+    assert destroyed == ["ncclCommAbort"]
+
+
+def test_closing_a_channel_destroys_the_communicator_its_join_made(vllm_calls):
+    destroyed = []
+    vllm_calls["communicator"].destroy = lambda: destroyed.append("destroyed")
+    channel = Channel(SPEC, 0, device="cpu")
+    channel.close()
+    assert destroyed == ["destroyed"] and channel.comm is None
+
+
+def test_a_failed_abort_is_said_beside_the_timeout(vllm_calls, cuda):
+    def destroy():
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    vllm_calls["communicator"].destroy = destroy
+    channel = Channel(GroupSpec("nccl", "h", 1, world_size=2, timeout_s=0.1, generation="g"), 0, device="cpu")
+    cuda["event"] = Event(None)
+    with pytest.raises(TransportError, match="aborting the communicator failed too .*unhandled system error"):
+        channel.broadcast(torch.zeros(2)).wait()
 
 
 def test_the_transport_is_explicit_and_never_silently_replaced():

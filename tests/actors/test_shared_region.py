@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 
 import pytest
 import torch
@@ -26,14 +27,23 @@ def raw(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()  # bytes cross the queue as they are
 
 
-def read_in_child(address: dict, result) -> None:
-    """An engine's side: attach, map the plan, read every bucket and the stamp."""
+def read_in_child(address: dict, result, again) -> None:
+    """An engine's side: attach, map the plan, read every bucket and the stamp; then, once the
+    learner has written again, the first value and the stamp anew (the same memory)."""
     region = SharedRegion.attach(address)
     buckets = plan_buckets(SPECS, 1 << 20)
     region.use_plan(buckets)
     got = {name: raw(view) for k, bucket in enumerate(buckets) for name, view in unpack(bucket, region.view(k))}
-    region.view(0)[0] = 7.0  # writes land in the learner's memory
     result.put((got, region.stamped()))
+    again.wait(60)
+    result.put((float(region.view(0)[0]), region.stamped()))
+
+
+def write_in_child(address: dict) -> None:
+    """An engine that writes into the region: the mapping is read-only, so the process dies."""
+    region = SharedRegion.attach(address)
+    region.use_plan(plan_buckets(SPECS, 1 << 20))
+    region.view(0)[0] = 7.0
 
 
 def test_offsets_are_aligned_after_the_header():
@@ -53,17 +63,33 @@ def test_another_process_reads_what_the_learner_packed():
             pack(bucket, sent, out=region.view(k))
         region.stamp(987654321, 5)
         context = multiprocessing.get_context("spawn")
-        result = context.Queue()
-        child = context.Process(target=read_in_child, args=(region.address, result))
+        result, again = context.Queue(), context.Event()
+        child = context.Process(target=read_in_child, args=(region.address, result, again))
         child.start()
         got, stamp = result.get(timeout=60)
-        child.join(60)
-        assert child.exitcode == 0
         assert stamp == [987654321, 5]
         assert set(got) == set(sent)
         for name in sent:
             assert got[name] == raw(sent[name]), name
-        assert float(region.view(0)[0]) == 7.0  # the same memory, not a copy
+        region.view(0)[0] = 7.0
+        region.stamp(987654322, 6)
+        again.set()
+        assert result.get(timeout=60) == (7.0, [987654322, 6]), "the engine reads the learner's memory, not a copy"
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        region.close()
+
+
+def test_the_engine_maps_the_region_read_only():
+    region = SharedRegion.create(0x1234abcd)
+    try:
+        region.use_plan(plan_buckets(SPECS, 1 << 20))
+        child = multiprocessing.get_context("spawn").Process(target=write_in_child, args=(region.address,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGSEGV, "a write from the engine side must fault"
+        assert float(region.view(0)[0]) == 0.0
     finally:
         region.close()
 
@@ -77,6 +103,29 @@ def test_a_region_that_is_not_the_learners_is_refused():
         region.close()
 
 
-def test_a_path_the_engine_cannot_open_says_to_use_gloo():
+def test_a_path_the_engine_cannot_open_says_to_use_gloo(tmp_path):
     with pytest.raises(RuntimeError, match="--sync-transport gloo"):
-        SharedRegion.attach({"path": f"/proc/{os.getpid()}/fd/987654", "token": 1})
+        SharedRegion.attach({"path": f"/proc/{os.getpid()}/fd/987654", "token": 1, "device": 0, "inode": 0})
+    missing = tmp_path / "absent"
+    with pytest.raises(RuntimeError, match="--sync-transport gloo"):
+        SharedRegion.attach({"path": str(missing), "token": 1, "device": 0, "inode": 0})
+    assert not missing.exists(), "nothing is created"
+
+
+@pytest.mark.parametrize("content", [b"", b"x" * 10, bytes(range(256)) * 4])
+def test_a_file_that_is_not_the_learners_region_is_refused_without_a_byte_written(tmp_path, content):
+    """Another process's file at the path (another pid namespace): empty, shorter than the
+    header, or longer. The engine refuses it by its inode, before mapping it; the file is
+    unchanged (before, an empty or short file was grown to the header's size)."""
+    other = tmp_path / "other-file"
+    other.write_bytes(content)
+    os.utime(other, ns=(1_000_000_000, 1_000_000_000))
+    before = os.stat(other)
+    region = SharedRegion.create(0x1234abcd)
+    try:
+        with pytest.raises(RuntimeError, match="is not this learner's weight region.*--sync-transport gloo"):
+            SharedRegion.attach({**region.address, "path": str(other)})
+    finally:
+        region.close()
+    after = os.stat(other)
+    assert other.read_bytes() == content and (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)

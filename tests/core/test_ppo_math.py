@@ -57,6 +57,60 @@ def test_whiten_gives_zero_mean_unit_variance_over_mask_and_zeros_outside():
     assert_close(unshifted, (t([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / std + 2.5) * mask)
 
 
+def trl_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """TRL's masked_whiten (trl/core.py up to 0.11, then trl/trainer/utils.py), verbatim in effect."""
+    mean = (values * mask).sum() / mask.sum()
+    variance = (((values - mean) ** 2) * mask).sum() / mask.sum()
+    variance = variance * mask.sum() / (mask.sum() - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened + mean if not shift_mean else whitened
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_matches_trl_on_hand_made_batches(shift_mean):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, generator=generator) * 3 + 1
+    mask = response_mask(torch.tensor([7, 3, 1, 5]), 7)
+    ours, trl = masked_whiten(x, mask, shift_mean), trl_masked_whiten(x, mask, shift_mean)
+    assert_close(ours, trl * mask, rtol=1e-5, atol=1e-6)
+
+
+def test_whiten_with_one_token_centres_instead_of_dividing_by_zero():
+    one = masked_whiten(t([[2.5, 7.0]]), t([[1, 0]]))
+    assert_close(one, t([[0.0, 0.0]]))  # TRL gives NaN here (n - 1 = 0)
+    assert_close(masked_whiten(t([[2.5, 7.0]]), t([[1, 0]]), shift_mean=False), t([[2.5, 0.0]]))
+    assert_close(masked_whiten(t([[2.5, 7.0]]), t([[0, 0]])), t([[0.0, 0.0]]))
+
+
+def _whiten_on_rank(rank: int, init: str, parts: list, masks: list, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+            return tensor
+
+        torch.save(masked_whiten(parts[rank], masks[rank], all_ranks_sum=all_ranks_sum), f"{out}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whitening_over_two_learners_is_the_whole_batch_and_a_one_token_rank_is_fine(tmp_path):
+    """Two gloo ranks: rank 1 holds a single one-token answer. Each rank's whitened advantages
+    equal the whole batch's, whitened in one place."""
+    import torch.multiprocessing as mp
+
+    parts = [t([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]), t([[9.0, 0.0, 0.0]])]
+    masks = [t([[1, 1, 1], [1, 1, 0]]), t([[1, 0, 0]])]
+    mp.spawn(_whiten_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", parts, masks, str(tmp_path / "w")), nprocs=2)
+    whole = masked_whiten(torch.cat(parts), torch.cat(masks))
+    assert_close(torch.load(tmp_path / "w-0.pt"), whole[:2])
+    assert_close(torch.load(tmp_path / "w-1.pt"), whole[2:])
+    assert torch.load(tmp_path / "w-1.pt")[0, 0] > 1.0, "the lone token is scaled by the batch's spread"
+
+
 def test_response_mask_and_mask_after_eos():
     assert_close(response_mask(torch.tensor([2, 0, 3]), 3), t([[1, 1, 0], [0, 0, 0], [1, 1, 1]]))
     eos = 2
@@ -208,11 +262,18 @@ def test_fixed_kl_controller_and_invalid_adaptive_settings():
         AdaptiveKLController(0.2, target=0.0, horizon=10_000)
 
 
-def test_an_answer_without_eos_scores_the_penalty_value():
-    assert penalize_missing_eos([0.9, 0.2, 0.7], [True, False, True], -1.0) == [0.9, -1.0, 0.7]
-    assert penalize_missing_eos([0.5], [True], -1.0) == [0.5]
+def test_an_answer_without_eos_loses_the_penalty_from_its_own_score_as_in_trl():
+    # TRL: rewards[~contain_eos_token] -= missing_eos_penalty
+    scores, finished = [0.9, -3.0, 0.7, -2.5], [True, False, True, False]
+    trl = torch.tensor(scores)
+    trl[~torch.tensor(finished)] -= 1.0
+    assert penalize_missing_eos(scores, finished, 1.0) == pytest.approx(trl.tolist())
+    assert penalize_missing_eos(scores, finished, 1.0) == pytest.approx([0.9, -4.0, 0.7, -3.5])
+    # a reward model whose scores sit below -1 no longer prefers cut-off answers
+    assert max(penalize_missing_eos([-3.0, -3.0], [True, False], 1.0)) == -3.0
+    assert penalize_missing_eos([0.5], [True], 1.0) == [0.5]
     with pytest.raises(ValueError, match="2 scores for 1 answers"):
-        penalize_missing_eos([0.1, 0.2], [True], -1.0)
+        penalize_missing_eos([0.1, 0.2], [True], 1.0)
 
 
 def test_learning_rate_schedules():

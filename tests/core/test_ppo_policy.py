@@ -124,3 +124,32 @@ def test_value_model_starts_as_the_reward_model(tiny_model, tmp_path):
             score = rm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
             assert values[0, t] == pytest.approx(score.item(), abs=1e-5)
     assert values.abs().max() > 0
+
+
+def test_log_probs_in_chunks_equal_the_whole_and_so_do_their_gradients(tiny_model):
+    """response_logprobs: one chunk of response tokens in float32 at a time (recomputed in the
+    backward), and the head computes the response columns only (logits_to_keep)."""
+    from core.ppo_math import entropy_from_logits, logprobs_from_logits
+    from transformers import AutoModelForCausalLM
+
+    from core.ppo_policy import pack_rollouts, response_logits_kwargs, response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    batch = pack_rollouts([[10, 11, 12, 13, 14], [20, 21], [30]], [[40, 41, 42], [50], [60, 61]], pad_id=0)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    assert response_logits_kwargs(model, batch) == {"logits_to_keep": 4}
+    whole_logits = model(**inputs).logits
+    start = batch.prompt_width - 1
+    scaled = whole_logits[:, start:start + 3].float() / 0.7
+    expected = logprobs_from_logits(scaled, batch.response), entropy_from_logits(scaled)
+    (expected[0].sum() + expected[1].sum()).backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    kept = model(**inputs, **response_logits_kwargs(model, batch)).logits
+    assert kept.shape[1] == 4 < whole_logits.shape[1]
+    logprobs, entropy = response_logprobs(kept, batch, 0.7, with_entropy=True, chunk_tokens=3)  # one row a chunk
+    torch.testing.assert_close(logprobs, expected[0])
+    torch.testing.assert_close(entropy, expected[1])
+    (logprobs.sum() + entropy.sum()).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[name], msg=name)

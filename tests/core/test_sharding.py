@@ -104,17 +104,36 @@ def shard_and_step(rank: int, port: int, model_dir: str, out: str) -> None:
     try:
         model = load_model(model_dir)
         whole = shard_bytes(model)  # before sharding: every parameter, whole
-        shard_model(model, use_gpu=False)
+        shard_model(model)
         before = full_state(model, rank=rank)
         one_step(model)
         after = full_state(model, rank=rank)
         buckets = bucket_by_bucket(model, rank)
-        stepped = ppo_update_once(model_dir, lambda m: shard_model(m, use_gpu=False),
+        stepped = ppo_update_once(model_dir, lambda m: shard_model(m),
                                   lambda m: full_state(m, rank=rank))
-        torch.save({"whole_bytes": whole, "shard_bytes": shard_bytes(model),
-                    "before": before, "after": after, "ppo": stepped, "buckets": buckets}, Path(out) / f"rank{rank}.pt")
+        loaded = loaded_from_rank0(model_dir, rank)
+        torch.save({"whole_bytes": whole, "shard_bytes": shard_bytes(model), "before": before, "after": after,
+                    "ppo": stepped, "buckets": buckets, **loaded}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def loaded_from_rank0(model_dir: str, rank: int) -> dict:
+    """The PPO learner's load under FSDP: rank 0 reads the ActorCritic, every rank shards one
+    built on `meta` and receives its shards; then the gathered state, the bytes rank 1 ever held
+    of weights, and one forward (which needs the rotary buffers)."""
+    from core.ppo_policy import load_actor_critic, pack_rollouts
+    from core.sharding import full_state, load_from_rank0, shard_bytes, shard_model
+
+    full = load_actor_critic(model_dir, model_dir) if rank == 0 else None
+    model = shard_model(load_actor_critic(model_dir, model_dir, on_meta=True))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    load_from_rank0(model, full, torch.device("cpu"))
+    batch = pack_rollouts([[5, 6, 7]], [[10, 11]], pad_id=0)
+    with torch.no_grad():
+        logprobs = model(batch)[0]
+    return {"from_rank0": full_state(model, rank=rank), "from_rank0_bytes": shard_bytes(model),
+            "from_rank0_logprobs": logprobs}
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +184,14 @@ def test_a_sharded_adamw_step_matches_an_unsharded_one(ranks, tiny_model):
 def test_the_ppo_update_on_shards_matches_the_unsharded_one(ranks, tiny_model):
     """The learner's FSDP path end to end: ActorCritic forward on shards, gradients averaged
     by reduce-scatter, ``clip_grad_norm_`` over DTensor shards (max_grad_norm 0.1: the clip is
-    active), two AdamW steps (the second one sees the ratio of the two clipped gradients)."""
+    active), two AdamW steps (the second one sees the ratio of the two clipped gradients).
+    Both ranks held the same two rollouts, so the advantages were whitened over four rows: the
+    unsharded run sums its statistics over two ranks the same way."""
     from core.sharding import full_state
 
-    expected = ppo_update_once(tiny_model, lambda m: m, full_state)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("workflows.ppo_learner.all_ranks_sum", lambda tensor: tensor * WORLD)
+        expected = ppo_update_once(tiny_model, lambda m: m, full_state)
     gathered = ranks[0]["ppo"]
     assert gathered.keys() == expected.keys()
     gaps = {name: (gathered[name] - tensor).abs().max().item() for name, tensor in expected.items()}
@@ -192,3 +215,20 @@ def test_a_weight_sync_gathers_one_bucket_at_a_time(ranks, tiny_model):
         size = sum(t.numel() * t.element_size() for t in bucket.values())
         assert size <= BUCKET_BYTES or len(bucket) == 1, (list(bucket), size)
     assert max(sum(t.numel() * t.element_size() for t in b.values()) for b in buckets) < ranks[0]["whole_bytes"] / 2
+
+
+def test_rank_0_alone_reads_the_weights_and_every_rank_gets_its_shards(ranks, tiny_model):
+    """core.sharding.load_from_rank0: the gathered state is the model rank 0 read, each rank
+    holds only its shards, and both ranks compute what the unsharded model computes."""
+    from core.ppo_policy import load_actor_critic, pack_rollouts
+
+    whole = load_actor_critic(tiny_model, tiny_model)
+    original = whole.state_dict()
+    gathered = ranks[0]["from_rank0"]
+    assert gathered.keys() == original.keys() and ranks[1]["from_rank0"] is None
+    assert all(torch.equal(gathered[name], tensor) for name, tensor in original.items())
+    assert ranks[1]["from_rank0_bytes"] <= 0.6 * sum(p.numel() * 4 for p in whole.parameters())
+    with torch.no_grad():
+        expected = whole(pack_rollouts([[5, 6, 7]], [[10, 11]], pad_id=0))[0]
+    for seen in ranks:
+        assert torch.allclose(seen["from_rank0_logprobs"], expected, atol=1e-6)

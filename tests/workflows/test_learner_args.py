@@ -27,14 +27,17 @@ def test_fsdp_on_gpus_is_the_trainers_fsdp2_plugin_over_nccl_in_bf16():
     assert _model_dtype(cfg.learner) == torch.float32, "float32 shards: the optimizer's master weights"
 
 
-def test_ddp_on_gpus_trains_bf16_replicas_and_cpus_float32():
+def test_ddp_trains_float32_masters_and_computes_in_bf16_on_gpus():
     gpu = sft(use_gpu=True, gradient_checkpointing=True)
     args = _common_args(gpu, "/tmp/x")
-    assert "fsdp" not in args and args["ddp_backend"] == "nccl" and args["gradient_checkpointing"]
-    assert _model_dtype(gpu.learner) == torch.bfloat16
+    assert "fsdp" not in args and args["ddp_backend"] == "nccl" and args["gradient_checkpointing"] and args["bf16"]
+    assert _model_dtype(gpu.learner) == torch.float32, "float32 masters under DDP too"
     cpu = _common_args(sft(), "/tmp/x")
     assert cpu["ddp_backend"] == "gloo" and cpu["use_cpu"] and not cpu["bf16"]
-    assert _model_dtype(sft(strategy="fsdp").learner) == torch.float32
+    assert _common_args(sft(compute_dtype="bfloat16"), "/tmp/x")["bf16"], "bf16 on CPUs when asked"
+    assert not _common_args(sft(use_gpu=True, compute_dtype="float32"), "/tmp/x")["bf16"]
+    with pytest.warns(UserWarning, match="pure bf16|no float32 copy"):
+        assert _model_dtype(sft(master_dtype="bfloat16").learner) == torch.bfloat16
 
 
 @pytest.fixture
@@ -56,7 +59,7 @@ def test_gpu_mixed_precision_computes_in_bf16_over_float32_shards(tiny_model, on
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert [type(b).__name__ for b in transformer_blocks(model)] == ["LlamaDecoderLayer"] * 2
-    shard_model(model, use_gpu=True)
+    shard_model(model, compute_dtype=torch.bfloat16)
     assert is_sharded(model) and all(p.dtype == torch.float32 for p in model.parameters())
     logits = model(input_ids=torch.tensor([[1, 5, 9, 4]])).logits
     assert logits.dtype == torch.bfloat16, "the forward ran on bf16 copies of the weights"

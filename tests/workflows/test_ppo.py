@@ -195,10 +195,10 @@ def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_policy_with_frozen_models_in_actors(ppo_run, reward_model, tmp_path):
-    """LoRA on q/v projections, the reference and a reward model (as `cai train rm` saves one) in
-    their own actor: the engines get merged weights (the sync is exact), and only the adapted
-    weights differ from the start. The only
+def test_lora_policy_with_frozen_models_in_actors(ppo_run, trained_reward_model, tmp_path):
+    """LoRA on q/v projections, the reference and a reward model trained by `cai train rm` in
+    their own actor, its scores centred on its training mean (--reward-center): the engines get
+    merged weights (the sync is exact), and only the adapted weights differ from the start. The only
     rollout engine is killed as step 2 begins (the fault drill): no engine holds the policy when
     Ray brings it back, so the learner catches it up between rollouts (a new group, the merged
     weights, a check) before it samples step 2."""
@@ -208,8 +208,11 @@ def test_lora_policy_with_frozen_models_in_actors(ppo_run, reward_model, tmp_pat
     run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=2, learners=1, rollout_workers=1,
                        rollout_batch=8, frozen_on="actors", lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"],
                        sync_check_every=1, run_name="lora-test", max_failures=0, kill_engine_at_step=2,
-                       reward_fn="", reward_model=reward_model))
+                       reward_fn="", reward_model=trained_reward_model["path"], reward_center=True,
+                       missing_eos_penalty=0.5))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["reward_offset"] == trained_reward_model["summary"]["metrics"]["train_reward_mean"] != 0
     assert len(history) == 2 and all(row["sync_logprob_diff"] <= 1e-4 for row in history), history
     assert all(row["rollout_logprob_diff"] < 1e-4 for row in history)
     assert all(row["reward"] == row["reward"] for row in history), "the reward model scored every step"
@@ -221,6 +224,44 @@ def test_lora_policy_with_frozen_models_in_actors(ppo_run, reward_model, tmp_pat
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
     assert all("lora_" in name for name in load_file(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_a_bf16_policy_against_a_bf16_reference_starts_at_kl_0(ppo_run, tmp_path):
+    """--compute-dtype bfloat16 --frozen-dtype bfloat16: the policy's forward casts every
+    parameter to bf16 (DDP), so at step 1 it computes exactly what the bf16 reference does. A
+    float32 policy against a bf16 reference gave a KL of 1.1e-4 at step 1 here (issue #25)."""
+    out = tmp_path / "bf16"
+    summary = run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=1, learners=1,
+                                 rollout_workers=1, rollout_batch=4, minibatch=2, ppo_epochs=1, max_failures=0,
+                                 compute_dtype="bfloat16", frozen_dtype="bfloat16"))
+    (step_1,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(step_1["kl"]) <= 1e-6, step_1["kl"]
+    assert summary["precision"]["compute_dtype"] == "bfloat16" and summary["precision"]["master_dtype"] == "float32"
+    assert step_1["sync_logprob_diff"] <= 1e-4, "the check compares the float32 masters with the float32 engine"
+
+
+def test_a_failure_on_learner_rank_0_alone_ends_every_learner_within_seconds(ppo_run, tmp_path, capsys):
+    """The drill --sync-fail-at-version 2: learner rank 0 alone raises as it prepares the push
+    after step 2 (as a refused shared region or a failed join would), while rank 1 heads for the
+    gathers of that push. Every learner stops at once, and the command prints one line."""
+    from workflows.cli.main import main
+
+    out = tmp_path / "failing"
+    flags = ["train", "ppo", "--policy", ppo_run["tiny_model"], "--prompts", str(ppo_run["prompts"]), "--out", str(out),
+             "--reward-fn", "vowel_share", "--steps", "3", "--rollout-batch", "4", "--minibatch", "2",
+             "--ppo-epochs", "1", "--max-new-tokens", "8", "--learners", "2", "--strategy", "fsdp",
+             "--rollout-workers", "1", "--enforce-eager", "--max-model-len", "512", "--max-failures", "0",
+             "--storage-path", str(tmp_path / "storage"), "--sync-fail-at-version", "2"]
+    capsys.readouterr()
+    assert main(flags) == 1
+    ended = time.time()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cai: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "learner rank 0 failed: TransportUnavailable: fault drill" in lines[0], lines[0]
+    # step 1 was logged; step 2's rollout, update and the failed push took the rest
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1] and ended - rows[0]["time"] < 30, (ended, rows)
 
 
 @pytest.mark.slow
@@ -238,6 +279,21 @@ def test_config_needs_exactly_one_reward(tiny_model, tmp_path):
         ppo_config(tiny_model, tmp_path / "p.jsonl", tmp_path / "o", rollout_batch=15)
     with pytest.raises(ConfigError, match=r"--top-p 0.9: PPO rollouts sample the whole tempered distribution"):
         ppo_config(tiny_model, tmp_path / "p.jsonl", tmp_path / "o", top_p=0.9)
+
+
+def test_reward_center_needs_a_reward_model_that_recorded_its_mean(tiny_model, reward_model, tmp_path):
+    from workflows.ppo import reward_model_mean
+
+    with pytest.raises(ConfigError, match="--reward-center needs --reward-model"):
+        ppo_config(tiny_model, tmp_path / "p.jsonl", tmp_path / "o", reward_center=True)
+    with pytest.raises(ConfigError, match="--missing-eos-penalty"):
+        ppo_config(tiny_model, tmp_path / "p.jsonl", tmp_path / "o", missing_eos_penalty=-1.0)
+    # a sequence classifier saved without `cai train rm`'s summary: named, with what to do
+    with pytest.raises(ConfigError, match=r"training_summary\.json holds no metrics\.train_reward_mean.*drop --reward-center"):
+        reward_model_mean(reward_model)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "training_summary.json").write_text(json.dumps({"metrics": {"train_reward_mean": -2.5}}))
+    assert reward_model_mean(str(tmp_path / "rm")) == -2.5
 
 
 def test_unknown_reward_function_is_a_clear_error():

@@ -61,31 +61,21 @@ def assert_served_by_vllm(model_dir) -> None:
         ray.kill(host)
 
 
-def test_reward_model_learns_a_marker_preference(tiny_model, tmp_path):
-    import random
-
-    rng = random.Random(0)
-    words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]
-    pairs = tmp_path / "pairs.jsonl"
-    with pairs.open("w") as handle:
-        for i in range(48):
-            # the same random words; the chosen answer carries the marker where the rejected has another word
-            body = rng.sample(words, 6)
-            position = rng.randrange(7)
-            chosen = " ".join(body[:position] + ["harmless"] + body[position:])
-            rejected = " ".join(body[:position] + [rng.choice(words)] + body[position:])
-            handle.write(json.dumps({
-                "prompt": [{"role": "user", "content": f"Question {i}: is it safe?"}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "chosen_prob": 0.9,
-            }) + "\n")
-    out = tmp_path / "rm"
-    summary = run_train(train_config("rm", tiny_model, [pairs], out, max_steps=30, lr=2e-3, eval_split=0.0,
-                                     batch_size=4, strategy="fsdp", gradient_checkpointing=True))
+def test_reward_model_learns_a_marker_preference(trained_reward_model):
+    """`cai train rm` under FSDP with gradient checkpointing (the session's trained_reward_model,
+    also the reward of the LoRA PPO run)."""
+    out, summary = Path(trained_reward_model["path"]), trained_reward_model["summary"]
     metrics = summary["metrics"]
+    assert summary["precision"]["compute_dtype"] == "bfloat16", "trained in bf16 compute over float32 masters"
+    from safetensors.torch import load_file
+
+    assert all(tensor.dtype == torch.float32 for tensor in load_file(out / "model.safetensors").values())
     assert metrics["train_pairwise_accuracy"] >= 0.8
     assert metrics["train_pairwise_accuracy"] > metrics["before_train_pairwise_accuracy"]
+    # what `cai train ppo --reward-center` subtracts, read back from the model folder
+    from workflows.ppo import reward_model_mean
+
+    assert reward_model_mean(str(out)) == metrics["train_reward_mean"] and metrics["train_reward_std"] > 0
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -98,11 +88,15 @@ def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
     # with LoRA adapters on two projections, over FSDP2 shards: the saved model is merged
     out = tmp_path / "dpo"
     summary = run_train(train_config("dpo", tiny_model, [sl_cai_data], out, max_steps=4, strategy="fsdp",
-                                     lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"]))
+                                     lora_r=8, lora_alpha=16, lora_targets=["q_proj", "v_proj"],
+                                     compute_dtype="bfloat16"))
     assert summary["metrics"]["global_step"] == 4
+    assert summary["precision"] == {"compute_dtype": "bfloat16", "master_dtype": "float32",
+                                    "forward": "every parameter cast to the compute dtype"}
     from safetensors.torch import load_file
 
     base, merged = load_file(Path(tiny_model) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in merged.values()), "float32 masters, saved as they are"
     assert set(merged) == set(base), "an ordinary model: the base model's names, no adapter weights"
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
@@ -112,6 +106,21 @@ def test_dpo_trains_on_sl_cai_pairs(tiny_model, sl_cai_data, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
     assert_served_by_vllm(out)
+
+
+def test_sft_in_bf16_at_lr_1e_5_moves_its_float32_weights(tiny_model, sl_cai_data, tmp_path):
+    """--compute-dtype bfloat16 (DDP, autocast over float32 masters): two optimizer steps at lr
+    1e-5 change the weights; bf16 weights would keep most of them (tests/core/test_precision.py)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft-bf16"
+    summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, workers=1, max_steps=2, lr=1e-5,
+                                     compute_dtype="bfloat16"))
+    assert summary["precision"]["compute_dtype"] == "bfloat16" and summary["precision"]["master_dtype"] == "float32"
+    base, trained = load_file(Path(tiny_model) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in trained.values())
+    changed = [name for name in base if not torch.equal(base[name], trained[name])]
+    assert len(changed) >= 0.9 * len(base), f"only {len(changed)} of {len(base)} tensors moved"
 
 
 def test_bad_data_fails_before_any_worker(tiny_model, tmp_path):

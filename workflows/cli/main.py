@@ -1,7 +1,8 @@
 """The ``cai`` command line, built from :data:`workflows.cli.registry.COMMANDS`.
 
-User errors (bad files, missing models) print one ``cai: error: ...`` line and exit 2; set
-``CAI_DEBUG=1`` to see the traceback instead.
+User errors (bad files, missing models) print one ``cai: error: ...`` line and exit 2; a run
+that failed on its learners prints one such line and exits 1. Set ``CAI_DEBUG=1`` to see the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from workflows.runtime.models import ModelNotFoundError
 from workflows.runtime.placement import PlacementError
 from workflows.runtime.ray_auth import RayAuthError
 from workflows.runtime.shard_pool import NoCapacityError
+from workflows.runtime.training import LearnerFailed
 
 USER_ERRORS = (ConfigError, RewardError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError,
                ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError, JobClientError,
                RayAuthError, PlacementError, NoCapacityError)
+RUN_FAILURES = (LearnerFailed,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cai: error: {exc}", file=sys.stderr)
         return 2
+    except RUN_FAILURES as exc:  # the run itself failed: one line too, exit 1
+        if os.environ.get("CAI_DEBUG"):
+            raise
+        print(f"cai: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,34 @@ HOLD_SECONDS = 600  # how long a fault drill holds a learner (see LearnerOptions
 FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout has no "never"
 
 
+def precision_summary(learner: LearnerOptions) -> dict[str, str]:
+    """The run's precision policy as it resolved (core.precision), for training_summary.json."""
+    from core.precision import resolve_compute_dtype
+
+    compute = str(resolve_compute_dtype(learner.compute_dtype, learner.use_gpu)).removeprefix("torch.")
+    return {"compute_dtype": compute, "master_dtype": learner.master_dtype,
+            "forward": "every parameter cast to the compute dtype" if compute != "float32" else "float32"}
+
+
+class LearnerFailed(RuntimeError):
+    """A learner raised and the run stopped (one line for the terminal; the cause is chained)."""
+
+
+def learner_failure(failures: dict[int, BaseException]) -> str:
+    """``learner rank R failed: Type: first line`` for the failure that caused the others: the
+    lowest rank whose error is not a peer's echo (weight_sync.PeerFailed)."""
+    def root(exc: BaseException) -> BaseException:
+        cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's own exception
+        return cause if isinstance(cause, BaseException) else exc
+
+    ranked = sorted((rank, root(exc)) for rank, exc in failures.items()) if failures else []
+    if not ranked:
+        return "a learner failed"
+    rank, exc = next(((r, e) for r, e in ranked if type(e).__name__ != "PeerFailed"), ranked[0])
+    text = str(exc).strip().splitlines()
+    return f"learner rank {rank} failed: {type(exc).__name__}: {text[0] if text else ''}"
+
+
 @dataclass(frozen=True)
 class LearnerOptions:
     """How the Ray Train learners of every training job (sft, rm, dpo, ppo) run and save."""
@@ -44,8 +72,15 @@ class LearnerOptions:
                            "too (--tensor-parallel each)", identity=True)
     seed: int = option(0, "seed for data order, the held-out split, initialization and sampling", identity=True)
     strategy: Literal["ddp", "fsdp"] = option("ddp", "how the learners hold the trained model: whole replicas (DDP), "
-                                              "or FSDP2 shards, one unit per transformer block (bf16 compute with "
-                                              "fp32 reduction on GPU)", identity=True)
+                                              "or FSDP2 shards, one unit per transformer block (computing in "
+                                              "--compute-dtype, reducing gradients in float32)", identity=True)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "dtype of every forward (policy, value, reference, reward model): in bfloat16 each parameter is cast "
+        "for the forward, under DDP as under FSDP, while the trained weights stay float32 masters. auto: bfloat16 "
+        "with --use-gpu, float32 on CPUs", identity=True)
+    master_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", "dtype of the weights the optimizer steps. bfloat16 is pure bf16 training, which warns: updates "
+        "smaller than a weight's bf16 step are lost", identity=True)
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
                                           "pass instead of keeping them: about one hidden state per block and token "
                                           "stays in memory, for ~1/3 more compute")
@@ -326,6 +361,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise LearnerFailed(f"cai train {job.kind}: {learner_failure(exc.worker_failures)}; every learner "
+                            f"stopped (Ray Train run {name}; CAI_DEBUG=1 shows the traceback)") from exc
     except ray.train.ControllerError as exc:
         if "worker group startup timed out" not in str(exc):  # Ray 2.60's words for "no room in time"
             raise
@@ -352,6 +390,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "history": metrics.get("history", []),
         "wall_seconds": round(time.monotonic() - started, 2),
         "run_id": run_id,
+        "precision": precision_summary(job.learner),
         "ray_train": {"name": name, "storage_path": storage},
         "data": data_lineage(job.data),
         "config": config_to_dict(job.config),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,10 +90,13 @@ class Pusher:
         """Rank 0's plan, on every learner (the same buckets in the same order)."""
         self.wire, self.plan = wire, from_wire(wire)
 
-    def push(self, targets: list[int], version: int) -> Attempt:
+    def push(self, targets: list[int], version: int,
+             agree: Callable[[Callable[[], Any]], Any] = lambda work: work()) -> Attempt:
         """Send the policy to the engines ``targets`` (indices; rank 0) as weights ``version``.
         Every learner calls it under FSDP: the gathers are collectives. Engines that failed
-        or died are in the returned attempt; nothing is retried here."""
+        or died are in the returned attempt; nothing is retried here. ``agree(work)`` runs
+        rank 0's preparation (joins, the shared region, the receives) and tells every learner
+        whether it failed, before the first gather (``WeightSync._on_rank0``)."""
         attempt = Attempt()
         attempt.seconds["sync_join_s"], self.pending_join_s = self.pending_join_s, 0.0
         links = [self.engines[i] for i in targets] if self.rank == 0 else []
@@ -101,14 +105,17 @@ class Pusher:
             return attempt
         import ray
 
-        for link in links:
-            if link.channel is None:
-                self.join(link, attempt)
-        # sized before any engine maps it for this plan
-        region = self._shared_region() if any(link.shared for link in links) else None
-        receives = {link.index: link.actor.sync_receive.remote(link.generation, self.wire, version,
-                                                              self.options.sync_load)
-                    for link in links if link.index not in attempt.failed and link.index not in attempt.dead}
+        def prepare() -> tuple[SharedRegion | None, dict]:
+            for link in links:
+                if link.channel is None:
+                    self.join(link, attempt)
+            # sized before any engine maps it for this plan
+            region = self._shared_region() if any(link.shared for link in links) else None
+            return region, {link.index: link.actor.sync_receive.remote(link.generation, self.wire, version,
+                                                                       self.options.sync_load)
+                            for link in links if link.index not in attempt.failed and link.index not in attempt.dead}
+
+        region, receives = agree(prepare) or (None, {})  # (None, {}) on the learners that only gather
         in_flight: deque = deque()
         attempt.shared = sum(link.shared for link in links)
         if self.rank == 0 and region is None and (self.buffers is None or self.send_device.type != "cpu"):

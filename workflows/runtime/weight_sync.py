@@ -42,17 +42,21 @@ from typing import Any, Literal
 
 import torch
 
-from actors.broadcast_group import TransportUnavailable
+from actors.broadcast_group import TransportError, TransportUnavailable
 from core.config import failing, option
 from core.policy_source import PolicySource
 from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
 
 TRANSPORTS = ("shm", "gloo", "nccl", "blob")
+# A 16-bit engine's log-probs of a sequence differ from the learner's by up to this much with
+# the same weights (kernels and rounding); measured in docs/weight-sync.md.
+STALE_NOISE_16BIT = 0.1
+STALE_RATIO = 0.5  # a sync must remove at least half of a gap above the noise
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
 
 
-class TransportError(RuntimeError):
-    """A push did not reach an engine twice (a peer gone quiet, a timeout, a failed load or check)."""
+class PeerFailed(RuntimeError):
+    """Learner rank 0 failed in a step only it takes; the other learners stop with it."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,12 @@ class SyncOptions:
     sync_check_every: int = option(10, "check that an engine computes the learner's log-probs at the first sync, "
                                    "then every N versions (and always after an engine restarts)")
     sync_check_tol: float = option(0.0, "largest log-prob gap the check accepts (relative where |log-prob| > 1); "
-                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines")
+                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines. Beside it, an engine "
+                                   "whose gap after the sync is not below half its gap before (when that was above "
+                                   "the precision's noise) fails: it kept stale weights")
+    sync_fail_at_version: int = option(0, "fault drill (tests set it): learner rank 0 alone fails as it prepares "
+                                       "the push of weights version N, as a refused shared region or a failed "
+                                       "join would; every learner must stop at once; 0 = never")
 
     def transport(self, use_gpu: bool) -> str:
         if self.sync_transport == "auto":
@@ -84,9 +93,16 @@ class SyncOptions:
             return self.sync_check_tol
         return 1e-4 if engine_dtype in (None, "float32", "float64") else 0.5
 
+    @staticmethod
+    def noise(engine_dtype: str | None) -> float:
+        """The log-prob gap a correctly synced engine may still show from precision alone
+        (docs/weight-sync.md): below it, a sync's effect cannot be told from noise."""
+        return 1e-4 if engine_dtype in (None, "float32", "float64") else STALE_NOISE_16BIT
+
     def problems(self) -> list[str]:
         return failing({"sync_bucket_mb": self.sync_bucket_mb >= 1, "sync_timeout": self.sync_timeout > 0,
-                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0})
+                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0,
+                        "sync_fail_at_version": self.sync_fail_at_version >= 0})
 
 
 class WeightSync:
@@ -94,8 +110,11 @@ class WeightSync:
 
     def __init__(self, options: SyncOptions, actors: Sequence[Any], source: PolicySource, *, rank: int, world: int,
                  use_gpu: bool, device: torch.device, learner_logprobs: Callable[[Reference], torch.Tensor],
-                 engine_workers: int = 1, wait_timeout: float | None, ping_timeout: float = 2.0):
-        self.options, self.rank = options, rank
+                 engine_workers: int = 1, wait_timeout: float | None, ping_timeout: float = 2.0,
+                 learner_dtype: str = "float32"):
+        """``learner_dtype``: the dtype of ``learner_logprobs``' forward (bfloat16 under FSDP's
+        mixed precision), which bounds the check's tolerance as the engines' dtype does."""
+        self.options, self.rank, self.learner_dtype = options, rank, learner_dtype
         self.transport = options.transport(use_gpu)
         if self.transport not in TRANSPORTS:
             raise TransportUnavailable(f"unknown --sync-transport {self.transport!r}")
@@ -118,8 +137,7 @@ class WeightSync:
         if self.rank != 0 and not self.collective:
             return {}
         started = time.monotonic()
-        decision = self._decide(version, only_if_stale) if self.rank == 0 else None
-        decision = self._share(decision)
+        decision = self._on_rank0(lambda: self._decide(version, only_if_stale), share=True)
         if not decision["targets"]:
             return {}
         if self.pusher.wire is None:
@@ -130,12 +148,16 @@ class WeightSync:
                                    "sync_logprob_diff": None, "sync_check_s": 0.0, "sync_retries": 0}
         mark = time.monotonic()
         expected = self.learner_logprobs(reference) if check else None  # a forward on every learner under FSDP
+        before: dict[int, float] = {}  # each checked engine's gap before the push: a stale one keeps it
         if check and self.rank == 0:
-            gaps = self._engine_gaps(self.engines[targets[0]], reference, expected)
-            metrics["presync_logprob_diff"] = None if gaps is None else float(gaps.max())
+            for index in targets:
+                gaps = self._engine_gaps(self.engines[index], reference, expected)
+                if gaps is not None:
+                    before[index] = float(gaps.max())
+            metrics["presync_logprob_diff"] = max(before.values()) if before else None
         metrics["sync_check_s"] = time.monotonic() - mark if check else 0.0
         for attempt_no in (1, 2):
-            attempt = self.pusher.push(targets, version)
+            attempt = self.pusher.push(targets, version, agree=self._on_rank0)
             if self.rank == 0:
                 for key, value in attempt.seconds.items():
                     metrics[key] = metrics.get(key, 0.0) + value
@@ -144,7 +166,7 @@ class WeightSync:
                 pushed = [i for i in targets if i not in attempt.failed and i not in attempt.dead]
                 if check and pushed:
                     mark = time.monotonic()
-                    diffs = self._check(pushed, reference, expected, attempt)
+                    diffs = self._check(pushed, reference, expected, attempt, before)
                     metrics["sync_check_s"] += time.monotonic() - mark
                     metrics["sync_logprob_diff"] = max(diffs) if diffs else None
             retry = self._share(sorted(attempt.failed) if self.rank == 0 else None)
@@ -167,6 +189,8 @@ class WeightSync:
     # -- rank 0: which engines, and whether to check -----------------------------------------
 
     def _decide(self, version: int, only_if_stale: bool) -> dict[str, Any]:
+        if version == self.options.sync_fail_at_version:  # the fault drill: a rank-0-only failure
+            raise TransportUnavailable(f"fault drill: learner rank 0 fails preparing the push of version {version}")
         states = self._ping()
         targets, restarted = [], []
         for link in self.engines:
@@ -208,6 +232,32 @@ class WeightSync:
         return answers([link.actor for link in self.engines], "sync_state", ping_timeout=self.ping_timeout,
                        wait_timeout=self.wait_timeout)
 
+    def _on_rank0(self, work: Callable[[], Any], *, share: bool = False) -> Any:
+        """Run ``work`` on rank 0 alone, then tell every learner whether it failed (one
+        broadcast among the learners), so that an error there stops them all at this point
+        instead of leaving the others in the next collective until the process group's
+        timeout (30 minutes). Returns rank 0's value: on every learner with ``share``, else
+        on rank 0 (None on the others)."""
+        failure: BaseException | None = None
+        value = None
+        if self.rank == 0:
+            try:
+                value = work()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+                failure = exc
+        if not self.collective:
+            if failure is not None:
+                raise failure
+            return value
+        outcome = self._share(None if self.rank != 0 else
+                              {"error": f"{type(failure).__name__}: {failure}" if failure else None,
+                               "value": value if share else None})
+        if failure is not None:
+            raise failure
+        if outcome["error"]:
+            raise PeerFailed(f"learner rank 0 failed, so this learner stops too: {outcome['error']}")
+        return outcome["value"] if share else value
+
     def _share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every learner (under FSDP; the others decide nothing)."""
         if not self.collective:
@@ -220,10 +270,15 @@ class WeightSync:
 
     # -- the exactness check (rank 0) ------------------------------------------------------
 
-    def _check(self, indices: list[int], reference: Reference, expected: torch.Tensor, attempt: Attempt) -> list[float]:
-        """Each engine's log-probs of ``reference`` against the learner's; one over the
-        tolerance counts as a failed push."""
-        tolerance = self.options.tolerance(self.pusher.engine_dtype)
+    def _check(self, indices: list[int], reference: Reference, expected: torch.Tensor, attempt: Attempt,
+               before: dict[int, float]) -> list[float]:
+        """Each engine's log-probs of ``reference`` against the learner's. A push fails when
+        the gap is over the tolerance, or when it is not clearly below the engine's gap before
+        the push (``before``) where that was above the precision's noise: in 16 bits the
+        tolerance alone is wider than what a PPO step moves, so a stale engine could pass it."""
+        # the precision of the two sides' log-probs: the lower one sets what the check can see
+        dtype = self.pusher.engine_dtype if self.learner_dtype in ("float32", "float64") else self.learner_dtype
+        tolerance, noise = self.options.tolerance(dtype), self.options.noise(dtype)
         diffs = []
         for index in indices:
             gaps = self._engine_gaps(self.engines[index], reference, expected)
@@ -233,9 +288,15 @@ class WeightSync:
             diffs.append(float(gaps.max()))
             # an unlikely token (log-prob -30) carries float error in proportion: relative beyond |1|
             scaled = float((gaps / expected.detach().float().cpu().abs().clamp(min=1.0)).max())
+            gap_before = before.get(index, 0.0)
             if scaled > tolerance:
                 attempt.failed[index] = (f"check: log-probs differ from the learner's by {diffs[-1]:.2e} "
                                          f"({scaled:.2e} relative) > {tolerance:g}")
+            elif gap_before > noise and diffs[-1] > STALE_RATIO * gap_before:
+                attempt.failed[index] = (f"check: the sync left a log-prob gap of {diffs[-1]:.2e}, "
+                                         f"{diffs[-1] / gap_before:.0%} of the {gap_before:.2e} before it: the engine "
+                                         "kept stale weights")
+            if index in attempt.failed:
                 self.engines[index].drop_channel()
         return diffs
 

@@ -23,6 +23,7 @@ from workflows.runtime.weight_sync import SyncOptions, TransportError, WeightSyn
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 REFERENCE = ([10, 11, 12, 13], [20, 21, 22, 23, 24])
+STALE_PERTURBATION = 0.02  # moves the reference's log-probs by more than bf16's noise, less than 0.5
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,10 @@ def weight_sync(model, actors, **options) -> WeightSync:
                       learner_logprobs=lambda ref: learner_logprobs(model, ref), wait_timeout=120)
 
 
-def perturb(model) -> None:
+def perturb(model, scale: float = 0.02) -> None:
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p) * scale)
 
 
 def engine_gap(actor, model) -> float:
@@ -183,5 +184,64 @@ def test_a_group_whose_peer_is_gone_raises_within_the_timeout(engines, learner):
             for _ in range(50):  # the send buffer may take a bucket or two before the peer's absence shows
                 channel.broadcast(torch.zeros(1 << 20)).wait()
         assert time.monotonic() - started < 30
+    finally:
+        sync.close()
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(ray_local, tiny_model):
+    actor = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker).remote(
+        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True, dtype="bfloat16"))
+    ray.get(actor.info.remote())
+    yield actor
+    ray.kill(actor, no_restart=True)
+
+
+class Skipping(PolicySource):
+    """A plan that leaves one tensor out (the final norm)."""
+
+    def specs(self, dtype=None):
+        return [spec for spec in super().specs(dtype) if spec[0] != "model.norm.weight"]
+
+
+class Frozen(PolicySource):
+    """Sends the weights the learner had when this was made, whatever it holds now: an engine
+    fed this is stale while the learner's log-probs move on."""
+
+    def __init__(self, model):
+        import copy
+
+        super().__init__(copy.deepcopy(model))
+
+
+def test_at_bf16_a_push_that_skips_a_tensor_or_leaves_the_engine_stale_fails(bf16_engine, learner):
+    """A bf16 engine, where the check's tolerance (0.5) is wider than what a step moves: a plan
+    without one tensor is refused by the engine (a parameter got nothing), and an engine still
+    holding the previous weights fails the check (its gap did not shrink)."""
+    from workflows.runtime.weight_sync import STALE_NOISE_16BIT
+
+    def sync_with(source):
+        return WeightSync(SyncOptions(sync_bucket_mb=1, sync_timeout=20.0), [bf16_engine], source, rank=0, world=1,
+                          use_gpu=False, device=torch.device("cpu"), wait_timeout=120,
+                          learner_logprobs=lambda ref: learner_logprobs(learner, ref))
+
+    sync = sync_with(Skipping(learner))
+    try:
+        with pytest.raises(TransportError, match=r"got no tensor from this sync \(e\.g\. model\.norm\.weight\)"):
+            sync.sync(1, REFERENCE)
+    finally:
+        sync.close()
+    sync = sync_with(PolicySource(learner))
+    try:
+        row = sync.sync(2, REFERENCE)  # a whole push: checked, and the bf16 gap is the precision's alone
+        assert row["sync_logprob_diff"] < STALE_NOISE_16BIT / 2, row
+    finally:
+        sync.close()
+    stale = Frozen(learner)
+    perturb(learner, scale=STALE_PERTURBATION)
+    sync = sync_with(stale)
+    try:
+        with pytest.raises(TransportError, match="kept stale weights"):
+            sync.sync(3, REFERENCE)
     finally:
         sync.close()
