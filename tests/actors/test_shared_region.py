@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,14 @@ def test_offsets_are_aligned_after_the_header():
     starts, size = offsets(buckets)
     assert starts[0] == HEADER and all(start % ALIGN == 0 for start in starts)
     assert all(b.nbytes <= nxt - start for b, start, nxt in zip(buckets, starts, [*starts[1:], size]))
+
+
+@pytest.fixture(autouse=True)
+def importable_by_spawned_children(monkeypatch):
+    """Spawned children unpickle their target by this module's name (tests.actors...): pytest
+    (--import-mode=importlib) imports it without the repository root on sys.path, and spawn
+    hands the children the parent's sys.path."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
 
 
 def test_another_process_reads_what_the_learner_packed():

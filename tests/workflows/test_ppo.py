@@ -257,7 +257,9 @@ def test_a_failure_on_learner_rank_0_alone_ends_every_learner_within_seconds(ppo
     ended = time.time()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("cai: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    # Ray Train echoes each worker's own traceback, prefixed with the worker; the command adds none
+    driver_tracebacks = [line for line in err.splitlines() if "Traceback" in line and "RayTrainWorker" not in line]
+    assert len(lines) == 1 and not driver_tracebacks, err[-3000:]
     assert "learner rank 0 failed: TransportUnavailable: fault drill" in lines[0], lines[0]
     # step 1 was logged; step 2's rollout, update and the failed push took the rest
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -319,5 +319,8 @@ def refuse_unless_free(needed: int, free: int | None = None) -> None:
 
 
 def _short(exc: Any) -> str:
+    cause = getattr(exc, "cause", None)  # a RayTaskError: the engine's own exception says what went wrong
+    if isinstance(cause, BaseException):
+        exc = cause
     text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
     return text if len(text) < 300 else text[:300] + " ..."
