@@ -45,22 +45,35 @@ def shard_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.float32)
 
 def load_from_rank0(model: nn.Module, full: nn.Module | None, device: torch.device) -> nn.Module:
     """Give a model sharded on the ``meta`` device (:func:`shard_model` after building it on
-    meta) its weights from rank 0's whole copy ``full`` (None on the other ranks): each rank
-    allocates only its shards on ``device`` and receives them from rank 0
-    (``set_model_state_dict(broadcast_from_rank0=True)``). Buffers (rotary frequencies, not in
-    the state dict's loaded keys on every model) are broadcast whole. So no rank but 0 ever
-    holds the whole model in host memory. A collective: every rank calls it."""
+    meta) its weights from rank 0's whole copy ``full`` (None on the other ranks): tensor by
+    tensor, rank 0 scatters each parameter (``distribute_tensor(src_data_rank=0)``) and frees its
+    whole copy of it once sent, so its memory goes down as its shards come up; buffers (rotary
+    frequencies) are broadcast whole. No rank but 0 ever holds the whole model in host memory,
+    and rank 0 never holds it twice. A collective: every rank calls it, in the same order."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
-    state = full.state_dict() if full is not None else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    source = dict(full.named_buffers()) if full is not None else {}
-    for name, buffer in model.named_buffers():
-        if full is not None:
-            buffer.copy_(source[name])
-        dist.broadcast(buffer, src=0)
+    sources = dict(full.named_parameters()) if full is not None else {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = sources.get(name)
+            whole = (source.detach().to(device) if source is not None else
+                     torch.empty(param.shape, dtype=param.dtype, device=device))
+            if isinstance(param, DTensor):
+                param.to_local().copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                                         src_data_rank=0).to_local())
+            else:
+                dist.broadcast(whole, src=0)
+                param.copy_(whole)
+            del whole
+            if source is not None:
+                source.data = torch.empty(0, dtype=source.dtype)  # sent: rank 0's whole copy of it goes
+        buffers = dict(full.named_buffers()) if full is not None else {}
+        for name, buffer in model.named_buffers():
+            if full is not None:
+                buffer.copy_(buffers[name])
+            dist.broadcast(buffer, src=0)
     return model
 
 
