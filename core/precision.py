@@ -24,13 +24,18 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_compute_dtype(name: str, use_gpu: bool) -> torch.dtype:
-    """``--compute-dtype``: ``auto`` is bfloat16 on GPUs and float32 on CPUs."""
+def compute_dtype_name(name: str, use_gpu: bool) -> str:
+    """``--compute-dtype`` resolved, by name: ``auto`` is bfloat16 on GPUs and float32 on CPUs."""
     if name == "auto":
-        return torch.bfloat16 if use_gpu else torch.float32
+        return "bfloat16" if use_gpu else "float32"
     if name not in DTYPES:
         raise ValueError(f"compute dtype must be 'auto', 'float32' or 'bfloat16', not {name!r}")
-    return DTYPES[name]
+    return name
+
+
+def resolve_compute_dtype(name: str, use_gpu: bool) -> torch.dtype:
+    """``--compute-dtype`` as a torch dtype (:func:`compute_dtype_name`)."""
+    return DTYPES[compute_dtype_name(name, use_gpu)]
 
 
 def master_dtype(name: str) -> torch.dtype:

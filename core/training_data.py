@@ -100,11 +100,10 @@ def _check_schema(path: Path, part, required: Sequence[str]) -> None:
     hold numbers: a plain value column there must be a string one."""
     import datasets
 
-    for column in required:
+    for column in (c for c in required if COLUMN_TYPES.get(c) is TEXT_OR_CONVERSATION):
         feature = part.features.get(column)
-        if isinstance(feature, datasets.Value) and column in COLUMN_TYPES and feature.dtype not in ARROW_TEXT \
-                and COLUMN_TYPES[column][0] != "a number":
-            raise TrainingDataError(f"{path}: column {column!r} must be {COLUMN_TYPES[column][0]}, "
+        if isinstance(feature, datasets.Value) and feature.dtype not in ARROW_TEXT:
+            raise TrainingDataError(f"{path}: column {column!r} must be {TEXT_OR_CONVERSATION[0]}, "
                                     f"it holds {feature.dtype}")
 
 

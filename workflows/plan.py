@@ -125,9 +125,9 @@ def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int
 
 def precision_bytes(learner) -> tuple[int, int]:
     """Bytes per parameter of the learners' forward and of their masters (core.precision)."""
-    compute = ({"float32": 4, "bfloat16": 2}[learner.compute_dtype] if learner.compute_dtype != "auto"
-               else 2 if learner.use_gpu else 4)
-    return compute, dtype_bytes(learner.master_dtype)
+    from core.precision import compute_dtype_name
+
+    return dtype_bytes(compute_dtype_name(learner.compute_dtype, learner.use_gpu)), dtype_bytes(learner.master_dtype)
 
 
 def _trained(shape: ModelShape, lora) -> TrainedModel:

@@ -37,9 +37,9 @@ FOREVER_S = 10 * 365 * 86400  # --placement-timeout 0: Ray Train's start timeout
 
 def precision_summary(learner: LearnerOptions) -> dict[str, str]:
     """The run's precision policy as it resolved (core.precision), for training_summary.json."""
-    from core.precision import resolve_compute_dtype
+    from core.precision import compute_dtype_name
 
-    compute = str(resolve_compute_dtype(learner.compute_dtype, learner.use_gpu)).removeprefix("torch.")
+    compute = compute_dtype_name(learner.compute_dtype, learner.use_gpu)
     return {"compute_dtype": compute, "master_dtype": learner.master_dtype,
             "forward": "every parameter cast to the compute dtype" if compute != "float32" else "float32"}
 
