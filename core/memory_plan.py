@@ -19,8 +19,9 @@ Training (sft, rm, dpo, PPO's policy and value) with AdamW:
 * LoRA (r > 0): the base weights stay frozen in the master dtype; the adapters, r·(in + out)
   parameters per targeted linear layer, are the only trained parameters (16 bytes each).
 
-Frozen models (PPO's reference and reward model, DPO's reference) hold weights only, one
-full copy per device that holds them, in their own dtype. Activations (with or without
+Frozen models (PPO's reference and reward model, DPO's reference) hold weights only, in
+their own dtype: one full copy per device that holds them, except DPO's reference under
+FSDP, sharded like the policy. Activations (with or without
 gradient checkpointing) and logits follow :func:`activation_bytes` and :func:`logits_bytes`.
 vLLM engines: :func:`engine_terms`.
 """
@@ -219,11 +220,11 @@ def logits_bytes(shape: ModelShape, *, sequences: int, seq_len: int) -> int:
 
 
 def learner_terms(trained: list[TrainedModel], *, gpu: bool, shards: int, frozen: list[ModelShape] = (),
-                  frozen_dtype_bytes: int = 2, sequences: int, seq_len: int, logits_sequences: int = 0,
+                  frozen_dtype_bytes: int = 2, frozen_shards: int = 1, sequences: int, seq_len: int, logits_sequences: int = 0,
                   checkpointing: bool = False, compute_bytes: int = 4, master_bytes: int = 4) -> dict[str, int]:
     """Per-learner bytes: trained models (sharded over ``shards`` learners with FSDP, 1 for DDP)
     in ``master_bytes`` per weight, their copy cast to ``compute_bytes`` for the forward when
-    that is smaller, frozen copies, activations of ``sequences`` × ``seq_len`` tokens through
+    that is smaller, frozen copies (sharded over ``frozen_shards`` learners), activations of ``sequences`` × ``seq_len`` tokens through
     every trained model (recomputed in backward with ``checkpointing``), and the logits of the
     largest forward (``logits_sequences`` rows, default ``sequences``)."""
     per = training_bytes_per_param(master_bytes)
@@ -237,7 +238,7 @@ def learner_terms(trained: list[TrainedModel], *, gpu: bool, shards: int, frozen
         terms["unsharded block"] = max(m.shape.layer_params * compute_bytes * (1 if m.lora_r else 2) for m in trained)
     elif compute_bytes < master_bytes:  # DDP: every parameter cast for the forward, kept for the backward
         terms["compute copy"] = sum(m.shape.params for m in trained) * compute_bytes
-    terms["frozen models"] = sum(s.params for s in frozen) * frozen_dtype_bytes
+    terms["frozen models"] = sum(s.params for s in frozen) * frozen_dtype_bytes // frozen_shards
     terms["activations"] = sum(activation_bytes(m.shape, sequences=sequences, seq_len=seq_len, gpu=gpu,
                                                 checkpointing=checkpointing) for m in trained)
     widest = max([m.shape for m in trained] + list(frozen), key=lambda s: s.output_size)

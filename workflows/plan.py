@@ -113,11 +113,15 @@ def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
 
 
 def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int, frozen=()) -> StagePlan:
-    """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward."""
+    """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward. A
+    frozen reference (DPO's) is TRL's under DDP, a whole copy in the masters' dtype; under FSDP
+    it is sharded like the policy and stored in the compute dtype (workflows/train.py)."""
     gpu, workers = cfg.learner.use_gpu, cfg.training.workers
     compute, master = precision_bytes(cfg.learner)
-    terms = learner_terms(trained, gpu=gpu, shards=workers if cfg.learner.strategy == "fsdp" else 1,
-                          frozen=list(frozen), frozen_dtype_bytes=compute, sequences=sequences,
+    fsdp = cfg.learner.strategy == "fsdp"
+    shards = workers if fsdp else 1
+    terms = learner_terms(trained, gpu=gpu, shards=shards, frozen=list(frozen),
+                          frozen_dtype_bytes=compute if fsdp else master, frozen_shards=shards, sequences=sequences,
                           seq_len=cfg.training.max_length, checkpointing=cfg.learner.gradient_checkpointing,
                           compute_bytes=compute, master_bytes=master)
     return StagePlan(stage, f"{cfg.learner.strategy} learner", gpu, workers, terms)

@@ -66,3 +66,28 @@ def test_gpu_mixed_precision_computes_in_bf16_over_float32_shards(tiny_model, on
     logits.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters()), \
         "gradients land on the float32 shards"
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fsdp_learners_but_rank_0_build_the_model_without_its_weights(tiny_model, tmp_path, tied):
+    """workflows.train._skeleton, what every FSDP learner but rank 0 builds before accelerate sends
+    it its shards: the same parameters as the model read from disk, tied embeddings still one
+    parameter (accelerate maps parameters to their shards by name, and a rank whose head was a
+    parameter of its own failed), each with storage of its own on the CPU (accelerate also maps
+    them by data pointer, and every ``meta`` tensor has the same one), and the real rotary buffers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workflows.train import _skeleton
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = tied
+    config.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_config(config)
+    skeleton = _skeleton(AutoModelForCausalLM, load_config(SFTConfig, overrides=dict(
+        model=str(tmp_path), data=["d"], out="o")), torch.float32)
+    assert [name for name, _ in skeleton.named_parameters()] == [name for name, _ in model.named_parameters()]
+    assert (skeleton.lm_head.weight is skeleton.model.embed_tokens.weight) == tied
+    params = list(skeleton.parameters())
+    assert all(p.device.type == "cpu" for p in params) and len({p.data_ptr() for p in params}) == len(params)
+    buffers = dict(model.named_buffers())
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in skeleton.named_buffers())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,11 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     """SL-CAI -> SFT -> label -> DPO through `cai run`: each stage reads the one before it. The RM,
     PPO and eval stages run the same job functions that test_train.py, test_ppo.py and
     test_eval_compare.py run on the real stack, and their wiring is checked by the plan tests above
-    (`make demo` runs all six)."""
+    (`make demo` runs all six). DPO fine-tunes fully under FSDP in bf16: rank 0 alone reads the
+    policy and the reference (workflows.train._trained_model, _fsdp_reference) and the other
+    learner receives its shards, so at the first step the two are the same computation on both
+    ranks and the loss, averaged over the ranks, is log 2 (a rank holding other weights, such as
+    the zeros transformers gives TRL's own reference there, would move it)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"How do I do task {i}?"}) + "\n" for i in range(8)))
     train = {"workers": 1, "max_steps": 2, "batch_size": 2, "max_length": 256, "eval_split": 0.0, "lr": 1e-3}
@@ -68,7 +73,7 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
         # the SFT model labels its own answers: one engine in the label stage instead of two
         "feedback_model": str(tmp_path / "run" / "sft"),
         "generate": {"max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
-        "sft": train, "dpo": train,
+        "sft": train, "dpo": {**train, "workers": 2, "strategy": "fsdp", "compute_dtype": "bfloat16", "logging_steps": 1},
         "label": {"samples": 2, "max_new_tokens": 12, "shard_size": 8, "workers": 1, **ENGINE},
     }))
     assert main(["run", "--config", str(config)]) == 0
@@ -86,6 +91,8 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert labelled and {Path(r["policy_model"]).name for r in labelled} == {"sft"}, "the SFT policy sampled them"
     dpo = json.loads((run / "dpo" / "training_summary.json").read_text())
     assert dpo["metrics"]["global_step"] == 2
+    first = dpo["history"][0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5), first
 
     capsys.readouterr()
     assert main(["run", "--config", str(config)]) == 0

@@ -117,7 +117,11 @@ def test_two_label_engines_on_one_gpu_each_get_half_its_share():
 def test_lora_and_dpo_references():
     cfg, stages = pipeline_stages(CLUSTER, "rl=dpo", "dpo.workers=8", "dpo.use_gpu=true")
     full = by_device(memory_plan(cfg.model, stages))["dpo", "ddp learner"]
-    assert full.terms["frozen models"] > 0  # the reference: a frozen copy
+    assert full.terms["frozen models"] > 0  # the reference: TRL's frozen copy, in the float32 masters' dtype
+    cfg, stages = pipeline_stages(CLUSTER, "rl=dpo", "dpo.workers=8", "dpo.use_gpu=true", "dpo.strategy=fsdp")
+    sharded = by_device(memory_plan(cfg.model, stages))["dpo", "fsdp learner"]
+    # under FSDP it is sharded over the 8 learners and stored in bf16, the policy's compute dtype
+    assert sharded.terms["frozen models"] == full.terms["frozen models"] // 16
     cfg, stages = pipeline_stages(CLUSTER, "rl=dpo", "dpo.workers=8", "dpo.use_gpu=true", "dpo.lora_r=16")
     lora = by_device(memory_plan(cfg.model, stages))["dpo", "ddp learner"]
     assert "frozen models" not in lora.terms  # the base under disabled adapters is the reference
