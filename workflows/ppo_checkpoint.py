@@ -47,29 +47,35 @@ def checkpoint_state(model: ActorCritic, optimizer, rank: int) -> tuple[dict | N
     return (model_state, optimizer_state) if rank == 0 else (None, None)
 
 
-def restore_model(model: ActorCritic | None) -> tuple[Path, dict[str, Any]] | None:
+def restore_model(model: ActorCritic | None) -> tuple[Any, dict[str, Any]] | None:
     """Load the latest checkpoint Ray Train hands back (after a restart or a rerun) into the
     unsharded model (None: the run state only, on an FSDP rank that gets its weights from rank
-    0); returns its folder and the run state. The optimizer follows once the model is sharded
-    and the optimizer built (:func:`restore_optimizer`)."""
+    0); returns the checkpoint and the run state. The optimizer follows once the model is
+    sharded and the optimizer built (:func:`restore_optimizer`).
+
+    Both read the checkpoint through ``as_directory()``: in place on local or shared storage;
+    from remote storage, one download per node, deleted after. (``to_directory()`` copied the
+    whole checkpoint into a new /tmp folder on every rank at every resume and left it there.)"""
     import ray.train
     from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    local = Path(checkpoint.to_directory())
     print(f"cai train ppo: resuming from {checkpoint.path}", flush=True)
-    if model is not None:
-        model.load_state_dict(load_file(str(local / MODEL_STATE)))
-    return local, json.loads((local / PPO_STATE).read_text())
+    with checkpoint.as_directory() as folder:
+        local = Path(folder)
+        if model is not None:
+            model.load_state_dict(load_file(str(local / MODEL_STATE)))
+        return checkpoint, json.loads((local / PPO_STATE).read_text())
 
 
-def restore_optimizer(model: ActorCritic, optimizer, local: Path) -> None:
+def restore_optimizer(model: ActorCritic, optimizer, checkpoint) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # our own file, written by save_checkpoint; weights_only refuses anything but tensors and containers
-    saved = torch.load(local / OPTIMIZER_STATE, weights_only=True)
+    with checkpoint.as_directory() as folder:
+        # our own file, written by save_checkpoint; weights_only refuses anything but tensors and containers
+        saved = torch.load(Path(folder) / OPTIMIZER_STATE, weights_only=True)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
 

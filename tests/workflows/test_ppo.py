@@ -18,6 +18,7 @@ import ray
 import torch
 
 from core.config import ConfigError, load_config
+from tests.workflows.test_train import checkpoint_copies_since
 from workflows.cli.status import stage_progress
 from workflows.ppo import PPOConfig, run_ppo
 
@@ -96,6 +97,7 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     stop = threading.Event()
     watcher = threading.Thread(target=watch_metrics_file, args=(out / "metrics.jsonl", live, stop), daemon=True)
     watcher.start()
+    started = time.time()
     summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test",
                                  hold_at_step=8, kill_engine_at_step=5, strategy="fsdp",
                                  sync_check_every=3))
@@ -104,7 +106,7 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     watcher.join()
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "history": history, "out": out, "killed": killed, "prompts": prompts,
-            "storage": storage, "live": live, "tiny_model": tiny_model}
+            "storage": storage, "live": live, "tiny_model": tiny_model, "started": started}
 
 
 @pytest.mark.slow
@@ -160,6 +162,7 @@ def test_weight_sync_makes_the_engine_match_the_learner(ppo_run):
 def test_a_killed_learner_restarts_from_the_last_checkpoint(ppo_run):
     assert "learner_pid" in ppo_run["killed"], "a learner was killed at the hold"
     assert ppo_run["summary"]["metrics"]["resumed_from_step"] == 8
+    assert not checkpoint_copies_since(ppo_run["started"]), "the learners read the checkpoint in place, no copy left"
     assert [row["step"] for row in ppo_run["history"]] == list(range(1, STEPS + 1)), "no step lost or repeated"
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,13 @@ def train_config(kind, tiny_model, data, out, **training) -> TrainJobConfig:
                   max_length=192, logging_steps=1, save_steps=4, max_steps=8, lr=1e-3)
     values.update(training)
     return load_config({"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}[kind], overrides=values)
+
+
+def checkpoint_copies_since(started: float) -> list[Path]:
+    """Folders Ray's ``Checkpoint.to_directory()`` made in the temp dir since ``started``: a copy
+    of a whole checkpoint per learner per resume that nothing deleted (the resumes now read it
+    through ``as_directory()``)."""
+    return [d for d in Path(tempfile.gettempdir()).glob("checkpoint_tmp_*") if d.stat().st_mtime >= started]
 
 
 def weights_digest(directory) -> str:
@@ -252,10 +260,12 @@ def test_rerun_continues_from_the_checkpoint_step(tiny_model, sl_cai_data, ray_l
         first.wait()
         kill_workers(storage)
     assert not (out / "training_summary.json").exists(), "stopped part-way"
+    started = time.time()
     summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, max_steps=16, save_steps=4,
                                             storage_path=str(storage)))
     assert summary["metrics"]["resumed_from_step"] == 12, "continued from the checkpoint's step, not from scratch"
     assert summary["metrics"]["global_step"] == 16
+    assert not checkpoint_copies_since(started), "the learners read the checkpoint in place and left no copy"
 
 
 def test_sl_cai_rows_give_one_sft_example_per_revision_round(tmp_path):

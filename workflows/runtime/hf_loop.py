@@ -5,6 +5,7 @@ FSDP shards, LoRA merged). The shared learner plumbing is in :mod:`workflows.run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -66,15 +67,11 @@ def train_begin_callback(action: Callable[[], None]):
     return TrainBegin()
 
 
-def resume_checkpoint() -> tuple[str | None, str | None]:
-    """(HF checkpoint dir to resume from, finished model dir), from Ray Train's latest."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def resume_paths(local: str | None) -> tuple[str | None, str | None]:
+    """(HF checkpoint dir to resume from, finished model dir) inside the folder of Ray Train's
+    latest checkpoint (None: starting fresh)."""
+    if local is None:
         return None, None
-    print(f"cai train: resuming from {checkpoint.path}", flush=True)
-    local = checkpoint.to_directory()
     final = Path(local) / FINAL_MODEL
     if final.exists():
         return None, str(final)
@@ -112,34 +109,40 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
     worker: WorkerContext = loop_config["worker"]
     config = local_models(loop_config["config"], worker.model_sources)
     register_worker(worker)
-    resume, finished = resume_checkpoint()
-    if finished:  # a rerun after the job completed: hand back the same model
-        report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
-        return
-    trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
-    trainer.add_callback(RayTrainReportCallback())
-    trainer.add_callback(step_log_callback(worker))
-    hold = hold_callback(worker, config.learner)
-    if hold is not None:
-        trainer.add_callback(hold)
-    before: dict[str, float] = {}
-    if not resume:  # measured once the trainer has prepared the model: FSDP2 evaluates only a sharded one
-        trainer.add_callback(train_begin_callback(lambda: before.update(measure(trainer))))
-    trainer = prepare_trainer(trainer)
-    run = trainer.train(resume_from_checkpoint=resume)
-    after = measure(trainer)
-    history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    metrics = {
-        "resumed_from_step": step_of(resume),
-        "global_step": trainer.state.global_step,
-        "history": history,
-        **{f"before_{k}": v for k, v in before.items()},
-        **after,
-        **{k: v for k, v in run.metrics.items() if isinstance(v, (int, float))},  # train_runtime, samples/s
-    }
+    # Ray Train's latest checkpoint (a restart or a rerun), read through as_directory(): in place
+    # on local or shared storage; from remote storage one download per node, deleted after
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        print(f"cai train: resuming from {checkpoint.path}", flush=True)
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as local:
+        resume, finished = resume_paths(local)
+        if finished:  # a rerun after the job completed: hand back the same model
+            report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
+            return
+        trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
+        trainer.add_callback(RayTrainReportCallback())
+        trainer.add_callback(step_log_callback(worker))
+        hold = hold_callback(worker, config.learner)
+        if hold is not None:
+            trainer.add_callback(hold)
+        before: dict[str, float] = {}
+        if not resume:  # measured once the trainer has prepared the model: FSDP2 evaluates only a sharded one
+            trainer.add_callback(train_begin_callback(lambda: before.update(measure(trainer))))
+        trainer = prepare_trainer(trainer)
+        run = trainer.train(resume_from_checkpoint=resume)
+        after = measure(trainer)
+        history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+        metrics = {
+            "resumed_from_step": step_of(resume),
+            "global_step": trainer.state.global_step,
+            "history": history,
+            **{f"before_{k}": v for k, v in before.items()},
+            **after,
+            **{k: v for k, v in run.metrics.items() if isinstance(v, (int, float))},  # train_runtime, samples/s
+        }
 
-    rank = ray.train.get_context().get_world_rank()
-    report_final(model_saver(trainer.model, tokenizer, full_state(trainer.model, rank=rank)), metrics)
+        rank = ray.train.get_context().get_world_rank()
+        report_final(model_saver(trainer.model, tokenizer, full_state(trainer.model, rank=rank)), metrics)
 
 
 def model_saver(model, tokenizer, state: dict[str, Any] | None) -> Callable[[str], None]:
