@@ -116,6 +116,9 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         print(f"cai train: resuming from {checkpoint.path}", flush=True)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as local:
         resume, finished = resume_paths(local)
+        # read now: the folder is the checkpoint itself, which Ray Train's retention deletes once
+        # newer checkpoints are kept
+        resumed_from = step_of(resume)
         if finished:  # a rerun after the job completed: hand back the same model
             report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
             return
@@ -133,7 +136,7 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         after = measure(trainer)
         history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
         metrics = {
-            "resumed_from_step": step_of(resume),
+            "resumed_from_step": resumed_from,
             "global_step": trainer.state.global_step,
             "history": history,
             **{f"before_{k}": v for k, v in before.items()},
