@@ -18,8 +18,8 @@ has prepared the model (its ``on_train_begin``, before the first step):
 
 * ``every-rank`` (before #25): every rank reads the whole model (``from_pretrained``), and
   accelerate shards it in place (``cpu_ram_efficient_loading`` off);
-* ``rank-0`` (``workflows/train.py`` now): rank 0 alone reads it; the others build it on
-  storage that is never written (``_skeleton``) and accelerate sends them their shards from
+* ``rank-0`` (``workflows/runtime/hf_sharding.py`` now): rank 0 alone reads it; the others build it on
+  storage that is never written (``workflows/runtime/hf_sharding.py`` ``skeleton``) and accelerate sends them their shards from
   rank 0.
 
 Measured per rank: the RSS once the libraries are imported, just before the load (``start``),
@@ -89,14 +89,15 @@ def sft_learner(rank: int, way: str, model: str, port: int, out: str) -> None:
     from core.config import load_config
     from core.sharding import shard_bytes
     from workflows import train
+    from workflows.runtime import hf_sharding
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=300))
     if way == "every-rank":  # workflows/train.py before #25
-        train._reads_weights = lambda learner: True
-        train.FSDP_CONFIG["cpu_ram_efficient_loading"] = False
+        hf_sharding.reads_weights = lambda learner: True
+        hf_sharding.FSDP_CONFIG["cpu_ram_efficient_loading"] = False
     data = Path(out, "sft.jsonl")
     if rank == 0 and not data.exists():
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from core.config import load_config
-from workflows.train import FSDP_CONFIG, SFTConfig, _common_args, _model_dtype
+from workflows.runtime.hf_sharding import FSDP_CONFIG, model_dtype
+from workflows.train import SFTConfig, _common_args
 
 
 def sft(**values) -> SFTConfig:
@@ -24,20 +25,20 @@ def test_fsdp_on_gpus_is_the_trainers_fsdp2_plugin_over_nccl_in_bf16():
     assert args["fsdp_config"] == {**FSDP_CONFIG, "activation_checkpointing": True}
     assert args["fsdp_config"]["version"] == 2 and args["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
     assert "gradient_checkpointing" not in args, "under FSDP the plugin recomputes, not the trainer"
-    assert _model_dtype(cfg.learner) == torch.float32, "float32 shards: the optimizer's master weights"
+    assert model_dtype(cfg.learner) == torch.float32, "float32 shards: the optimizer's master weights"
 
 
 def test_ddp_trains_float32_masters_and_computes_in_bf16_on_gpus():
     gpu = sft(use_gpu=True, gradient_checkpointing=True)
     args = _common_args(gpu, "/tmp/x")
     assert "fsdp" not in args and args["ddp_backend"] == "nccl" and args["gradient_checkpointing"] and args["bf16"]
-    assert _model_dtype(gpu.learner) == torch.float32, "float32 masters under DDP too"
+    assert model_dtype(gpu.learner) == torch.float32, "float32 masters under DDP too"
     cpu = _common_args(sft(), "/tmp/x")
     assert cpu["ddp_backend"] == "gloo" and cpu["use_cpu"] and not cpu["bf16"]
     assert _common_args(sft(compute_dtype="bfloat16"), "/tmp/x")["bf16"], "bf16 on CPUs when asked"
     assert not _common_args(sft(use_gpu=True, compute_dtype="float32"), "/tmp/x")["bf16"]
     with pytest.warns(UserWarning, match="pure bf16|no float32 copy"):
-        assert _model_dtype(sft(master_dtype="bfloat16").learner) == torch.bfloat16
+        assert model_dtype(sft(master_dtype="bfloat16").learner) == torch.bfloat16
 
 
 @pytest.fixture
@@ -70,20 +71,20 @@ def test_gpu_mixed_precision_computes_in_bf16_over_float32_shards(tiny_model, on
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fsdp_learners_but_rank_0_build_the_model_without_its_weights(tiny_model, tmp_path, tied):
-    """workflows.train._skeleton, what every FSDP learner but rank 0 builds before accelerate sends
+    """workflows.runtime.hf_sharding.skeleton, what every FSDP learner but rank 0 builds before accelerate sends
     it its shards: the same parameters as the model read from disk, tied embeddings still one
     parameter (accelerate maps parameters to their shards by name, and a rank whose head was a
     parameter of its own failed), each with storage of its own on the CPU (accelerate also maps
     them by data pointer, and every ``meta`` tensor has the same one), and the real rotary buffers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workflows.train import _skeleton
+    from workflows.runtime.hf_sharding import skeleton as skeleton_of
 
     config = AutoConfig.from_pretrained(tiny_model)
     config.tie_word_embeddings = tied
     config.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_config(config)
-    skeleton = _skeleton(AutoModelForCausalLM, load_config(SFTConfig, overrides=dict(
+    skeleton = skeleton_of(AutoModelForCausalLM, load_config(SFTConfig, overrides=dict(
         model=str(tmp_path), data=["d"], out="o")), torch.float32)
     assert [name for name, _ in skeleton.named_parameters()] == [name for name, _ in model.named_parameters()]
     assert (skeleton.lm_head.weight is skeleton.model.embed_tokens.weight) == tied
