@@ -9,6 +9,10 @@ CAI := $(VENV)/bin/cai
 STAMP := $(VENV)/.ray-cai-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# `make test` and `make flake-hunt` run two pytest processes (pytest-xdist), each with its own Ray
+# instance; a test module stays in one process, so its fixtures are built once (docs/testing.md).
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile,)
 DEMO_ARGS ?=
 
 .PHONY: setup model test test-fast flake-hunt demo clean-demo help
@@ -39,7 +43,7 @@ model: $(STAMP)
 	$(CAI) models default
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The pure cores and everything else that needs neither Ray nor vLLM (tests/conftest.py
 # marks every test with a Ray fixture slow, and refuses ray.init and vLLM imports here).
@@ -52,7 +56,7 @@ FLAKE_RUNS ?= 5
 flake-hunt: setup
 	for run in $$(seq $(FLAKE_RUNS)); do \
 		echo "flake hunt: run $$run of $(FLAKE_RUNS)"; \
-		$(PY) -m pytest -m fault -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+		$(PY) -m pytest -m fault -p no:cacheprovider $(XDIST) $(PYTEST_ARGS) || exit 1; \
 	done
 
 demo: setup

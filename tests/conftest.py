@@ -26,11 +26,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 RAY_FIXTURES = {"ray_local", "tiny_engine", "ray_head", "token_head"}
 
+# The longest modules (their tests and fixtures, 90-260 s each on 2 cores), run first: `make test`
+# hands whole modules to two pytest processes in this order, and a long one handed out last would
+# keep one process busy while the other has nothing left (docs/testing.md).
+LONGEST_FIRST = ("tests/workflows/test_ppo.py", "tests/workflows/runtime/test_node_loss.py",
+                 "tests/workflows/test_train.py", "tests/workflows/cli/test_submit.py",
+                 "tests/workflows/test_pipeline.py", "tests/workflows/test_generate.py")
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep their order
 
 
 def pytest_configure(config):
