@@ -18,6 +18,13 @@ from workflows.cli.commands import print_json
 # -- cai submit / cai jobs ---------------------------------------------------------------
 
 
+def job_server(args: argparse.Namespace):
+    """The job server that ``--address`` and ``--allow-http-token`` name."""
+    from workflows.runtime import job_client
+
+    return job_client.connect_jobs(args.address, allow_http_token=args.allow_http_token)
+
+
 def cmd_submit(args: argparse.Namespace, known: Callable[[], set[str]]) -> int:
     """Submit ``cai <args>``; ``known()`` names the cai commands, to catch a typo before anything is uploaded."""
     from workflows.runtime import job_client
@@ -27,7 +34,7 @@ def cmd_submit(args: argparse.Namespace, known: Callable[[], set[str]]) -> int:
         raise ConfigError(f"{cai_args[0]!r} is not a cai command (see cai --help)")
     # cai --verbose submit: the job's actors keep their output on the log stream
     runtime_env = with_log_level(job_client.load_runtime_env(args.runtime_env, args.working_dir))
-    client = job_client.connect_jobs(args.address)
+    client = job_server(args)
     job_id = job_client.submit(client, cai_args, runtime_env, args.job_id)
     if args.no_wait:
         print(job_id)
@@ -46,7 +53,7 @@ def cmd_submit(args: argparse.Namespace, known: Callable[[], set[str]]) -> int:
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     from workflows.runtime import job_client
 
-    jobs = job_client.list_jobs(job_client.connect_jobs(args.address))
+    jobs = job_client.list_jobs(job_server(args))
     if args.json:
         print_json(jobs)
     else:
@@ -57,14 +64,14 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_status(args: argparse.Namespace) -> int:
     from workflows.runtime import job_client
 
-    print_json(job_client.job_status(job_client.connect_jobs(args.address), args.job_id))
+    print_json(job_client.job_status(job_server(args), args.job_id))
     return 0
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
     from workflows.runtime import job_client
 
-    client = job_client.connect_jobs(args.address)
+    client = job_server(args)
     if not args.follow:
         print(job_client.job_logs(client, args.job_id), end="")
         return 0
@@ -78,7 +85,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 def cmd_jobs_stop(args: argparse.Namespace) -> int:
     from workflows.runtime import job_client
 
-    stopped = job_client.stop_job(job_client.connect_jobs(args.address), args.job_id)
+    stopped = job_client.stop_job(job_server(args), args.job_id)
     print(f"cai: {'stopping' if stopped else 'already ended:'} {args.job_id}", file=sys.stderr)
     return 0
 
@@ -87,7 +94,13 @@ def address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None,
         help="Ray job server (dashboard) URL; default: $RAY_DASHBOARD_ADDRESS, an http(s) $RAY_ADDRESS, "
-        "or http://127.0.0.1:8265. The token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+        "or http://127.0.0.1:8265. The token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, "
+        "and goes only to a server that asks for it (or with RAY_AUTH_MODE=token)",
+    )
+    parser.add_argument(
+        "--allow-http-token", action="store_true",
+        help="send the token over plain http:// to a host that is not the loopback (it crosses the network "
+        "unencrypted); without it such a server is refused: use https:// or a tunnel to 127.0.0.1",
     )
 
 

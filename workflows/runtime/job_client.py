@@ -26,10 +26,19 @@ The dashboard's middleware (``ray._private.authentication.http_token_authenticat
 ``Authorization: Bearer <token>`` (or ``X-Ray-Authorization``, or the
 ``ray-authentication-token`` cookie) and answers 401 when it is missing, 403 when wrong.
 Ray's own ``JobSubmissionClient``/``ray job submit`` add that header only when the *client*
-runs with ``RAY_AUTH_MODE=token`` (``get_auth_headers_if_auth_enabled``). ``cai`` sends it
-by the rule ``ray start`` uses: when ``RAY_AUTH_MODE=token``, or when it is unset and a
-token is found; never with ``RAY_AUTH_MODE=disabled`` (a header is harmless to a server
-without auth). So ``export RAY_AUTH_TOKEN=...`` (or a token file) is all a client needs; the
+runs with ``RAY_AUTH_MODE=token`` (``get_auth_headers_if_auth_enabled``). ``cai`` sends the token
+it found (:class:`JobAuth`):
+
+- with every request when ``RAY_AUTH_MODE=token``;
+- when the mode is unset, only to a server that answered 401 to a request without it: the first
+  request of each command is a small ``GET /api/version`` without the token, so a token file in
+  ``~/.ray`` never goes to a cluster without auth, or to another cluster's server;
+- never with ``RAY_AUTH_MODE=disabled``;
+- never over plain ``http://`` to a host that is not the loopback (anyone on the path would read
+  it) unless ``--allow-http-token``: use ``https://``, or a ``kubectl port-forward``/``ssh -L``
+  tunnel to ``127.0.0.1``.
+
+So ``export RAY_AUTH_TOKEN=...`` (or a token file) is all a client needs; the
 other commands join a cluster's GCS with the same token (:mod:`workflows.runtime.ray_session`). On
 KubeRay the token is the ``auth_token`` key of the cluster's Secret (docs/cluster.md).
 
@@ -54,13 +63,16 @@ import asyncio
 import fnmatch
 import hashlib
 import io
+import ipaddress
 import os
 import shlex
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -99,40 +111,67 @@ def dashboard_address(address: str | None = None) -> str:
     return candidate.rstrip("/")
 
 
-def auth_headers() -> dict[str, str]:
-    """``{"authorization": "Bearer <token>"}`` by ``ray start``'s rule (module doc), else ``{}``."""
-    mode = ray_auth.auth_mode()
-    if mode == "disabled":
-        return {}
-    token = ray_auth.find_token()  # raises on an unreadable RAY_AUTH_TOKEN_PATH
-    if token.value is None:
-        if mode == "token":
-            raise JobClientError(f"RAY_AUTH_MODE=token but {token.source}: set RAY_AUTH_TOKEN, point "
+def loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class JobAuth:
+    """Which token a command may send to one job server, and when (the module doc's rule)."""
+
+    token: str | None  # the token found; None: none found, or RAY_AUTH_MODE=disabled
+    source: str  # where it was read from, for messages
+    upfront: bool  # RAY_AUTH_MODE=token: every request carries it
+    refused: str | None  # why it must not go to this server (plain HTTP to another host), else None
+
+    @classmethod
+    def for_server(cls, url: str, *, allow_http_token: bool = False) -> JobAuth:
+        mode = ray_auth.auth_mode()
+        if mode == "disabled":
+            return cls(None, "RAY_AUTH_MODE=disabled", upfront=False, refused=None)
+        found = ray_auth.find_token()  # raises on an unreadable RAY_AUTH_TOKEN_PATH
+        if found.value is None and mode == "token":
+            raise JobClientError(f"RAY_AUTH_MODE=token but {found.source}: set RAY_AUTH_TOKEN, point "
                                  "RAY_AUTH_TOKEN_PATH at a token file, or write ~/.ray/auth_token")
-        return {}
-    return {"authorization": f"Bearer {token.value}"}
+        refused = None
+        if found.value is not None and url.startswith("http://") and not loopback(url) and not allow_http_token:
+            refused = (f"{url} is plain http:// to another host, so the token from {found.source} would cross "
+                       "the network unencrypted; use https://, or a tunnel to 127.0.0.1 (kubectl port-forward, "
+                       "ssh -L), or pass --allow-http-token")
+        if mode == "token" and refused:
+            raise JobClientError(f"RAY_AUTH_MODE=token, but {refused}")
+        return cls(found.value, found.source, upfront=mode == "token", refused=refused)
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 class JobServer:
     """Ray's Jobs REST API at ``url``, every request carrying ``headers`` (the token)."""
 
-    def __init__(self, url: str, headers: dict[str, str], timeout_s: float = 30.0):
-        self.url, self.headers, self.timeout_s = url, headers, timeout_s
+    def __init__(self, url: str, auth: JobAuth, timeout_s: float = 30.0):
+        self.url, self.auth, self.timeout_s = url, auth, timeout_s
+        self.headers = auth.headers() if auth.upfront else {}  # the token once the server asked for it
 
     def get_address(self) -> str:
         return self.url
 
     def request(self, method: str, path: str, *, missing: str | None = None, **kwargs) -> Any:
-        """One call; the JSON answer, or :class:`JobClientError` naming what went wrong."""
-        import requests
-
-        try:
-            response = requests.request(method, self.url + path, headers=self.headers,
-                                        timeout=self.timeout_s, **kwargs)
-        except requests.exceptions.RequestException as exc:
-            raise JobClientError(
-                f"cannot reach the Ray job server at {self.url} ({exc}); is the cluster up and the port forwarded?"
-            ) from None
+        """One call; the JSON answer, or :class:`JobClientError` naming what went wrong. A 401
+        to a request without the token is answered once more with it, where the token may go."""
+        response = self._send(method, path, **kwargs)
+        if response.status_code == 401 and not self.headers and self.auth.token:
+            if self.auth.refused:
+                raise JobClientError(f"{self.url} asks for a token, but {self.auth.refused}")
+            self.headers = self.auth.headers()
+            response = self._send(method, path, **kwargs)
         if response.status_code in (401, 403):
             raise JobClientError(
                 f"{self.url} refused the request (HTTP {response.status_code}: "
@@ -145,6 +184,16 @@ class JobServer:
             raise JobClientError(f"{self.url}: {method} {path} answered HTTP {response.status_code}"
                                  + (f": {text[-1]}" if text else ""))
         return response.json() if response.content else None
+
+    def _send(self, method: str, path: str, **kwargs):
+        import requests
+
+        try:
+            return requests.request(method, self.url + path, headers=self.headers, timeout=self.timeout_s, **kwargs)
+        except requests.exceptions.RequestException as exc:
+            raise JobClientError(
+                f"cannot reach the Ray job server at {self.url} ({exc}); is the cluster up and the port forwarded?"
+            ) from None
 
     def submit_job(self, *, entrypoint: str, submission_id: str | None, runtime_env: dict[str, Any],
                    metadata: dict[str, str]) -> str:
@@ -224,9 +273,13 @@ def zip_directory(root: Path, excludes) -> bytes:
     return buffer.getvalue()
 
 
-def connect_jobs(address: str | None = None) -> JobServer:
-    """The job server at the resolved address, carrying the token header."""
-    return JobServer(dashboard_address(address), auth_headers())
+def connect_jobs(address: str | None = None, *, allow_http_token: bool = False) -> JobServer:
+    """The job server at the resolved address, reached once (``GET /api/version``), which
+    settles whether it wants the token before anything large is sent."""
+    url = dashboard_address(address)
+    server = JobServer(url, JobAuth.for_server(url, allow_http_token=allow_http_token))
+    server.request("GET", "/api/version")
+    return server
 
 
 # -- what gets submitted ------------------------------------------------------------------

@@ -70,20 +70,23 @@ def test_auth_mode_reads_like_ray(value, mode):
     assert auth_mode({} if value is None else {"RAY_AUTH_MODE": value}) == mode
 
 
-def test_submit_sends_the_found_token_by_ray_starts_rule(monkeypatch, tmp_path):
+def test_jobs_find_the_token_by_ray_starts_rule(monkeypatch, tmp_path):
+    """Which token `cai submit` holds for a job server; when it goes is test_job_auth.py."""
     for var in ("RAY_AUTH_MODE", TOKEN_ENV, TOKEN_PATH_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert job_client.auth_headers() == {}  # unset, nothing found
+    url = "http://127.0.0.1:8265"
+    assert job_client.JobAuth.for_server(url).headers() == {}  # unset, nothing found
     token_file = write_token(tmp_path, "home-token\n")
-    assert job_client.auth_headers() == {"authorization": "Bearer home-token"}  # unset, found
+    found = job_client.JobAuth.for_server(url)  # unset, found: sent once the server answers 401
+    assert found.headers() == {"authorization": "Bearer home-token"} and not found.upfront
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert job_client.auth_headers() == {}
+    assert job_client.JobAuth.for_server(url).headers() == {}
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert job_client.auth_headers() == {"authorization": "Bearer home-token"}
+    assert job_client.JobAuth.for_server(url).upfront
     token_file.unlink()
     with pytest.raises(job_client.JobClientError, match="RAY_AUTH_MODE=token but none was found"):
-        job_client.auth_headers()
+        job_client.JobAuth.for_server(url)
 
 
 def test_token_errors_are_one_line_naming_the_source():
