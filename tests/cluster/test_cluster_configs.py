@@ -1,8 +1,12 @@
 """The cluster/ configs: they parse, open with their launch command, and keep the promises
-docs/cluster.md makes (token auth on every node, GPUs requested, /dev/shm sized with the object
-store below it, shared storage and the model cache on every node, pinned images, autoscaler and
-placement timeouts that agree, SSH only from your network, the dashboard never published).
-No Ray cluster, no Kubernetes: milliseconds.
+docs/cluster.md makes (token auth on every node, whole 8-GPU nodes per KubeRay worker pod,
+/dev/shm sized with the object store below it, local disk for what spills, shared storage and
+the model cache on every node, pinned images, autoscaler, placement and RayJob deadlines that
+agree, NCCL's interface set, the Hugging Face token from an optional Secret, only the cluster's
+own pods admitted by its NetworkPolicy, SSH only from your network, least-privilege AWS roles,
+no world-writable shared folder, the dashboard never published).
+No Ray cluster, no Kubernetes, no cloud: milliseconds. Nothing here was applied to a real
+Kubernetes cluster or cloud account; these are the parsers' and Ray's validator's word only.
 
 Dashboard rule: launcher heads bind it to 127.0.0.1 (reach it with `ray dashboard`/ssh -L).
 KubeRay heads bind 0.0.0.0 inside the pod, because the operator and the RayJob submitter reach
@@ -26,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = CLUSTER / "launcher"
+LAUNCHERS = ("aws.yaml", "gcp.yaml", "local.yaml")  # the `ray up` configs
+GPUS_PER_NODE = 8  # KubeRay worker pods take a whole 8-GPU node
 SHARED_MOUNT = "/mnt/cai"
 MODEL_CACHE = "/mnt/cai/models"  # RAY_CAI_CACHE everywhere: a materialized model has one path on all nodes
 GIB = 2**30
@@ -38,7 +44,9 @@ LAUNCH_COMMANDS = {
     "kuberay/raycluster.yaml": "kubectl apply -f cluster/kuberay/raycluster.yaml",
     "kuberay/rayjob.yaml": "kubectl apply -f cluster/kuberay/rayjob.yaml",
     "kuberay/shared-storage.yaml": "kubectl apply -f cluster/kuberay/shared-storage.yaml",
+    "kuberay/networkpolicy.yaml": "kubectl apply -f cluster/kuberay/networkpolicy.yaml",
     "launcher/aws.yaml": "ray up cluster/launcher/aws.yaml",
+    "launcher/gcp.yaml": "ray up cluster/launcher/gcp.yaml",
     "launcher/local.yaml": "ray up cluster/launcher/local.yaml",
     "runtime_env.yaml": "cai submit --runtime-env cluster/runtime_env.yaml",
     "start-local.sh": "cluster/start-local.sh",
@@ -100,7 +108,7 @@ def ray_cai_images() -> dict[str, tuple[str, str | None]]:
         for group, pod in pod_groups(spec).items():
             for c in pod["containers"]:
                 images[f"{name}/{group}/{c['name']}"] = (c["image"], c.get("imagePullPolicy"))
-    for name in ("aws.yaml", "local.yaml"):
+    for name in LAUNCHERS:
         docker = load_one(LAUNCHER / name)["docker"]
         policy = "Always" if docker.get("pull_before_run") else "IfNotPresent"
         for key in ("image", "head_image", "worker_image"):
@@ -204,10 +212,10 @@ def test_rayjob_runs_a_real_cai_command_with_a_config_in_the_repo():
     assert job["shutdownAfterJobFinishes"] is True
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_nodes_start_with_token_auth_and_a_private_dashboard(name):
     config = load_one(LAUNCHER / name)
-    assert config["cluster_name"].startswith("ray-cai") and config["provider"]["type"] in {"aws", "local"}
+    assert config["cluster_name"].startswith("ray-cai") and config["provider"]["type"] in {"aws", "gcp", "local"}
     if config["provider"]["type"] == "local":
         # on-prem clusters take no node types: head_ip and worker_ips are the node list
         assert config["provider"]["head_ip"] and config["provider"]["worker_ips"]
@@ -217,11 +225,19 @@ def test_launcher_nodes_start_with_token_auth_and_a_private_dashboard(name):
         assert config["head_node_type"] in types
         assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
         assert any(t["resources"].get("GPU", 0) > 0 for n, t in types.items() if n != config["head_node_type"])
+    if config["provider"]["type"] == "aws":
         # Ray's own group would admit SSH from 0.0.0.0/0 whatever IpPermissions say; every node
         # type must name the user's group instead (SSH from their CIDR only; see aws.yaml).
         assert "security_group" not in config["provider"], "Ray would add these rules to SSH from 0.0.0.0/0"
         for node_type, t in types.items():
             assert t["node_config"].get("SecurityGroupIds"), f"{node_type}: Ray would create a group open to SSH"
+    if config["provider"]["type"] == "gcp":
+        # The `default` network admits SSH from anywhere: every node sits in the cluster's own
+        # subnetwork and carries the tag its firewall rules name (see gcp.yaml).
+        for node_type, t in types.items():
+            (interface,) = t["node_config"]["networkInterfaces"]
+            assert interface["subnetwork"].endswith("/subnetworks/ray-cai"), f"{node_type}: not on ray-cai's network"
+            assert t["node_config"]["tags"]["items"] == ["ray-cai"], f"{node_type}: no firewall tag"
 
     head_start = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
     worker_start = [c for c in config["worker_start_ray_commands"] if "ray start --address" in c]
@@ -243,9 +259,12 @@ def test_rays_default_aws_security_group_still_opens_ssh_to_the_world():
     assert 'if "SecurityGroupIds" not in node_type["node_config"]' in source, "own groups skip Ray's"
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_config_passes_rays_own_validation(name):
-    """What `ray up` does first: fill in defaults, then check against Ray's JSON schema."""
+    """What `ray up` does first: fill in defaults, then check against Ray's JSON schema. For GCP,
+    prepare_config only merges ray/autoscaler/gcp/defaults.yaml, so it needs no Google client;
+    the bootstrap after it (service account, SSH key, subnet lookups) calls Google's APIs and is
+    not run here."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(load_one(LAUNCHER / name)))
@@ -285,7 +304,7 @@ def test_kuberay_object_store_fits_in_dev_shm_and_memory_covers_both(name, spec)
         assert memory >= shm + 16 * GIB, f"{name}/{group}: memory limit does not cover /dev/shm and the processes"
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_object_store_fits_in_dev_shm(name):
     config = load_one(LAUNCHER / name)
     docker = config["docker"]
@@ -317,8 +336,8 @@ def test_autoscaler_idle_timeout_and_placement_timeout_agree():
     waits for two starts (a second launch wave, or a failed launch retried). 0 waits forever."""
     idle = {name: spec["autoscalerOptions"]["idleTimeoutSeconds"] for name, spec in cluster_specs()
             if spec["enableInTreeAutoscaling"]}
-    idle |= {name: load_one(LAUNCHER / name)["idle_timeout_minutes"] * 60 for name in ("aws.yaml", "local.yaml")}
-    assert len(idle) == 4
+    idle |= {name: load_one(LAUNCHER / name)["idle_timeout_minutes"] * 60 for name in LAUNCHERS}
+    assert len(idle) == 5
     for name, seconds in idle.items():
         assert seconds >= GPU_NODE_START_S, f"{name}: idle nodes go before a GPU node has started"
     for timeout in stage_placement_timeouts():
@@ -345,7 +364,7 @@ def test_model_cache_and_shared_storage_on_every_node():
     assert job_env["RAY_CAI_CACHE"] == MODEL_CACHE
     assert load_one(CLUSTER / "runtime_env.yaml")["env_vars"]["RAY_CAI_CACHE"] == MODEL_CACHE
 
-    for name in ("aws.yaml", "local.yaml"):
+    for name in LAUNCHERS:
         config = load_one(LAUNCHER / name)
         run_options = config["docker"]["run_options"]
         assert f"--env RAY_CAI_CACHE={MODEL_CACHE}" in run_options and f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" in run_options
@@ -353,3 +372,216 @@ def test_model_cache_and_shared_storage_on_every_node():
         assert f"mountpoint -q {SHARED_MOUNT}" in init, f"{name}: nothing checks that {SHARED_MOUNT} is mounted"
     aws_init = " ".join(load_one(LAUNCHER / "aws.yaml")["initialization_commands"])
     assert re.search(rf"mount -t nfs4 .* fs-\S+\.efs\.\S+:/ {SHARED_MOUNT}", aws_init), "aws.yaml mounts EFS"
+    gcp_init = " ".join(load_one(LAUNCHER / "gcp.yaml")["initialization_commands"])
+    assert re.search(rf"mount -t nfs .* \S+:/\w+ {SHARED_MOUNT}", gcp_init), "gcp.yaml mounts the Filestore share"
+
+
+# --- GPU clusters as platform engineers run them (issue #26) ---------------------------------
+
+
+def ray_containers(spec: dict) -> list[tuple[str, dict, dict]]:
+    """(group, group spec, Ray container) for the head and every worker group of a cluster spec."""
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    return [(name, group, group["template"]["spec"]["containers"][0]) for name, group in groups]
+
+
+def env_entries(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_gpu_worker_pods_take_a_whole_8_gpu_node(name, spec):
+    """One pod per node: all 8 GPUs on NVLink inside one pod (TP 8 fits, and NCCL between two
+    pods on one node would lose NVLink). Requests equal limits (GPUs require it; for CPU and
+    memory it makes the pod Guaranteed, the last to be evicted)."""
+    for group, _, container in ray_containers(spec):
+        if group == "head":
+            continue
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == GPUS_PER_NODE, f"{name}/{group}: not a whole 8-GPU node"
+        for resource in ("cpu", "memory", "nvidia.com/gpu"):
+            assert requests[resource] == limits[resource], f"{name}/{group}: {resource} request != limit"
+        assert int(limits["cpu"]) >= GPUS_PER_NODE * 8, f"{name}/{group}: too few CPUs for 8 engines or learners"
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_kuberay_pods_reserve_local_disk_for_what_spills(name, spec):
+    """Objects the store cannot hold (staged models, weight blobs) spill to the node's disk, next
+    to Ray's logs and unpacked runtime envs: the request holds at least one full store, and the
+    limit, past which the kubelet evicts the pod, is above the request."""
+    for group, group_spec, container in ray_containers(spec):
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        request, limit = k8s_bytes(requests["ephemeral-storage"]), k8s_bytes(limits["ephemeral-storage"])
+        object_store = int(group_spec["rayStartParams"]["object-store-memory"])
+        assert object_store <= request <= limit, f"{name}/{group}: ephemeral-storage {request}/{limit}"
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_hugging_face_token_comes_from_an_optional_secret(name, spec):
+    """HF_TOKEN in every Ray container, from the Secret `hf-token`, never a literal; optional, so
+    a cluster that only uses public models starts without the Secret."""
+    for group, _, container in ray_containers(spec):
+        entry = env_entries(container).get("HF_TOKEN")
+        assert entry and "value" not in entry, f"{name}/{group}: HF_TOKEN missing or a literal"
+        assert entry["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token", "optional": True}
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_gpu_workers_name_the_interface_nccl_and_gloo_use(name, spec):
+    for group, _, container in ray_containers(spec):
+        if group == "head":
+            continue
+        env = {k: e.get("value") for k, e in env_entries(container).items()}
+        assert env.get("NCCL_SOCKET_IFNAME") == "eth0" and env.get("GLOO_SOCKET_IFNAME") == "eth0", f"{name}/{group}"
+    # The fast fabrics are left commented, with when to use them (raycluster.yaml).
+    text = (KUBERAY / "raycluster.yaml").read_text()
+    for setting in ("{name: NCCL_IB_HCA", "{name: FI_PROVIDER, value: efa}", "vpc.amazonaws.com/efa"):
+        assert setting in text, f"raycluster.yaml does not mention {setting}"
+
+
+def test_vllm_worker_multiproc_method_is_never_preset():
+    """Inside a Ray actor vLLM picks spawn itself and exports RAY_ADDRESS to its workers; a preset
+    VLLM_WORKER_MULTIPROC_METHOD skips that export (actors/engine.py)."""
+    name = "VLLM_WORKER_MULTIPROC_METHOD"
+    assert name not in load_one(CLUSTER / "runtime_env.yaml")["env_vars"]
+    assert name not in yaml.safe_load(load_one(KUBERAY / "rayjob.yaml")["spec"]["runtimeEnvYAML"])["env_vars"]
+    for cluster, spec in cluster_specs():
+        for group, _, container in ray_containers(spec):
+            assert name not in env_entries(container), f"{cluster}/{group}"
+    for launcher in LAUNCHERS:
+        config = load_one(LAUNCHER / launcher)
+        commands = config["docker"].get("run_options", []) + config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert not any(name in command for command in commands), launcher
+
+
+def network_policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in load_documents(KUBERAY / "networkpolicy.yaml")}
+
+
+def pod_labels(name: str, spec: dict) -> dict[str, dict]:
+    """Group -> the labels KubeRay gives that group's pods: the template's plus ray.io/cluster.
+    A RayJob's cluster is named <rayjob>-<5 random characters> (GenerateRayClusterName)."""
+    cluster = "ray-cai" if name == "raycluster" else "ray-cai-run-x7k2q"
+    groups = {"head": spec["headGroupSpec"]} | {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    return {group: g["template"].get("metadata", {}).get("labels", {}) | {"ray.io/cluster": cluster, "ray.io/is-ray-node": "yes"}
+            for group, g in groups.items()}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return set(selector.get("matchLabels", {}).items()) <= set(labels.items()) and not selector.get("matchExpressions")
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_network_policy_admits_only_the_clusters_own_pods(name, spec):
+    """ClusterIP keeps the head off the internet, not away from other pods. One NetworkPolicy
+    selects every pod of each cluster (and no pod of the other), admits its own pods on every
+    port (Ray picks most of its ports at run time), the operator and the RayJob's submitter on
+    8265 only, Prometheus on the metrics ports only, and nothing from anywhere else."""
+    labels = pod_labels(name, spec)
+    other_name, other_spec = next((n, s) for n, s in cluster_specs() if n != name)
+    other = pod_labels(other_name, other_spec)
+    (policy,) = [p for p in network_policies().values()
+                 if all(selects(p["spec"]["podSelector"], pod) for pod in labels.values())]
+    assert not any(selects(policy["spec"]["podSelector"], pod) for pod in other.values()), "selects the other cluster"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+    admitted = []  # (peer is this cluster's own pods, peer as JSON, its ports or "all"), per peer of every rule
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        ports = frozenset(p["port"] for p in rule.get("ports", [])) or "all"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "an ipBlock admits by address, not by pod"
+            assert "podSelector" in peer, "a namespaceSelector alone admits every pod of a namespace"
+            own = "namespaceSelector" not in peer and all(selects(peer["podSelector"], pod) for pod in labels.values())
+            admitted.append((own, json.dumps(peer, sort_keys=True), ports))
+    assert [ports for own, _, ports in admitted if own] == ["all"], "the cluster's own pods reach each other on every port"
+    for own, peer, ports in admitted:
+        if own:
+            continue
+        assert ports != "all", f"{peer} may reach every port"
+        assert ports <= {8265} or ports <= {8080, 44217, 44227}, f"{peer} reaches {sorted(ports)}"
+    peers = " ".join(peer for _, peer, _ in admitted)
+    assert "kuberay-operator" in peers, "the operator must reach the dashboard (job status, authOptions)"
+    if name == "rayjob":
+        assert '"batch.kubernetes.io/job-name": "ray-cai-run"' in peers, "the submitter must reach the job server"
+
+
+def test_rayjob_deadlines_outlast_gpu_starts_and_placement_waits():
+    """A RayJob must not wait forever for GPUs that never come (preRunningDeadlineSeconds: until
+    the cluster is Ready and the job submitted), nor run forever (activeDeadlineSeconds, per
+    attempt). They agree with the rest: the cluster may take two GPU node starts, as a stage's
+    placement wait may; the whole attempt outlasts that plus every stage's placement_timeout."""
+    job = load_one(KUBERAY / "rayjob.yaml")["spec"]
+    pre_running, active = job["preRunningDeadlineSeconds"], job["activeDeadlineSeconds"]
+    assert pre_running >= 2 * GPU_NODE_START_S, "the cluster's first GPU pod may take two node starts"
+    waits = sum(t for t in stage_placement_timeouts() if t > 0)
+    assert active >= pre_running + waits + 3600, "the deadline would cut a run that is still waiting for GPUs"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_shared_folder_is_not_world_writable(name):
+    """/mnt/cai belongs to the containers' user (`ray`, uid 1000, gid 100 in Ray's images),
+    group-writable; never chmod 777."""
+    text = (LAUNCHER / name).read_text()
+    assert not re.search(r"chmod\s+(-R\s+)?0?777|chmod\s+\S*[ao]\+\w*w", text), f"{name} makes a folder world-writable"
+    init = " ".join(load_one(LAUNCHER / name)["initialization_commands"])
+    assert f"sudo chown 1000:100 {SHARED_MOUNT} && sudo chmod 2775 {SHARED_MOUNT}" in init
+
+
+def test_aws_nodes_name_their_ami_and_a_least_privilege_profile():
+    """Every node type names an AMI (Ray's default is an Ubuntu 18.04 DLAMI) and an instance
+    profile: the head's may do what the autoscaler does, the workers' is another."""
+    config = load_one(LAUNCHER / "aws.yaml")
+    types = config["available_node_types"]
+    profiles = {}
+    for node_type, t in types.items():
+        assert t["node_config"]["ImageId"].startswith("ami-"), node_type
+        profiles[node_type] = t["node_config"]["IamInstanceProfile"]["Name"]
+    head = profiles.pop(config["head_node_type"])
+    assert set(profiles.values()) == {"ray-cai-worker"} and head == "ray-cai-head"
+    assert config["provider"]["cache_stopped_nodes"] is False, "the policy has no Stop/StartInstances"
+
+
+def test_aws_iam_policy_allows_what_rays_autoscaler_calls_and_no_more():
+    """cluster/launcher/aws-iam-policy.json against the installed Ray's AWS node provider (read as
+    source: its module needs boto3). Each boto3 call the provider makes for a cluster that
+    terminates idle nodes maps to one action; nothing else is allowed, and nothing with a
+    wildcard. iam:PassRole only for the workers' role, only to EC2."""
+    import ray
+
+    provider = (Path(ray.__file__).parent / "autoscaler/_private/aws/node_provider.py").read_text()
+    calls = {"instances.filter(": "ec2:DescribeInstances", "create_instances(": "ec2:RunInstances",
+             "create_tags(": "ec2:CreateTags", "terminate_instances": "ec2:TerminateInstances"}
+    for call in calls:
+        assert call in provider, f"Ray's AWS node provider no longer calls {call}: review the policy"
+    policy = json.loads((LAUNCHER / "aws-iam-policy.json").read_text())
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+    assert actions == set(calls.values()) | {"iam:PassRole"}
+    assert not any("*" in a for a in actions)
+    (pass_role,) = [s for s in policy["Statement"] if s["Action"] == ["iam:PassRole"]]
+    assert pass_role["Resource"] == "arn:aws:iam::ACCOUNT_ID:role/ray-cai-worker"
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    # Whatever touches instances is bound to this cluster's tag (or to the launch that sets it).
+    this_cluster = ({"aws:RequestTag/ray-cluster-name": "ray-cai"}, {"aws:ResourceTag/ray-cluster-name": "ray-cai"},
+                    {"ec2:CreateAction": "RunInstances"})
+    for statement in policy["Statement"]:
+        if statement["Resource"] == "arn:aws:ec2:us-west-2:ACCOUNT_ID:instance/*":
+            assert statement["Condition"]["StringEquals"] in this_cluster, statement["Sid"]
+        else:
+            assert "instance/" not in json.dumps(statement["Resource"]), statement["Sid"]
+
+
+def test_rays_own_cloud_defaults_are_what_the_docs_say():
+    """What aws.yaml, gcp.yaml and docs/cluster.md say Ray does when left to itself, read from the
+    installed Ray's sources (they import boto3 and Google's client): the head gets EC2 and S3
+    full access on AWS, a project-wide compute.admin service account on GCP, and an Ubuntu 18.04
+    AMI. If Ray changes this, the configs' headers and the docs need another look."""
+    import ray
+
+    aws = (Path(ray.__file__).parent / "autoscaler/_private/aws/config.py").read_text()
+    assert "AmazonEC2FullAccess" in aws and "AmazonS3FullAccess" in aws
+    assert 'if "IamInstanceProfile" in head_node_config' in aws, "a named profile skips Ray's role"
+    assert 'DEFAULT_AMI_NAME = "AWS Deep Learning AMI (Ubuntu 18.04) V71.0"' in aws
+    gcp = (Path(ray.__file__).parent / "autoscaler/_private/gcp/config.py").read_text()
+    assert '"roles/compute.admin"' in gcp and "config = _configure_iam_role(config, crm, iam)" in gcp
