@@ -43,6 +43,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("cai_prompts_completed", "counter", "Rows completed"),
     MetricSpec("cai_tokens_generated", "counter", "Tokens generated"),
     MetricSpec("cai_shards_pending", "gauge", "Shards not yet done"),
+    MetricSpec("cai_workers_up", "gauge", "Workers (one engine each) up and taking shards"),
     MetricSpec("cai_shard_seconds", "histogram", "Seconds per shard", boundaries=(1, 5, 15, 60, 300, 1200, 3600)),
     MetricSpec("cai_engine_running_requests", "gauge",
                "Requests an actor's engines held, averaged over its last shard (batch occupancy)"),
@@ -92,6 +93,7 @@ class StageMetrics:
         self._prompts = _make("cai_prompts_completed")
         self._tokens = _make("cai_tokens_generated")
         self._pending = _make("cai_shards_pending")
+        self._workers = _make("cai_workers_up")
         self._seconds = _make("cai_shard_seconds")
         self._running = _make("cai_engine_running_requests")
 
@@ -104,6 +106,9 @@ class StageMetrics:
 
     def shards_pending(self, count: int) -> None:
         self._pending.set(count, tags=self._tags)
+
+    def workers_up(self, count: int) -> None:
+        self._workers.set(count, tags=self._tags)
 
     def shard_seconds(self, seconds: float) -> None:
         self._seconds.observe(seconds, tags=self._tags)

@@ -30,6 +30,7 @@ RAY_FIXTURES = {"ray_local", "tiny_engine", "ray_head", "token_head"}
 # hands whole modules to two pytest processes in this order, and a long one handed out last would
 # keep one process busy while the other has nothing left (docs/testing.md).
 LONGEST_FIRST = ("tests/workflows/test_ppo.py", "tests/workflows/runtime/test_node_loss.py",
+                 "tests/workflows/runtime/test_elastic.py",
                  "tests/workflows/test_train.py", "tests/workflows/cli/test_submit.py",
                  "tests/workflows/test_pipeline.py", "tests/workflows/test_generate.py")
 

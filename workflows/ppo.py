@@ -174,7 +174,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
         if source is not None:
             from workflows.runtime.model_preflight import nodes_of_placement_group, preflight_models
 
-            preflight_models((source,), nodes_of_placement_group(pg), timeout_s=cfg.cluster.placement_timeout or None)
+            preflight_models((source,), nodes_of_placement_group(pg), timeout_s=cfg.cluster.preflight_timeout)
         names = [f"cai-ppo-{run}-rollout-{i}" for i in range(cfg.rollout_workers)]
         actors = [
             ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, max_restarts=3, max_task_retries=0,

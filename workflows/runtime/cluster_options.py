@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from core.config import failing, option
 
 DEFAULT_PLACEMENT_TIMEOUT_S = 1800.0
+# The least time a node gets to answer the model preflight (a task that starts a worker process
+# there, then checks or copies the model): --placement-timeout is how long to wait for nodes, and
+# a short one (tests use 3 s) must not turn a busy node's slow worker start into "no answer".
+PREFLIGHT_MIN_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,12 @@ class ClusterOptions:
     )
     stage_model: bool = option(False, "copy the model folder to each node's local cache through the object "
                                "store (once per node) instead of expecting it at the same path everywhere")
+
+    @property
+    def preflight_timeout(self) -> float | None:
+        """Seconds the model preflight waits for each node: the placement timeout, at least
+        ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) when the placement timeout is 0."""
+        return max(self.placement_timeout, PREFLIGHT_MIN_TIMEOUT_S) if self.placement_timeout else None
 
     def problems(self) -> list[str]:
         name_ok = all(c.isalnum() or c in "-_." for c in self.run_name) and len(self.run_name) <= 48

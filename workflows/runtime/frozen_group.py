@@ -78,7 +78,7 @@ def start_frozen_actors(cfg: PPOConfig, run: str, count: int, report: Callable[[
                          report=report)
     try:
         preflight_models(tuple(sources.values()), nodes_of_placement_group(pg),
-                         timeout_s=cfg.cluster.placement_timeout or None)
+                         timeout_s=cfg.cluster.preflight_timeout)
         nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
         per_node = Counter(nodes.values())
         names = frozen_actor_names(run, count)

@@ -272,3 +272,96 @@ def check_total_fits(parts: dict[str, dict[str, float]], *, fixed: bool, what: s
                              "cluster with RAY_ADDRESS")
     if report is not None:
         report(f"{detail} now; waiting up to --placement-timeout for nodes to join")
+
+
+class PoolPlacements:
+    """Where each worker slot of a pool runs, and how an elastic pool grows.
+
+    The first ``n_workers`` slots share the placement group :func:`reserve_workers` placed, one
+    bundle each. Each worker an elastic pool adds later gets a group of its own, not waited for:
+    its actor waits for the bundle, and the pool gives it shards only once it is up. The pool
+    adds workers while the alive nodes hold more of them than it has (the totals, as
+    :func:`workers_that_fit` counts them), up to ``limit``, and only once the workers it added
+    before have their nodes, so it never piles up requests that nothing can place.
+
+    With ``--max-workers`` on an elastic pool, :meth:`ask_autoscaler` asks for room for that
+    many workers (``ray.autoscaler.sdk.request_resources``: capacity in total, counting
+    what runs; it bypasses the autoscaler's upscaling speed limit) and withdraws the request once
+    every shard is handed out. Ray 2.60 keeps one such request per cluster, the last call's: two
+    elastic runs on one autoscaling cluster replace each other's, and the first to finish
+    withdraws both (the other still grows onto nodes that join). On a cluster without an
+    autoscaler nothing reads it.
+    """
+
+    def __init__(self, resources: WorkerResources, *, name: str, limit: int, elastic: bool,
+                 note: Callable[[str], None] = lambda message: None):
+        self.resources, self.name, self.limit, self.elastic, self.note = resources, name, limit, elastic, note
+        self.first = 0
+        self.slots: dict[int, tuple[PlacementGroup, int]] = {}
+        self.began, self.began_at = time.monotonic(), time.time()  # the pool's clock, and its start in Unix time
+        self.request = {"workers": 0, "at": None, "withdrawn_at": None}
+
+    def ask_autoscaler(self, workers: int, *, have: int) -> None:
+        """Ask for room for ``workers`` in all, when an elastic pool may grow beyond ``have``;
+        before the first placement is waited for, so new nodes come up together."""
+        if self.elastic and workers > have:
+            self._ask(workers)
+            self.request.update(workers=workers, at=self._since())
+            self.note(f"asked the autoscaler for room for {workers} worker(s) x {self.resources.bundle()}")
+
+    def placed(self, pg: PlacementGroup, n_workers: int) -> None:
+        """The first ``n_workers`` slots are the bundles of ``pg`` (from :func:`reserve_workers`)."""
+        self.first = n_workers
+        self.slots.update({slot: (pg, slot) for slot in range(n_workers)})
+
+    def options(self, slot: int) -> dict[str, Any]:
+        """``bundle_options`` for the slot's actor; a slot the pool added gets its group here."""
+        if slot not in self.slots:
+            from ray.util import placement_group
+
+            self.slots[slot] = (placement_group([self.resources.bundle()], name=f"{self.name}-{slot}"), 0)
+        group, bundle = self.slots[slot]
+        return bundle_options(group, bundle, self.resources)
+
+    def groups(self) -> list[PlacementGroup]:
+        return list({id(group): group for group, _ in self.slots.values()}.values())
+
+    def unplaced(self) -> str | None:
+        """What waits for a node (:func:`pending_detail` of the first group that does), or None."""
+        waiting = [group for group in self.groups() if unplaced_bundles(group)]
+        return pending_detail(waiting[0]) if waiting else None
+
+    def grow(self, slots: int, queued: int) -> int:
+        """How many workers to add now, with ``queued`` shards not yet handed out."""
+        if not self.elastic:
+            return 0
+        if not queued:
+            self.withdraw()
+            return 0
+        added = [group for group, _ in list(self.slots.values())[self.first:]]
+        if slots >= self.limit or any(unplaced_bundles(group) for group in added):
+            return 0
+        more = min(workers_that_fit(self.resources), self.limit, slots + queued) - slots
+        if more > 0:
+            self.note(f"{more} more worker(s) fit the cluster now: the pool grows to {slots + more}")
+        return max(more, 0)
+
+    def withdraw(self) -> None:
+        """Withdraw the request to the autoscaler, once."""
+        if self.request["workers"] and self.request["withdrawn_at"] is None:
+            self._ask(0)
+            self.request["withdrawn_at"] = self._since()
+            self.note("every shard is handed out: withdrew the request to the autoscaler")
+
+    def release(self) -> None:
+        self.withdraw()
+        for group in self.groups():
+            release(group)
+
+    def _ask(self, workers: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[self.resources.bundle() for _ in range(workers)])
+
+    def _since(self) -> float:
+        return round(time.monotonic() - self.began, 1)

@@ -19,6 +19,7 @@ class RunProgress:
         self.rows = 0
         self.total_shards = total_shards
         self.done_shards = done_shards
+        self.workers_up: int | None = None  # the pool's workers up, once it has started
         self.bar = tqdm(total=total_rows, initial=done_rows, unit="row", desc=f"cai {stage}",
                         dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         self._metrics = None
@@ -34,14 +35,17 @@ class RunProgress:
 
     def _update(self) -> None:
         elapsed = max(self.elapsed, 1e-9)
+        workers = "" if self.workers_up is None else f"{self.workers_up} worker(s), "
         self.bar.set_postfix_str(
-            f"shards {self.done_shards}/{self.total_shards}, {self.rows / elapsed:.2f} rows/s, "
+            f"{workers}shards {self.done_shards}/{self.total_shards}, {self.rows / elapsed:.2f} rows/s, "
             f"{self.tokens / elapsed:.1f} tok/s",
             refresh=False,
         )
         if self._metrics is not None:
             try:
                 self._metrics.shards_pending(self.total_shards - self.done_shards)
+                if self.workers_up is not None:
+                    self._metrics.workers_up(self.workers_up)
             except Exception:  # noqa: BLE001 - no Ray metrics agent (e.g. Ray not started): the bar still works
                 self._metrics = None
 
@@ -50,6 +54,11 @@ class RunProgress:
         self.rows += rows
         self.tokens += tokens
         self.bar.update(rows)
+        self._update()
+
+    def workers(self, up: int) -> None:
+        """The pool's workers up now: shown on the bar and set on the ``cai_workers_up`` gauge."""
+        self.workers_up = up
         self._update()
 
     def note(self, message: str) -> None:

@@ -9,11 +9,15 @@ when an actor dies (docs/vllm-cpu-facts.md), so the pool is ours and small:
   and the slot gets a fresh actor (named ``<name>-<slot>.r<k>``);
 * a slot gets shards only once its actor has answered ``ready()``, so shards never queue
   behind an actor that is still waiting for a node;
+* the pool can grow while it runs: ``grow`` says how many slots to add (an elastic pool adds
+  one per worker that the nodes joined since can hold), and ``on_workers`` hears the number of
+  workers up whenever it changes;
 * when no worker is up because their nodes are gone and nothing replaces them, the pool
   says what it waits for and stops after the placement timeout (finished shards are kept);
 * a shard whose task fails counts an attempt; past ``max_attempts`` the run fails with the
   shard's last error instead of looping forever. Likewise a slot whose actors keep dying
-  at start-up stops the run after ``max_attempts`` replacements.
+  at start-up stops the run after ``max_attempts`` replacements. A death that came with the
+  actor's node counts neither: the placement timeout bounds node loss.
 
 :class:`ShardQueue` is the bookkeeping alone (no Ray), used here and in benchmarks.
 """
@@ -45,6 +49,12 @@ class ShardQueue:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         return cls(deque(shards), max_attempts)
+
+    def lost(self, shard: int) -> None:
+        """Requeue a shard lost with its worker's node, at the front, without counting the attempt:
+        node loss is bounded by the placement timeout, not by ``max_attempts``."""
+        self.attempts[shard] -= 1
+        self.pending.appendleft(shard)
 
     def take(self) -> int:
         shard = self.pending.popleft()
@@ -82,6 +92,16 @@ def _is_actor_death(exc: BaseException) -> bool:
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
+def _lost_with_its_node(exc: BaseException) -> bool:
+    """Whether an actor died because its node did (removed, preempted, or failing its health
+    checks), not because of anything it ran. Ray 2.60 has no public field for it: its GCS says
+    "The actor died because its node has died." in the error's text, and marks an autoscaler
+    drain as ``preempted``."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) and (exc.preempted or "because its node has died" in str(exc))
+
+
 def _reason(exc: BaseException) -> str:
     """One line saying what went wrong: for a task that raised, the worker's own exception
     (a RayTaskError's first line only names the task and its pid)."""
@@ -106,6 +126,9 @@ def run_shard_pool(
     on_wait: Callable[[str], None] = lambda message: None,
     report_every_s: float = 30.0,
     hold: Callable[[], bool] = lambda: False,
+    grow: Callable[[int, int], int] = lambda slots, pending: 0,
+    grow_every_s: float = 2.0,
+    on_workers: Callable[[int], None] = lambda up: None,
 ) -> None:
     """Drive ``submit(actor, shard) -> ObjectRef`` over the queue until every shard is done.
 
@@ -122,6 +145,11 @@ def run_shard_pool(
     While ``hold()`` is true (a fault drill), the pool hands out no shard: the ones in flight
     finish and the workers idle. Held workers count as not up, so once their nodes are gone
     the pool stops after the placement timeout like any pool without workers.
+
+    Every ``grow_every_s``, ``grow(slots, queued)`` says how many slots to add, given the slots
+    and the shards not yet handed out; ``make_actor`` is then called for the new slot numbers.
+    Whenever the number of workers up (started, and not replaced since) changes,
+    ``on_workers(up)`` hears it.
     """
     import ray
 
@@ -133,22 +161,35 @@ def run_shard_pool(
     inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (shard, slot, generation)
     starting: dict[Any, int] = {}  # ready ref -> slot
     stalled_since: float | None = None
-    last_report = time.monotonic()
+    last_report = last_grow = time.monotonic()
+    workers_up = -1
 
-    def replace(slot_index: int, reason: str) -> None:
-        slot = slots[slot_index]
-        if slot.replacements + 1 > queue.max_attempts:
+    def replace(slot_index: int, exc: BaseException) -> None:
+        """A fresh actor for a slot whose actor died. Deaths count toward ``max_attempts`` unless
+        the actor's node died: a shrinking cluster can place a replacement on a node that is
+        already gone but not yet noticed, several times over; the placement timeout bounds that."""
+        slot, reason, counted = slots[slot_index], _reason(exc), not _lost_with_its_node(exc)
+        if counted and slot.replacements + 1 > queue.max_attempts:
             raise ShardFailedError(
                 f"worker slot {slot_index} died {slot.replacements + 1} times; last error: {reason}"
             )
-        logger.warning("worker %d died (%s); starting a replacement", slot_index, reason)
+        logger.warning("worker %d %s (%s); starting a replacement", slot_index,
+                       "died" if counted else "was lost with its node", reason)
         ray.kill(slot.actor, no_restart=True)
         fresh = start(slot_index, slot.generation + 1)
-        fresh.replacements = slot.replacements + 1
+        fresh.replacements = slot.replacements + counted
         slots[slot_index] = fresh
 
     try:
         while queue or inflight:
+            if time.monotonic() - last_grow >= grow_every_s:
+                last_grow = time.monotonic()
+                for slot_index in range(len(slots), len(slots) + grow(len(slots), len(queue.pending))):
+                    slots[slot_index] = start(slot_index, 0)
+            up = sum(s.ready_ref is None for s in slots.values())
+            if up != workers_up:
+                workers_up = up
+                on_workers(up)
             starting = {s.ready_ref: i for i, s in slots.items() if s.ready_ref is not None}
             held = hold()
             for slot_index, slot in slots.items():
@@ -167,7 +208,7 @@ def run_shard_pool(
                         ray.get(ref)
                         slots[slot_index].ready_ref = None
                     except Exception as exc:  # noqa: BLE001 - the actor could not start
-                        replace(slot_index, _reason(exc))
+                        replace(slot_index, exc)
                     continue
                 shard, slot_index, generation = inflight.pop(ref)
                 slot = slots[slot_index]
@@ -179,8 +220,11 @@ def run_shard_pool(
                     reason = _reason(exc)
                     on_failure(shard, reason)
                     if _is_actor_death(exc) and generation == slot.generation:
-                        replace(slot_index, reason)
-                    queue.failed(shard, reason)
+                        replace(slot_index, exc)
+                    if _lost_with_its_node(exc):
+                        queue.lost(shard)
+                    else:
+                        queue.failed(shard, reason)
                     continue
                 on_result(shard, result)
 

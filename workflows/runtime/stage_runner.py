@@ -21,19 +21,11 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from core.config import failing, option
+from core.config import ConfigError, failing, option
 from core.manifest import RunManifest, ShardState
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
 from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.placement import (
-    WorkerResources,
-    bundle_options,
-    pending_detail,
-    release,
-    reserve_workers,
-    unplaced_bundles,
-    workers_that_fit,
-)
+from workflows.runtime.placement import PoolPlacements, WorkerResources, reserve_workers, workers_that_fit
 from workflows.runtime.progress import RunProgress
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 from workflows.runtime.shard_pool import ShardQueue, run_shard_pool
@@ -45,7 +37,11 @@ class PoolConfig:
 
     shard_size: int = option(64, "prompts per shard: the unit of scheduling, writing and retry", identity=True)
     limit: int = option(0, "use only the first N prompts; 0 = all", identity=True)
-    workers: int = option(0, "worker actors (one engine each); 0 = as many as the cluster's resources fit")
+    workers: int = option(0, "worker actors (one engine each); 0 = as many as the cluster holds, now and as nodes "
+                          "join (an elastic pool)")
+    max_workers: int = option(0, "with --workers 0: at most this many workers, and the number the pool asks an "
+                              "autoscaling cluster to make room for (withdrawn once every shard is handed out); "
+                              "0 = no limit and no request")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
     gpus_per_worker: float = option(0.0, "GPUs reserved per worker (at least --tensor-parallel on GPU nodes)")
     inflight_shards: int = option(2, "shards in flight per worker, so engines never idle between shards")
@@ -61,6 +57,9 @@ class PoolConfig:
     hold_after_shard: int = option(0, "fault drill (tests set it): once this command has finished N shards, the "
                                    "pool hands out no more and waits, its workers idle, until they are lost; "
                                    "0 = never")
+    hold_until_workers: int = option(0, "fault drill (tests set it): after the first shard this command finishes, "
+                                     "the pool hands out no more until N workers are up (an elastic pool that "
+                                     "must grow first); 0 = never")
 
     def problems(self) -> list[str]:
         checks = {
@@ -74,8 +73,15 @@ class PoolConfig:
             "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
             "crash_after_shard": self.crash_after_shard >= 0,
             "hold_after_shard": self.hold_after_shard >= 0,
+            "hold_until_workers": self.hold_until_workers >= 0,
+            "max_workers": self.max_workers >= 0,
         }
         return failing(checks)
+
+    def __post_init__(self) -> None:
+        if self.max_workers and self.workers:
+            raise ConfigError(f"--max-workers {self.max_workers} limits an elastic pool (--workers 0), "
+                              f"but --workers is {self.workers}: drop one of them")
 
 
 @dataclass
@@ -124,8 +130,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         total_shards=shard_count, done_shards=len(done), run=run_name, metrics=cluster is not None,
     )
     occupancy = [0, 0]
-    if cluster:
-        _run_pool(job, manifest, pending, run_name, cluster, progress, occupancy)
+    pool_summary = _run_pool(job, manifest, pending, run_name, cluster, progress, occupancy) if cluster else {}
     progress.close()
 
     accounting = verify_run(job.out, manifest.input["total_rows"], shard_count, many_per_input=job.many_per_input)
@@ -139,43 +144,53 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         summary["tokens_per_second"] = round(progress.tokens / max(progress.elapsed, 1e-9), 2)
         summary["mean_running_requests"] = round(occupancy[0] / max(occupancy[1], 1), 2)
         summary["max_num_seqs"] = job.max_num_seqs
+        summary.update(pool_summary)
     manifest.summary = {**manifest.summary, **summary}
     manifest.save()
     return {"out": str(job.out), **summary, "already_done": not pending}
 
 
 def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name: str, cluster: dict[str, Any],
-              progress: RunProgress, occupancy: list[int]) -> None:
+              progress: RunProgress, occupancy: list[int]) -> dict[str, Any]:
+    """Run the pending shards on a pool of workers; returns what the summary records of the pool."""
     import ray
 
     pool = job.pool
     resources = WorkerResources(cpus=pool.cpus_per_worker, gpus=pool.gpus_per_worker)
-    n_workers = max(1, min(pool.workers or workers_that_fit(resources) or 1, len(pending)))
-    progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s); "
-                  f"Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
+    elastic = pool.workers == 0
+    limit = min(pool.max_workers or len(pending), len(pending))  # never more workers than shards
+    n_workers = max(1, min(pool.workers or workers_that_fit(resources) or 1, limit))
+    progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s)"
+                  + (f", more as nodes join (up to {limit})" if elastic and limit > n_workers else "")
+                  + f"; Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
     timeout = job.cluster.placement_timeout
-    pg = reserve_workers(n_workers, resources, strategy=pool.placement_strategy, name=f"cai-{job.stage}-{run_name}",
-                         timeout_s=timeout, report=progress.note)
+    placements = PoolPlacements(resources, name=f"cai-{job.stage}-{run_name}", limit=limit, elastic=elastic,
+                                note=progress.note)
+    placements.ask_autoscaler(pool.max_workers, have=n_workers)
     try:
+        pg = reserve_workers(n_workers, resources, strategy=pool.placement_strategy, name=placements.name,
+                             timeout_s=timeout, report=progress.note)
+        placements.placed(pg, n_workers)
         if job.models:
             from workflows.runtime.model_preflight import nodes_of_placement_group, preflight_models
 
-            checked = preflight_models(job.models, nodes_of_placement_group(pg), timeout_s=timeout or None)
+            checked = preflight_models(job.models, nodes_of_placement_group(pg), timeout_s=job.cluster.preflight_timeout)
             progress.note(f"model(s) ready on {len(checked)} node(s)")
     except BaseException:
-        release(pg)
+        placements.release()
         raise
     worker_cls = ray.remote(job.worker_cls)
-
-    def unplaced() -> str | None:
-        return pending_detail(pg) if unplaced_bundles(pg) else None
+    timeline: list[list[float]] = []  # [seconds since the pool began, workers up], at each change
 
     def make_actor(slot: int, generation: int):
         name = f"cai-{job.stage}-{run_name}-{slot}" + (f".r{generation}" if generation else "")
-        options = bundle_options(pg, slot, resources)
-        return worker_cls.options(name=name, namespace=NAMESPACE, max_restarts=0, **options).remote(
+        return worker_cls.options(name=name, namespace=NAMESPACE, max_restarts=0, **placements.options(slot)).remote(
             *job.worker_args, run_name=run_name, **job.worker_kwargs
         )
+
+    def on_workers(up: int) -> None:
+        timeline.append([round(time.monotonic() - placements.began, 1), up])
+        progress.workers(up)
 
     handed, finished = [0], [0]
 
@@ -207,18 +222,35 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
         manifest.shards[shard].last_error = reason[:500]
         progress.note(f"shard {shard} failed ({reason[:80]}); retrying")
 
-    def hold() -> bool:  # the fault drill: a pool that stops handing out shards, for node-loss tests
-        if pool.hold_after_shard and finished[0] >= pool.hold_after_shard and not held[0]:
-            progress.note(f"fault drill: holding after {finished[0]} shards; the workers idle until they are lost")
-            held[0] = True
-        return held[0]
+    drill = {"held": False, "workers_reached": False, "said": False}
 
-    held = [False]
+    def hold() -> bool:  # the fault drills that stop the pool handing out shards
+        if pool.hold_after_shard and finished[0] >= pool.hold_after_shard and not drill["held"]:
+            progress.note(f"fault drill: holding after {finished[0]} shards; the workers idle until they are lost")
+            drill["held"] = True
+        return drill["held"] or waiting_for_workers()
+
+    def waiting_for_workers() -> bool:
+        if not pool.hold_until_workers or finished[0] < 1 or drill["workers_reached"]:
+            return False
+        if (progress.workers_up or 0) >= pool.hold_until_workers:
+            drill["workers_reached"] = True
+            return False
+        if not drill["said"]:
+            progress.note(f"fault drill: holding after the first shard until {pool.hold_until_workers} workers are up")
+            drill["said"] = True
+        return True
+
     queue = ShardQueue.of(pending, pool.max_attempts)
     try:
         run_shard_pool(make_actor=make_actor, n_workers=n_workers, queue=queue, submit=submit,
                        on_result=on_result, on_failure=on_failure, inflight_per_worker=pool.inflight_shards,
-                       unplaced=unplaced, placement_timeout_s=timeout, on_wait=progress.note, hold=hold)
+                       unplaced=placements.unplaced, placement_timeout_s=timeout, on_wait=progress.note, hold=hold,
+                       grow=placements.grow, on_workers=on_workers)
     finally:
         manifest.save()
-        release(pg)
+        placements.release()
+    # workers_timeline: [seconds since pool_started_at (Unix time, as the shards' started_at), workers up]
+    summary = {"workers_peak": max((up for _, up in timeline), default=0), "workers_timeline": timeline,
+               "pool_started_at": round(placements.began_at, 3)}
+    return summary | ({"autoscaler_request": placements.request} if placements.request["workers"] else {})

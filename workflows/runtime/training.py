@@ -332,7 +332,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     sources = {key: prepare_model(path, spec, job.cluster) for key, (path, spec) in job.models.items()}
     if sources:
         checked = preflight_models(tuple(sources.values()), learner_nodes(job.learner.use_gpu),
-                                   timeout_s=job.cluster.placement_timeout or None)
+                                   timeout_s=job.cluster.preflight_timeout)
         note(f"model(s) ready on {len(checked)} node(s) that can host a learner")
     started = time.monotonic()
     run_log = start_run_log(out, job.kind, run_id)

@@ -191,3 +191,13 @@ def test_a_removed_node_is_reported_not_waited_on(scenario):
     assert dead["raised"] and dead["seconds"] < 15, "reported by the timeout at the latest"
     assert f"node {scenario['ids']['b'][:12]} (" in dead["message"]
     assert scenario["ids"]["a"][:12] not in dead["message"]
+
+
+def test_the_preflight_gives_each_node_at_least_a_minute_and_forever_with_no_placement_timeout():
+    """A short --placement-timeout (how long to wait for nodes) must not cut short a busy node's
+    answer (test_join.py's 3 s saw "no answer within 3 s" on a loaded machine)."""
+    from workflows.runtime.cluster_options import PREFLIGHT_MIN_TIMEOUT_S, ClusterOptions
+
+    assert ClusterOptions(placement_timeout=3).preflight_timeout == PREFLIGHT_MIN_TIMEOUT_S
+    assert ClusterOptions(placement_timeout=1800).preflight_timeout == 1800
+    assert ClusterOptions(placement_timeout=0).preflight_timeout is None

@@ -109,3 +109,54 @@ def test_a_held_pool_hands_out_nothing_and_stops_once_its_workers_are_gone(ray_l
     assert 3 <= len(results) <= 5 and sorted(results) == sorted(submitted) == list(range(len(results)))
     assert f"{10 - len(results)} shard(s) are not done" in str(stopped.value)
     assert len(polls) >= 5, "held, the pool kept looking for lost workers instead of ending"
+
+
+def test_a_pool_grows_while_it_runs_and_reports_its_workers(ray_local, tmp_path):
+    """``grow`` adds slots mid-run (an elastic pool whose cluster gained nodes); the new slots
+    take shards once up, every shard still comes back once, and ``on_workers`` hears each count."""
+    actor_cls = ray.remote(num_cpus=0)(Squares)
+    made, results, seen, asked = [], {}, [], []
+
+    def make_actor(slot: int, generation: int):
+        made.append((slot, generation))
+        return actor_cls.remote(str(tmp_path / "died"))
+
+    def grow(slots: int, queued: int) -> int:
+        asked.append((slots, queued))
+        return 2 if slots == 1 and results else 0  # two nodes joined once the first shard was done
+
+    def submit(actor, shard: int):
+        return actor.run.remote(shard)
+
+    def on_result(shard: int, value: int) -> None:
+        assert shard not in results, f"shard {shard} came back twice"
+        results[shard] = value
+        time.sleep(0.05)  # the run lasts some grow rounds
+
+    run_shard_pool(make_actor=make_actor, n_workers=1, queue=ShardQueue.of(range(40), 3), submit=submit,
+                   on_result=on_result, poll_seconds=0.2, grow=grow, grow_every_s=0.1, on_workers=seen.append,
+                   inflight_per_worker=1)
+    assert results == {i: i * i for i in range(40)}
+    assert made == [(0, 0), (1, 0), (2, 0)]
+    assert seen[:2] == [0, 1] and 3 in seen, seen
+    assert max(slots for slots, _ in asked) == 3, "grow saw the pool it had grown"
+
+
+def test_a_death_with_its_node_is_told_apart_from_a_crash():
+    """The pool's rule for counting deaths (``_lost_with_its_node``) on the errors Ray 2.60
+    raises: its GCS's text for an actor whose node died, an autoscaler drain, a crash."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
+    from ray.exceptions import ActorDiedError
+
+    from workflows.runtime.shard_pool import _lost_with_its_node
+
+    actor = bytes(16)  # an actor id (16 bytes in Ray 2.60)
+    node_gone = ActorDiedError(ActorDiedErrorContext(
+        actor_id=actor, error_message="The actor died because its node has died. Node Id: 0123abcd"))
+    drained = ActorDiedError(ActorDiedErrorContext(
+        actor_id=actor, error_message="The actor is dead.",
+        node_death_info=NodeDeathInfo(reason=NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED)))
+    crashed = ActorDiedError(ActorDiedErrorContext(
+        actor_id=actor, error_message="The actor is dead because its worker process has died."))
+    assert _lost_with_its_node(node_gone) and _lost_with_its_node(drained)
+    assert not _lost_with_its_node(crashed) and not _lost_with_its_node(ValueError("because its node has died"))
