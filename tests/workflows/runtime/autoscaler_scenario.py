@@ -18,6 +18,16 @@ which stops every Ray on the machine, and reads an ``example.yaml`` that the Ray
 not ship; so the head is started here with free ports and a temp dir of its own
 (``ray_head.py``), and stopped by its process group.
 
+Not in the suite yet. It passed once (2026-12-05) and failed once in a fresh-clone CI run: the
+first worker's actor died before it ran ("all references to the actor were removed ... cancelled
+before it started running"), and creating its replacement raised ``RaySystemError: Actor creation
+cancelled`` out of ``ray.remote``, which ended the run. Until that is understood (the fake
+provider's node churn, or the pool, which does not yet survive ``make_actor`` raising), the
+autoscaler request is tested by hand:
+
+    RAY_TMPDIR=$(mktemp -d) PYTHONPATH=. .venv/bin/python tests/workflows/runtime/autoscaler_scenario.py \
+        /tmp/result.json "$(mktemp -d)" "$(.venv/bin/cai models default)"
+
 Usage: python autoscaler_scenario.py RESULT.json WORK_DIR MODEL_DIR
 """
 

@@ -28,21 +28,3 @@ def test_the_pool_grows_onto_nodes_that_join_and_every_row_comes_out_once(scenar
     assert scenario["indexes"] == list(range(scenario["prompts"])), "every row exactly once"
     assert scenario["manifest_summary"] == {k: summary[k] for k in ("workers_peak", "workers_timeline")}
 
-
-@pytest.fixture(scope="module")
-def autoscaled(tiny_model) -> dict:
-    return run_scenario(Path(__file__).with_name("autoscaler_scenario.py"), tiny_model, timeout=900)[0]
-
-
-def test_an_autoscaling_cluster_is_asked_for_room_and_the_request_is_withdrawn(autoscaled):
-    summary = autoscaled["summary"]
-    request = summary["autoscaler_request"]
-    assert request["workers"] == autoscaled["workers"] and request["at"] is not None
-    assert request["withdrawn_at"] is not None and request["withdrawn_at"] >= request["at"]
-    # without the request the autoscaler adds only the node the pool's first placement waits
-    # for, and the pool, which grows only onto nodes that exist, would stay at one worker
-    assert summary["workers_peak"] == autoscaled["workers"], summary["workers_timeline"]
-    assert autoscaled["request_after_run"] == [], "the request was withdrawn"
-    assert autoscaled["nodes_after_idle_timeout"] == 0, "nothing held the nodes once the run was over"
-    assert summary["rows_out"] == autoscaled["prompts"] and summary["rejected"] == 0
-    assert autoscaled["indexes"] == list(range(autoscaled["prompts"]))
