@@ -18,8 +18,9 @@ which stops every Ray on the machine, and reads an ``example.yaml`` that the Ray
 not ship; so the head is started here with free ports and a temp dir of its own
 (``ray_head.py``), and stopped by its process group.
 
-Not in the suite yet. It passed once (2026-12-05) and failed once in a fresh-clone CI run: the
-first worker's actor died before it ran ("all references to the actor were removed ... cancelled
+Not in the suite yet. It passed once alone (2026-12-05) and failed twice beside the rest of the
+suite (a fresh-clone CI run and a flake hunt, two pytest processes): the first worker's actor
+died before it ran ("all references to the actor were removed ... cancelled
 before it started running"), and creating its replacement raised ``RaySystemError: Actor creation
 cancelled`` out of ``ray.remote``, which ended the run. Until that is understood (the fake
 provider's node churn, or the pool, which does not yet survive ``make_actor`` raising), the
