@@ -13,8 +13,8 @@ there is no worker node at the start:
 2. once every shard is handed out the pool withdraws the request; with the run over, nothing
    holds the nodes, and the autoscaler removes them after its idle timeout.
 
-Ray's ``AutoscalingCluster`` (``ray.cluster_utils``) does the same but runs ``ray stop --force``,
-which stops every Ray on the machine, and reads an ``example.yaml`` that the Ray 2.60 wheel does
+Ray's ``AutoscalingCluster`` (``ray.cluster_utils``) does the same but first stops every Ray on
+the machine (its ``start``), and reads an ``example.yaml`` that the Ray 2.60 wheel does
 not ship; so the head is started here with free ports and a temp dir of its own
 (``ray_head.py``), and stopped by its process group.
 
@@ -42,9 +42,9 @@ from pathlib import Path
 
 import ray
 
-from core.config import load_config
 from tests.workflows.runtime.ray_head import BIN, clean_env, free_ports, node_port_flags, short_temp_dir, start_head, stop_head, wait_for_head
-from workflows.generate import GenerateConfig, run_generate
+from tests.workflows.runtime.cluster_scenario import generate_config
+from workflows.generate import run_generate
 from workflows.runtime.ray_session import connect_ray
 
 PROMPTS = 16  # 8 shards of 2
@@ -87,9 +87,6 @@ def requested_bundles() -> list:
 
 def main(result_path: str, work: str, model: str) -> None:
     work_dir = Path(work)
-    prompts = work_dir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"
-                               for i in range(PROMPTS)))
     out = work_dir / "run"
     temp_dir = short_temp_dir("cai-as-")
     gcs, dashboard = free_ports(2)
@@ -113,10 +110,8 @@ def main(result_path: str, work: str, model: str) -> None:
 
         wait_for_head(head, log_path, up)
         connect_ray(address=address)
-        config = load_config(GenerateConfig, overrides=dict(
-            model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=0,
-            max_workers=WORKERS, revisions=1, max_new_tokens=16, ignore_eos=True, shard_size=2, enforce_eager=True,
-            max_model_len=1024, placement_timeout=300, hold_until_workers=WORKERS))
+        config = generate_config(model, work_dir, PROMPTS, workers=0, max_workers=WORKERS, max_new_tokens=16,
+                                 placement_timeout=300, hold_until_workers=WORKERS)
         summary = run_generate(config)
         result["request_after_run"] = requested_bundles()
         result["nodes_after_run"] = alive_worker_nodes()

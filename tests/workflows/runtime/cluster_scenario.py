@@ -44,3 +44,22 @@ def run_scenario(script: Path, *args: str, timeout: float) -> tuple[dict, subpro
         return result, done
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def generate_config(model: str, work_dir: Path, prompts: int, **values):
+    """A `cai generate` config for a scenario: ``prompts`` prompts written to WORK_DIR, out in
+    WORK_DIR/run, shards of 2, one revision, fixed-length answers; ``values`` add to it."""
+    from core.config import load_config
+    from workflows.generate import GenerateConfig
+
+    path = work_dir / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"
+                            for i in range(prompts)))
+    return load_config(GenerateConfig, overrides=dict(
+        model=model, constitution="harmless", prompts=str(path), out=str(work_dir / "run"), revisions=1,
+        ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024) | values)
+
+
+def done_shards(out: Path) -> int:
+    """Shards a run has finished (each writes its rejects file last)."""
+    return len(list((out / "rejects").glob("shard-*.jsonl")))

@@ -36,8 +36,8 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from core.config import load_config
-from workflows.generate import GenerateConfig, run_generate
+from tests.workflows.runtime.cluster_scenario import done_shards, generate_config
+from workflows.generate import run_generate
 from workflows.runtime.ray_session import connect_ray
 
 SMALL_STORE = 80 * 1024 * 1024
@@ -46,10 +46,6 @@ SMALL_STORE = 80 * 1024 * 1024
 PROMPTS = 48
 HOLD_AFTER_SHARD = 16
 PLACEMENT_TIMEOUT_S = 15  # the nodes join 6 s into the first wait
-
-
-def done_shards(out: Path) -> int:
-    return len(list((out / "rejects").glob("shard-*.jsonl")))
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -87,14 +83,10 @@ def bundle_node(run_dir: Path, index: int) -> str:
 
 def main(result_path: str, work: str, model: str) -> None:
     work_dir = Path(work)
-    prompts = work_dir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: how do I stay safe?"}) + "\n"
-                               for i in range(PROMPTS)))
     out = work_dir / "run"
-    config = load_config(GenerateConfig, overrides=dict(
-        model=model, constitution="harmless", prompts=str(prompts), out=str(out), workers=2, revisions=1,
-        max_new_tokens=32, ignore_eos=True, shard_size=2, enforce_eager=True, max_model_len=1024,
-        placement_timeout=PLACEMENT_TIMEOUT_S, hold_after_shard=HOLD_AFTER_SHARD, kill_worker_at_shard=3))
+    config = generate_config(model, work_dir, PROMPTS, workers=2, max_new_tokens=32,
+                             placement_timeout=PLACEMENT_TIMEOUT_S, hold_after_shard=HOLD_AFTER_SHARD,
+                             kill_worker_at_shard=3)
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "object_store_memory": SMALL_STORE})
