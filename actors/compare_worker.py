@@ -57,6 +57,10 @@ class AnswerWorker:
     def ready(self) -> dict[str, Any]:
         return self.host.info()
 
+    def shutdown(self) -> None:
+        """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
+        self.host.shutdown()
+
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="answer",
                               expected=(PromptTooLongError,))
@@ -132,6 +136,10 @@ class JudgeWorker:
 
     def ready(self) -> dict[str, Any]:
         return self.scorer.host.info()
+
+    def shutdown(self) -> None:
+        """Stop the judge's engine before the actor is killed (workflows/runtime/engine_stop.py)."""
+        self.scorer.host.shutdown()
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return await run_rows(shard_index, rows, self._judge_row, self.sampler, self.metrics, stage="judge",

@@ -153,7 +153,7 @@ class VLLMEngineHost:
 
     def __init__(self, options: EngineOptions):
         self.output_log = divert_output("engine")  # vLLM's start-up noise: Ray logs, not the terminal
-        if options.model_source is not None:  # the folder on this node (a staged copy, or a checked path)
+        if options.model_source is not None:  # the folder on this node (a staged copy, a checked path, a hub download)
             options = replace(options, model=options.model_source.local_path())
         self.options = options
         started = time.monotonic()
@@ -322,4 +322,7 @@ class VLLMEngineHost:
         return float(sum(scores[len(prefix_ids):]))
 
     def shutdown(self) -> None:
+        """Stop the engine's processes: vLLM terminates the EngineCore, which stops its tensor-parallel
+        workers. None of them is a Ray worker, so a bare ``ray.kill`` of the actor would leave them
+        to Ray's reaping (workflows/runtime/engine_stop.py). Calling it twice is harmless."""
         self.engine.shutdown()

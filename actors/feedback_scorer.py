@@ -211,6 +211,10 @@ class FeedbackWorker:
     def ready(self) -> dict[str, Any]:
         return self.scorer.host.info()
 
+    def shutdown(self) -> None:
+        """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
+        self.scorer.host.shutdown()
+
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="score",
                               expected=(PromptTooLongError,))

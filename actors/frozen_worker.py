@@ -24,7 +24,7 @@ from core.ppo_policy import pack_rollouts
 
 
 def _local(model: ModelSource | str) -> str:
-    """The folder (or hub id) on this node; ``""`` stays ``""`` (no reward model)."""
+    """The folder on this node (a hub model's in its Hugging Face cache); ``""`` stays ``""`` (no reward model)."""
     return model.local_path() if isinstance(model, ModelSource) else model
 
 

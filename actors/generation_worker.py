@@ -65,6 +65,10 @@ class GenerationWorker:
     def ready(self) -> dict[str, Any]:
         return self.host.info()
 
+    def shutdown(self) -> None:
+        """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
+        self.host.shutdown()
+
     async def _complete(self, messages: list[dict[str, str]], max_new_tokens: int) -> Reply:
         sampling = replace(self.settings.sampling, max_new_tokens=max_new_tokens)
         (completion,) = await self.host.complete(messages, sampling, ignore_eos=self.settings.ignore_eos)

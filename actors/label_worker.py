@@ -78,12 +78,18 @@ class LabelWorker:
         # (workflows.label.worker_engines), so that vLLM finds the memory free for both.
         feedback_host = VLLMEngineHost(feedback) if feedback else self.policy
         self.scorer = FeedbackScorer(feedback_host, cot_max_new_tokens=settings.cot_max_new_tokens)
-        hosts = {id(self.policy): self.policy, id(feedback_host): feedback_host}.values()
-        self.sampler = OccupancySampler(lambda: sum(h.running_requests() for h in hosts))
+        self.hosts = tuple({id(self.policy): self.policy, id(feedback_host): feedback_host}.values())  # one or two
+        self.sampler = OccupancySampler(lambda: sum(h.running_requests() for h in self.hosts))
         self.few_shot = self.constitution.feedback_few_shot if settings.feedback_few_shot else ()
 
     def ready(self) -> dict[str, Any]:
         return {"policy": self.policy.info(), "feedback": self.scorer.host.info()}
+
+    def shutdown(self) -> None:
+        """Stop both engines (one, when the policy labels too) before the actor is killed
+        (workflows/runtime/engine_stop.py)."""
+        for host in self.hosts:
+            host.shutdown()
 
     async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return await run_rows(shard_index, rows, self._label_row, self.sampler, self.metrics, stage="label",

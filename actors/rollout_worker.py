@@ -116,4 +116,5 @@ class RolloutWorker:
         return [float(s) for s in scores[len(prompt_ids):]]
 
     def shutdown(self) -> None:
+        """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.host.shutdown()

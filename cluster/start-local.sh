@@ -17,6 +17,10 @@ if [[ -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
     "$RAY" get-auth-token --generate >/dev/null   # keeps an existing ~/.ray/auth_token
 fi
 export RAY_AUTH_MODE=token
+# The raylet kills each worker's process group when the worker exits, so a vLLM engine's
+# EngineCore and tensor-parallel workers (not Ray workers) end with their actor. Ray 2.60's
+# default; set here so the head keeps it whatever the default becomes. An exported 0 wins.
+export RAY_process_group_cleanup_enabled="${RAY_process_group_cleanup_enabled:-1}"
 
 start=(
     "$RAY" start --head

@@ -31,6 +31,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -158,8 +159,34 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
 
 
+def _one_of(members: list) -> Callable[[str], Any]:
+    """argparse ``type`` for a union such as ``float | Literal["auto"]``: the first member that
+    reads the text (a word of a Literal as itself, else the number)."""
+    def read(text: str):
+        for member in members:
+            if typing.get_origin(member) is Literal:
+                if text in typing.get_args(member):
+                    return text
+                continue
+            try:
+                return _scalar(member)[0](text)
+            except ValueError:
+                continue
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {' or '.join(_union_word(m) for m in members)}")
+
+    return read
+
+
+def _union_word(member) -> str:
+    if typing.get_origin(member) is Literal:
+        return " or ".join(map(repr, typing.get_args(member)))
+    return f"a {member.__name__}" if isinstance(member, type) else str(member)
+
+
 def _scalar(hint) -> tuple[Any, tuple | None]:
     """argparse ``type`` and ``choices`` for a single value."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return _one_of([m for m in typing.get_args(hint) if m is not type(None)]), None
     if typing.get_origin(hint) is Literal:
         return type(typing.get_args(hint)[0]), typing.get_args(hint)
     if hint in (str, int, float, Path):

@@ -13,6 +13,7 @@ from typing import Any
 from actors.engine import EngineOptions, VLLMEngineHost
 from core.config import REQUIRED, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
+from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.models import resolve_model
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 
@@ -46,5 +47,5 @@ def run_chat(config: ChatConfig) -> dict[str, Any]:
             for prompt, (completion,) in zip(config.prompts, ray.get(refs))
         ]
     finally:
-        ray.kill(host)
+        stop_engine_actors([host])
     return {"model": model_path, "answers": answers}

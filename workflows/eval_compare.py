@@ -202,7 +202,7 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         worker_cls=AnswerWorker,
         worker_args=(config.engine.options(model.path, config.answers.seed, source), config.answers),
         worker_kwargs={"model_name": model.name},
-        max_num_seqs=config.engine.max_num_seqs,
+        max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=_sub_run(config.cluster, model.slug),
         models=(source,),
     )
@@ -253,7 +253,7 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         worker_args=(config.engine.options(judge, config.answers.seed, source),
                      {c: k.to_dict() for c, k in constitutions.items()}, items, config.judging, contest),
         worker_kwargs={"judge_name": config.judge},
-        max_num_seqs=config.engine.max_num_seqs,
+        max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         many_per_input=True,
         cluster=_sub_run(config.cluster, "judge"),
         models=(source,),

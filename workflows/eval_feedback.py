@@ -167,7 +167,7 @@ def run_eval_feedback(config: EvalFeedbackConfig) -> dict[str, Any]:
         worker_args=(config.engine.options(model, config.scorer.seed, source), config.scorer,
                      {i["id"]: i for i in items}),
         worker_kwargs={"model_name": config.model},
-        max_num_seqs=config.engine.max_num_seqs,
+        max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=config.cluster,
         models=(source,),
     )

@@ -88,7 +88,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         worker_cls=GenerationWorker,
         worker_args=(config.engine.options(model_path, chain.seed, source), constitution.to_dict(), chain),
         worker_kwargs={"model_name": config.model},
-        max_num_seqs=config.engine.max_num_seqs,
+        max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=config.cluster,
         models=(source,),
     )

@@ -94,7 +94,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         worker_cls=LabelWorker,
         worker_args=(policy_options, feedback_options, constitution.to_dict(), settings),
         worker_kwargs={"policy_name": config.policy, "feedback_name": config.feedback_model or config.policy},
-        max_num_seqs=config.engine.max_num_seqs,
+        max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         many_per_input=True,
         cluster=config.cluster,
         models=tuple(s for s in (policy_source, feedback_source) if s is not None),

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
 from workflows.plan import check_run_memory
+from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
 
 RECORD = "pipeline.json"
 STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm", "ppo": "ppo", "dpo": "dpo",
@@ -45,6 +46,10 @@ class PipelineConfig:
     ppo: dict[str, Any] = option({}, "options of `cai train ppo`")
     dpo: dict[str, Any] = option({}, "options of `cai train dpo`")
     eval: dict[str, Any] = option({}, "options of `cai eval compare`")
+    gpu_memory_gib: GpuMemory = option("auto", GPU_MEMORY_HELP)
+
+    def __post_init__(self) -> None:
+        gpu_memory_setting(self.gpu_memory_gib, "gpu_memory_gib")
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ def _write_record(root: Path, record: dict[str, Any]) -> None:
 def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage not already done; return the record (also in OUT/pipeline.json)."""
     stages = plan(cfg)  # every section is checked before anything runs
-    check_run_memory(cfg.model, stages, log)  # and refused here when a stage cannot fit its devices
+    check_run_memory(cfg.model, stages, log, cfg.gpu_memory_gib)  # and refused here when a stage cannot fit its devices
     root = Path(cfg.out).expanduser().resolve()
     record = _read_record(root)
     record["config"] = config_to_dict(cfg)

@@ -7,14 +7,18 @@ every stage that cannot fit and its largest term. ``cai run`` runs the same chec
 (:func:`check_run_memory`). The formulas and their assumptions: ``docs/memory.md``.
 
 Devices: a GPU stage (``use_gpu``, or engines with ``gpus_per_worker`` > 0) is checked against
-``--gpu-memory-gib`` per GPU; a CPU stage's process against ``--cpu-memory-gib``, by default the
-memory of the machine running the plan (processes sharing a node are not added up).
+``--gpu-memory-gib`` per GPU: a number, or ``auto``, the smallest GPU of the cluster's GPU nodes
+(:mod:`workflows.runtime.devices`, which also decides the GPU options a config leaves unset: GPUs
+when the cluster has them, or when a number is given). A CPU stage's process is checked against
+``--cpu-memory-gib``, by default the memory of the machine running the plan (processes sharing a
+node are not added up).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +27,9 @@ from typing import Any
 from core.memory_plan import (GIB, MemoryPlanError, ModelShape, StagePlan, TrainedModel, check_fits, dtype_bytes,
                               engine_terms, kv_bytes_per_token, known_shape, learner_terms, logits_bytes, read_shape,
                               sync_bytes)
+from core.config import ConfigError
+from workflows.runtime.devices import GPU_MEMORY_HELP, GpuBudget, GpuMemory, gpu_budget, gpu_memory_setting, on_devices
 
-DEFAULT_GPU_GIB = 80.0
-GPU_GIB_ENV = "CAI_GPU_MEMORY_GIB"  # the GPU size `cai run` checks against (it has no flag for it)
 DEFAULT_PROMPT_TOKENS = 512
 TERMS = ("weights", "gradients", "optimizer", "unsharded block", "frozen models", "activations", "logits", "weight sync",
          "kv cache")
@@ -100,7 +104,7 @@ def engine_plan(stage: str, device: str, engine, shape: ModelShape, *, gpu: bool
 def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
     """The policy's engine and, when the feedback model is another model, its engine on the same
     GPUs (``workflows.label.worker_engines``): each then has half of the GPU share."""
-    gpu, count = cfg.pool.gpus_per_worker > 0, cfg.pool.workers
+    gpu, count = bool(cfg.pool.gpus_per_worker), cfg.pool.workers
     models = list(dict.fromkeys([cfg.policy, cfg.feedback_model or cfg.policy]))
     if len(models) == 1:
         return [engine_plan("label", "engine", cfg.engine, shape_of(cfg.policy), gpu=gpu, count=count)]
@@ -116,7 +120,7 @@ def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int
     """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward. A
     frozen reference (DPO's) is TRL's under DDP, a whole copy in the masters' dtype; under FSDP
     it is sharded like the policy and stored in the compute dtype (workflows/runtime/hf_sharding.py)."""
-    gpu, workers = cfg.learner.use_gpu, cfg.training.workers
+    gpu, workers = bool(cfg.learner.use_gpu), cfg.training.workers
     compute, master = precision_bytes(cfg.learner)
     fsdp = cfg.learner.strategy == "fsdp"
     shards = workers if fsdp else 1
@@ -142,7 +146,7 @@ def ppo_plans(cfg, shape_of: Callable[[str], ModelShape], prompt_tokens: int) ->
     """Learners (policy and value trained; reference and reward frozen unless ``--frozen-on actors``),
     the frozen-model actors, and the rollout engines. Sequences: ``prompt_tokens`` + max_new_tokens.
     The learners' largest forward scores their whole share of the rollout batch at once."""
-    gpu = cfg.learner.use_gpu
+    gpu = bool(cfg.learner.use_gpu)
     policy = shape_of(cfg.policy)
     reward = shape_of(cfg.reward_model).as_score_model() if cfg.reward_model else None
     value = shape_of(cfg.value_model) if cfg.value_model else (reward or policy)
@@ -180,7 +184,7 @@ def stage_plans(stage, shape_of: Callable[[str], ModelShape], prompt_tokens: int
             shape = shape_of(cfg.model)
         else:  # eval compare runs one model's engine at a time: the largest decides
             shape = max((shape_of(m) for m in (cfg.model_a, *cfg.model_b, cfg.judge)), key=lambda s: s.params)
-        gpu = cfg.pool.gpus_per_worker > 0
+        gpu = bool(cfg.pool.gpus_per_worker)
         return [engine_plan(name, "engine", cfg.engine, shape, gpu=gpu, count=cfg.pool.workers)]
     if name == "ppo":
         return ppo_plans(cfg, shape_of, prompt_tokens)
@@ -204,7 +208,17 @@ def memory_plan(base_model: str, stages: list[Any], prompt_tokens: int = DEFAULT
 # -- report ---------------------------------------------------------------------------------
 
 
-def plan_report(plans: list[StagePlan], gpu_bytes: int, cpu_bytes: int) -> dict[str, Any]:
+def on_cluster(stages: list[Any], budget: GpuBudget) -> list[Any]:
+    """The stages with the GPU options they leave unset decided as they will be on the cluster:
+    GPUs when it has GPUs (or a GPU size was given)."""
+    return [replace(stage, config=on_devices(stage.config, budget.gib is not None)) for stage in stages]
+
+
+def gpu_stages(plans: list[StagePlan]) -> list[str]:
+    return list(dict.fromkeys(plan.stage for plan in plans if plan.gpu))
+
+
+def plan_report(plans: list[StagePlan], gpu_bytes: int, cpu_bytes: int, gpu_from: str = "") -> dict[str, Any]:
     """The plan as JSON-able data, in GiB."""
     rows = []
     for plan in plans:
@@ -213,8 +227,8 @@ def plan_report(plans: list[StagePlan], gpu_bytes: int, cpu_bytes: int) -> dict[
                      "count": plan.count, "terms_gib": {k: round(v / GIB, 2) for k, v in plan.terms.items()},
                      "total_gib": round(plan.total / GIB, 2), "budget_gib": round(plan.budget(size) / GIB, 2),
                      "largest": plan.largest, "fits": plan.fits(size), "notes": list(plan.notes)})
-    return {"gpu_memory_gib": round(gpu_bytes / GIB, 2), "cpu_memory_gib": round(cpu_bytes / GIB, 2),
-            "fits": all(row["fits"] for row in rows), "stages": rows}
+    return {"gpu_memory_gib": round(gpu_bytes / GIB, 2), "gpu_memory_from": gpu_from,
+            "cpu_memory_gib": round(cpu_bytes / GIB, 2), "fits": all(row["fits"] for row in rows), "stages": rows}
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -230,13 +244,15 @@ def format_plan(report: dict[str, Any]) -> str:
     lines += [f"note ({row['stage']}): {note}" for row in report["stages"] for note in row["notes"]]
     lines.append(f"GiB per device; GPUs of {report['gpu_memory_gib']:g} GiB (engines: vLLM's gpu_memory_utilization "
                  f"share), CPU processes against {report['cpu_memory_gib']:g} GiB (docs/memory.md)")
+    if report["gpu_memory_from"]:
+        lines.append(f"GPU memory: {report['gpu_memory_from']}")
     return "\n".join(lines)
 
 
 def plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline YAML, the file `cai run --config` takes")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for cai run")
-    parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_GIB, help=f"memory of each GPU, in GiB (default {DEFAULT_GPU_GIB:g})")
+    gpu_memory_argument(parser)
     parser.add_argument("--cpu-memory-gib", type=float, default=0.0,
                         help="memory a CPU stage's process may use, in GiB; default: this machine's")
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
@@ -245,18 +261,35 @@ def plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
 
 
-def print_plan(base_model: str, stages: list[Any], args: argparse.Namespace) -> int:
-    """`cai plan`: print the table (or JSON); exit 1 with the refusal when a stage does not fit."""
-    import json
-    import sys
+def gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--gpu-memory-gib`` of `cai plan` and `cai run`: over the pipeline config's ``gpu_memory_gib``."""
+    parser.add_argument("--gpu-memory-gib", type=_gpu_memory_flag, metavar="auto|GIB",
+                        help=GPU_MEMORY_HELP + "; default: the config's gpu_memory_gib (auto)")
 
-    gpu_bytes = int(args.gpu_memory_gib * GIB)
+
+def _gpu_memory_flag(text: str) -> GpuMemory:
+    try:
+        return gpu_memory_setting("auto" if text == "auto" else float(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of GiB above 0") from None
+
+
+def print_plan(base_model: str, stages: list[Any], args: argparse.Namespace, gpu_memory: GpuMemory = "auto") -> int:
+    """`cai plan`: print the table (or JSON); exit 1 with the refusal when a stage does not fit
+    (or asks for GPUs of a cluster that has none)."""
+    import json
+
+    budget = gpu_budget(gpu_memory)
     cpu_bytes = int(args.cpu_memory_gib * GIB) or machine_memory_bytes()
-    plans = memory_plan(base_model, stages, args.prompt_tokens)
-    report = plan_report(plans, gpu_bytes, cpu_bytes)
+    plans = memory_plan(base_model, on_cluster(stages, budget), args.prompt_tokens)
+    if budget.bytes is None and gpu_stages(plans):
+        print(f"cai plan: {_no_gpu(gpu_stages(plans), budget)}; join a GPU cluster (RAY_ADDRESS) or give --gpu-memory-gib N "
+              "to plan for N-GiB GPUs", file=sys.stderr)
+        return 1
+    report = plan_report(plans, budget.bytes or 0, cpu_bytes, budget.origin)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
     try:
-        check_fits(plans, gpu_bytes, cpu_bytes)
+        check_fits(plans, budget.bytes or 0, cpu_bytes)
     except MemoryPlanError as exc:
         print(f"cai plan: {exc}", file=sys.stderr)
         return 1
@@ -265,19 +298,36 @@ def print_plan(base_model: str, stages: list[Any], args: argparse.Namespace) -> 
     return 0
 
 
-def check_run_memory(base_model: str, stages: list[Any], log: Callable[[str], None] = print) -> None:
+def _no_gpu(stages: list[str], budget: GpuBudget) -> str:
+    return (f"stage{'s' if len(stages) > 1 else ''} {', '.join(f'`{s}`' for s in stages)} ask"
+            f"{'' if len(stages) > 1 else 's'} for GPUs, but {budget.origin}")
+
+
+def check_run_memory(base_model: str, stages: list[Any], log: Callable[[str], None] = print,
+                     gpu_memory: GpuMemory = "auto") -> None:
     """`cai run`'s check before any stage starts: raise :class:`MemoryPlanError` naming a stage
-    that cannot fit. GPUs of ``$CAI_GPU_MEMORY_GIB`` (default 80) GiB; CPU processes against this
-    machine's memory. A stage whose models cannot be sized here (a hub id the plan does not
-    know, not in the local cache) is named and left unchecked: `cai plan` reports it as an error."""
+    that cannot fit. GPUs of ``gpu_memory`` GiB, or (``auto``) the smallest the cluster's GPU
+    nodes report; CPU processes against this machine's memory. A stage whose models cannot be
+    sized here (a hub id the plan does not know, not in the local cache), or whose GPUs are not
+    up yet (an autoscaler may still add them) or cannot be read, is named and left unchecked:
+    `cai plan` reports each as an error."""
     from workflows.runtime.models import ModelNotFoundError
 
-    gpu_bytes = int(float(os.environ.get(GPU_GIB_ENV) or DEFAULT_GPU_GIB) * GIB)
+    try:
+        budget = gpu_budget(gpu_memory)
+    except ConfigError as exc:
+        log(f"cai run: memory of the GPU stages not checked: {exc}")
+        budget = None
     shape_of = shape_finder(base_model, stages)
     plans = []
-    for stage in stages:
+    for stage in on_cluster(stages, budget or GpuBudget(0.0, "unread")):
         try:
             plans += stage_plans(stage, shape_of, DEFAULT_PROMPT_TOKENS)
         except (MemoryPlanError, ModelNotFoundError) as exc:
             log(f"cai run: memory of stage {stage.name} not checked: {exc}")
-    check_fits(plans, gpu_bytes, machine_memory_bytes())
+    if budget is None or budget.bytes is None:
+        if budget is not None and gpu_stages(plans):
+            log(f"cai run: memory not checked: {_no_gpu(gpu_stages(plans), budget)} now (they will wait for GPU "
+                "nodes to join)")
+        plans = [plan for plan in plans if not plan.gpu]
+    check_fits(plans, (budget.bytes if budget else None) or 0, machine_memory_bytes())

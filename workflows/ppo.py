@@ -21,6 +21,7 @@ from core.sampling import SamplingConfig
 from workflows.ppo_learner import ppo_loop
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.engine_config import EngineConfig
+from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.frozen_group import frozen_demand, start_frozen_actors
 from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
@@ -117,7 +118,7 @@ class PPOConfig:
                 "log-probs are log softmax(logits/T) over the full vocabulary, so an engine sampling a nucleus "
                 "(or penalizing repeats) would train a policy other than the one that produced the rollouts "
                 "(TRL forces top_p=1 too)")
-        if self.sync.sync_transport == "nccl" and not self.learner.use_gpu:
+        if self.sync.sync_transport == "nccl" and self.learner.use_gpu is False:  # None: decided on the cluster
             raise ConfigError("--sync-transport nccl needs --use-gpu (NCCL moves GPU tensors); on CPU use gloo "
                               "or blob")
         if bool(self.reward_model) == bool(self.reward_fn):
@@ -190,6 +191,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
+    from workflows.runtime.devices import joined_on_devices
     from workflows.runtime.model_preflight import prepare_model
     from workflows.runtime.ray_session import connect_ray
 
@@ -206,6 +208,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         "ref_model": (str(resolve_model(cfg.ref_model)), cfg.ref_model) if cfg.ref_model else (policy, cfg.policy),
     }
     models = {key: pair for key, pair in models.items() if pair[0]}
+    cfg = joined_on_devices(cfg)  # --use-gpu left unset: GPUs when the cluster has them
     # the learners get the config itself, its model fields resolved to folders (on each node,
     # training.local_models swaps in that node's copy)
     resolved = replace(cfg, **{key: path for key, (path, _) in models.items()})
@@ -242,14 +245,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
                      fixed=cluster.get("local", False), what="cai train ppo", report=note)
     if frozen_actors:  # the learners then load only what they train
         models = {key: pair for key, pair in models.items() if key not in ("ref_model", "reward_model")}
-    actors, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
+    rollout, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
+    frozen: dict[str, Any] = {}
     groups = [pg]
-    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(actors),
+    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(rollout),
                  "reward_offset": reward_offset}
     try:
         if frozen_actors:
             frozen, frozen_pg = start_frozen_actors(resolved, run_id, cfg.learners, note)
-            actors.update(frozen)
             groups.append(frozen_pg)
             loop_data["frozen_actors"] = list(frozen)
         return run_training(TrainJob(
@@ -258,7 +261,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
             cluster=cfg.cluster, models=models, run_id=run_id,
         ))
     finally:
-        for actor in actors.values():
+        stop_engine_actors(rollout.values())
+        for actor in frozen.values():  # torch models inside the actor's own process: nothing outlives it
             ray.kill(actor)
         for group in groups:
             release(group)

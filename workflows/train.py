@@ -330,10 +330,12 @@ CHECKS = {
 
 def run_train(config: TrainJobConfig) -> dict[str, Any]:
     """Check the data on the driver (bad data fails before any worker starts), then train."""
+    from workflows.runtime.devices import joined_on_devices
     from workflows.runtime.models import resolve_model
 
     model = resolve_model(config.model)
     CHECKS[config.kind](config)
+    config = joined_on_devices(config)  # --use-gpu left unset: GPUs when the cluster has them
     settings = replace(config, model=model, data=[str(Path(p).expanduser().resolve()) for p in config.data])
     return run_training(TrainJob(kind=config.kind, out=Path(config.out), workers=config.training.workers,
                                  learner=config.learner, loop=LOOPS[config.kind], config=config, settings=settings,

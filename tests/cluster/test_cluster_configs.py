@@ -2,9 +2,10 @@
 docs/cluster.md makes (token auth on every node, whole 8-GPU nodes per KubeRay worker pod,
 /dev/shm sized with the object store below it, local disk for what spills, shared storage and
 the model cache on every node, pinned images, autoscaler, placement and RayJob deadlines that
-agree, NCCL's interface set, the Hugging Face token from an optional Secret, only the cluster's
-own pods admitted by its NetworkPolicy, SSH only from your network, least-privilege AWS roles,
-no world-writable shared folder, the dashboard never published).
+agree, NCCL's interface set, every raylet reaping its workers' children, the Hugging Face token
+from an optional Secret, only the cluster's own pods admitted by its NetworkPolicy, SSH only from
+your network, least-privilege AWS roles, no world-writable shared folder, the dashboard never
+published).
 No Ray cluster, no Kubernetes, no cloud: milliseconds. Nothing here was applied to a real
 Kubernetes cluster or cloud account; these are the parsers' and Ray's validator's word only.
 
@@ -452,6 +453,20 @@ def test_vllm_worker_multiproc_method_is_never_preset():
         config = load_one(LAUNCHER / launcher)
         commands = config["docker"].get("run_options", []) + config["head_start_ray_commands"] + config["worker_start_ray_commands"]
         assert not any(name in command for command in commands), launcher
+
+
+def test_every_raylet_reaps_its_workers_children():
+    """Every Ray node starts its raylet with per-worker process groups, so a vLLM engine's
+    EngineCore and tensor-parallel workers (not Ray workers) end with their actor, however it
+    ends (workflows/runtime/engine_stop.py; docs/cluster.md, "Engines end cleanly")."""
+    from workflows.runtime.ray_session import REAP_CHILDREN_ENV
+
+    for cluster, spec in cluster_specs():
+        for group, _, container in ray_containers(spec):
+            assert env_entries(container).get(REAP_CHILDREN_ENV, {}).get("value") == "1", f"{cluster}/{group}"
+    for launcher in LAUNCHERS:
+        assert f"--env {REAP_CHILDREN_ENV}=1" in load_one(LAUNCHER / launcher)["docker"]["run_options"], launcher
+    assert f'export {REAP_CHILDREN_ENV}="${{{REAP_CHILDREN_ENV}:-1}}"' in (CLUSTER / "start-local.sh").read_text()
 
 
 def network_policies() -> dict[str, dict]:

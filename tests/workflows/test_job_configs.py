@@ -14,6 +14,7 @@ from workflows.cli.registry import COMMANDS
 from workflows.eval_compare import EvalCompareConfig
 from workflows.generate import GenerateConfig
 from workflows.label import LabelConfig
+from workflows.runtime.devices import on_devices
 from workflows.train import DPOConfig, SFTConfig
 
 BASE = dict(constitution="harmless", prompts="p.jsonl", out="o")
@@ -86,7 +87,8 @@ def test_identities_keep_the_keys_of_the_manifests_already_written():
 
 
 def test_a_training_summary_of_the_old_layout_reads_as_the_same_identity():
-    sft = load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", lr=1e-3, workers=2))
+    # as run_train records it on a CPU cluster: --use-gpu, left unset, decided there (False)
+    sft = on_devices(load_config(SFTConfig, overrides=dict(model="m", data=["d"], out="o", lr=1e-3, workers=2)), False)
     old = {"model": "m", "data": ["d"], "out": "o", "beta": 0.1, "sft_targets": "all", "trust_remote_code": False,
            "training": {"workers": 2, "use_gpu": False, "epochs": 1.0, "max_steps": 0, "lr": 1e-3, "batch_size": 4,
                         "grad_accum": 1, "max_length": 1024, "eval_split": 0.1, "save_steps": 50,

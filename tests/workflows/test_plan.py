@@ -33,9 +33,9 @@ def by_device(plans):
 
 
 def test_cluster_config_fits_80_gib_gpus(capsys):
-    assert main(["plan", "--config", CLUSTER]) == 0
+    assert main(["plan", "--config", CLUSTER, "--gpu-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
-    assert "fits: every stage fits its devices" in out
+    assert "fits: every stage fits its devices" in out and "GPU memory: as given" in out
     for stage in ("generate", "sft", "label", "rm", "ppo", "eval"):
         assert f"\n{stage} " in out
 
@@ -47,7 +47,7 @@ def test_cluster_config_is_refused_on_4_gib_gpus_naming_a_stage(capsys):
 
 
 def test_json_report(capsys):
-    assert main(["plan", "--config", CLUSTER, "--json"]) == 0
+    assert main(["plan", "--config", CLUSTER, "--json", "--gpu-memory-gib", "80"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] and report["gpu_memory_gib"] == 80
     ppo = [row for row in report["stages"] if row["stage"] == "ppo"]
@@ -160,15 +160,15 @@ def test_an_unknown_hub_model_is_an_error_for_plan_and_unchecked_for_run(tmp_pat
     assert logged and all("not checked" in line for line in logged)
 
 
-@pytest.mark.parametrize("model, gpu_gib", [("meta-llama/Llama-3.1-70B-Instruct", ""),
-                                            ("Qwen/Qwen2.5-7B-Instruct", "4")])
-def test_cai_run_refuses_before_any_stage_starts(tmp_path, capsys, monkeypatch, model, gpu_gib):
-    monkeypatch.setenv("CAI_GPU_MEMORY_GIB", gpu_gib)
+@pytest.mark.parametrize("model, gpu_gib, flag", [("meta-llama/Llama-3.1-70B-Instruct", 80, []),
+                                                  ("Qwen/Qwen2.5-7B-Instruct", 80, ["--gpu-memory-gib", "4"])])
+def test_cai_run_refuses_before_any_stage_starts(tmp_path, capsys, model, gpu_gib, flag):
+    """The GPU size from the config (``gpu_memory_gib``), or from the flag over it."""
     out = tmp_path / "run"
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"model": model, "prompts": str(ROOT / "data/prompts/train.jsonl"),
-                                      "out": str(out), "generate": {"gpus_per_worker": 1}}))
-    assert main(["run", "--config", str(config)]) == 2
+                                      "out": str(out), "generate": {"gpus_per_worker": 1}, "gpu_memory_gib": gpu_gib}))
+    assert main(["run", "--config", str(config), *flag]) == 2
     err = capsys.readouterr().err
     assert "stage `generate` does not fit" in err and "largest term is weights" in err
     assert not out.exists(), "a stage started"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from actors.process_output import with_log_level
 from core.config import ConfigError
 from workflows.cli.commands import print_json
+from workflows.plan import gpu_memory_argument
 
 
 # -- cai submit / cai jobs ---------------------------------------------------------------
@@ -134,9 +135,9 @@ def jobs_logs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workflows.pipeline import load_pipeline_config, run_pipeline
+    from workflows.pipeline import run_pipeline
 
-    record = run_pipeline(load_pipeline_config(args.config, args.overrides))
+    record = run_pipeline(pipeline_config(args))
     for name, stage in record["stages"].items():
         print(f"{name:<9} {'skipped' if stage.get('skipped') else stage['status']:<8} {stage['out']}")
     if record.get("report"):
@@ -146,11 +147,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Lives here, not in workflows.plan: the pipeline imports that module for `cai run`'s check."""
-    from workflows.pipeline import load_pipeline_config, plan
+    from workflows.pipeline import plan
     from workflows.plan import print_plan
 
+    cfg = pipeline_config(args)
+    return print_plan(cfg.model, plan(cfg), args, cfg.gpu_memory_gib)
+
+
+def pipeline_config(args: argparse.Namespace):
+    """`cai run`'s and `cai plan`'s pipeline config: the YAML, its overrides, then --gpu-memory-gib."""
+    from dataclasses import replace
+
+    from workflows.pipeline import load_pipeline_config
+
     cfg = load_pipeline_config(args.config, args.overrides)
-    return print_plan(cfg.model, plan(cfg), args)
+    return replace(cfg, gpu_memory_gib=args.gpu_memory_gib) if args.gpu_memory_gib is not None else cfg
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -167,6 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline YAML (see configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, values read as YAML")
+    gpu_memory_argument(parser)
 
 
 def status_arguments(parser: argparse.ArgumentParser) -> None:

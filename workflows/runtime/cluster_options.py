@@ -1,6 +1,6 @@
 """How a job behaves on a shared Ray cluster: its run id, how long it waits for placement,
 and how its model reaches the nodes. Nested in every job config (flags ``--run-name``,
-``--placement-timeout``, ``--stage-model``; flat keys in YAML)."""
+``--placement-timeout``, ``--stage-model``, ``--stage-dir``; flat keys in YAML)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ class ClusterOptions:
         DEFAULT_PLACEMENT_TIMEOUT_S,
         "seconds to wait for the cluster to place workers (autoscalers need minutes); 0 waits forever",
     )
-    stage_model: bool = option(False, "copy the model folder to each node's local cache through the object "
+    stage_model: bool = option(False, "copy the model folder to each node's local disk through the object "
                                "store (once per node) instead of expecting it at the same path everywhere")
+    stage_dir: str = option("", "absolute node-local folder --stage-model copies into on every node (never the "
+                            "shared volume); default: ray-cai-staged in each node's temp folder ($TMPDIR or /tmp)")
 
     @property
     def preflight_timeout(self) -> float | None:
@@ -36,4 +38,5 @@ class ClusterOptions:
 
     def problems(self) -> list[str]:
         name_ok = all(c.isalnum() or c in "-_." for c in self.run_name) and len(self.run_name) <= 48
-        return failing({"run_name": name_ok, "placement_timeout": self.placement_timeout >= 0})
+        return failing({"run_name": name_ok, "placement_timeout": self.placement_timeout >= 0,
+                        "stage_dir": not self.stage_dir or self.stage_dir.startswith("/")})

@@ -4,7 +4,8 @@
 :func:`model_source` turns the resolved value into a :class:`~actors.model_source.ModelSource`;
 with ``stage=True`` the files go into Ray's object store so each node can copy them.
 :func:`preflight_models` then runs one small task on each node of a placement group: it checks
-``"path"`` models and copies ``"staged"`` ones (in parallel across nodes), and every node's
+``"path"`` models, copies ``"staged"`` ones to its local disk (in parallel across nodes) and
+downloads ``"hub"`` ones (one node at a time per shared Hugging Face cache), and every node's
 problem is reported in one :class:`ModelPreflightError` instead of an engine failing deep inside
 vLLM on one node. A node that dies or hangs is reported after ``timeout_s``.
 """
@@ -32,12 +33,14 @@ class ModelPreflightError(FileNotFoundError):
     A FileNotFoundError, so the CLI prints it as a one-line ``cai: error: ...``."""
 
 
-def model_source(path: str, *, spec: str, stage: bool, chunk_bytes: int = 256 << 20) -> ModelSource:
+def model_source(path: str, *, spec: str, stage: bool, stage_dir: str = "",
+                 chunk_bytes: int = 256 << 20) -> ModelSource:
     """Describe a resolved ``--model`` value (see ``workflows.runtime.models.resolve_model``).
 
     A hub id (not an existing local path) becomes ``"hub"``; a local folder becomes ``"path"``,
     or with ``stage`` ``"staged"``: each file is read in ``chunk_bytes`` chunks and each chunk
-    ``ray.put``. The driver owns those objects as long as the returned source is referenced.
+    ``ray.put``; each node copies them into ``stage_dir`` (its temp folder when empty). The
+    driver owns those objects as long as the returned source is referenced.
     """
     local = Path(path).expanduser()
     if not local.exists():
@@ -55,7 +58,8 @@ def model_source(path: str, *, spec: str, stage: bool, chunk_bytes: int = 256 <<
         with open(file, "rb") as handle:
             chunks = iter(lambda: handle.read(chunk_bytes), b"")
             blobs.append((name, tuple(ray.put(chunk) for chunk in chunks)))
-    return ModelSource(spec=spec, path=str(local), kind="staged", fingerprint=fingerprint, blobs=tuple(blobs))
+    return ModelSource(spec=spec, path=str(local), kind="staged", fingerprint=fingerprint, blobs=tuple(blobs),
+                       stage_dir=stage_dir)
 
 
 def nodes_of_placement_group(pg) -> list[str]:
@@ -142,7 +146,9 @@ def preflight_log(sources: Sequence[ModelSource], results: dict[str, dict]) -> l
     for i, source in enumerate(sources):
         n_nodes = len(results)
         if source.kind == "hub":
-            lines.append(f"model {source.spec} is hub id {source.path}: each of {n_nodes} node(s) loads it itself")
+            folders = ", ".join(sorted({report["paths"][i] for report in results.values()}))
+            lines.append(f"model {source.spec} is hub id {source.path}: in the Hugging Face cache of "
+                         f"{n_nodes} node(s) at {folders}")
         elif source.kind == "path":
             lines.append(f"model {source.spec} present on {n_nodes} node(s) at {source.path}")
         else:
@@ -182,4 +188,4 @@ def prepare_model(path: str, spec: str, cluster) -> ModelSource:
         from workflows.runtime.ray_session import connect_ray
 
         connect_ray()  # the chunks go into the object store of the cluster the job runs on
-    return model_source(path, spec=spec or path, stage=cluster.stage_model)
+    return model_source(path, spec=spec or path, stage=cluster.stage_model, stage_dir=cluster.stage_dir)

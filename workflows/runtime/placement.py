@@ -222,14 +222,8 @@ def _unplaceable_message(n_workers: int, resources: WorkerResources, strategy: s
         f"could not reserve {n_workers} workers x {resources.bundle()} (one bundle each, "
         f"strategy {strategy}) within {timeout_s:g} s.",
         f"The cluster has {len(nodes)} alive node(s):",
+        *_node_lines(nodes, resources),
     ]
-    for node in nodes:
-        total = _resources_of(node)
-        lines.append(
-            f"  node {node.get('NodeID', '?')[:12]} ({node.get('NodeManagerAddress', '?')}): "
-            f"CPU {total.get('CPU', 0):g}, GPU {total.get('GPU', 0):g} -> "
-            f"{_fit_on_node(resources, total)} such worker(s)"
-        )
     if fit < n_workers:
         lines.append(
             f"Only {fit} of {n_workers} such workers fit (a worker's GPUs must be on one node): "
@@ -243,6 +237,35 @@ def _unplaceable_message(n_workers: int, resources: WorkerResources, strategy: s
     if strategy.startswith("STRICT_"):
         lines.append(f"Strategy {strategy} also constrains where bundles may go; SPREAD is the most lenient.")
     return "\n".join(lines)
+
+
+def _node_lines(nodes: list[dict], resources: WorkerResources) -> list[str]:
+    """One line per node: its name, what it has, and how many such workers it holds."""
+    lines = []
+    for node in nodes:
+        total = _resources_of(node)
+        lines.append(
+            f"  node {node.get('NodeID', '?')[:12]} ({node.get('NodeManagerAddress', '?')}): "
+            f"CPU {total.get('CPU', 0):g}, GPU {total.get('GPU', 0):g} -> "
+            f"{_fit_on_node(resources, total)} such worker(s)"
+        )
+    return lines
+
+
+def refuse_unplaceable(resources: WorkerResources, *, fixed: bool, what: str) -> None:
+    """On a ``fixed`` cluster (one this process started, which nothing will grow), refuse a
+    worker no node can hold (GPUs asked of a machine without any) before anything starts, naming
+    each node and what it has. Elsewhere nodes may still join: placement waits and reports."""
+    nodes = _alive_nodes()
+    if not fixed or workers_that_fit(resources, nodes):
+        return
+    shape = " + ".join(f"{amount:g} {key}" for key, amount in resources.bundle().items())
+    lines = [f"{what}: each worker needs {shape} on one node, and no node of this local cluster has that:",
+             *_node_lines(nodes, resources)]
+    if resources.gpus and not any(_resources_of(node).get("GPU", 0) for node in nodes):
+        lines.append("No node has a GPU: leave --gpus-per-worker unset (engines on CPUs here), or join a GPU "
+                     "cluster with RAY_ADDRESS.")
+    raise PlacementError("\n".join(lines))
 
 
 def check_total_fits(parts: dict[str, dict[str, float]], *, fixed: bool, what: str,
@@ -336,7 +359,7 @@ class PoolPlacements:
         if not self.elastic:
             return 0
         if not queued:
-            self.withdraw()
+            self.withdraw("every shard is handed out")
             return 0
         added = [group for group, _ in list(self.slots.values())[self.first:]]
         if slots >= self.limit or any(unplaced_bundles(group) for group in added):
@@ -346,15 +369,15 @@ class PoolPlacements:
             self.note(f"{more} more worker(s) fit the cluster now: the pool grows to {slots + more}")
         return max(more, 0)
 
-    def withdraw(self) -> None:
+    def withdraw(self, why: str) -> None:
         """Withdraw the request to the autoscaler, once."""
         if self.request["workers"] and self.request["withdrawn_at"] is None:
             self._ask(0)
             self.request["withdrawn_at"] = self._since()
-            self.note("every shard is handed out: withdrew the request to the autoscaler")
+            self.note(f"{why}: withdrew the request to the autoscaler")
 
     def release(self) -> None:
-        self.withdraw()
+        self.withdraw("the pool has ended")
         for group in self.groups():
             release(group)
 

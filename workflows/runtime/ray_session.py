@@ -14,7 +14,8 @@ they start (measured). So ``connect_ray`` asks the GCS first, before importing `
 reads ``RAY_AUTH_MODE`` once, at import): one gRPC call to its ``GetClusterId`` with grpcio's
 public client, with or without the ``authorization: Bearer`` metadata Ray's own clients send.
 
-    RAY_AUTH_MODE=token          send the token found (workflows.runtime.ray_auth.find_token)
+    RAY_AUTH_MODE=token          send the token found (workflows.runtime.ray_auth.find_token);
+                                 refused on a cluster without auth (its actors would die)
     RAY_AUTH_MODE=<other>        send none
     unset; GCS takes no token    send none: the cluster has no auth
     unset; GCS wants a token     turn this process's token mode on, send the token found
@@ -23,6 +24,13 @@ public client, with or without the ``authorization: Bearer`` metadata Ray's own 
 A refused token, or no token for a cluster that wants one, is a one-line
 :class:`~workflows.runtime.ray_auth.RayAuthError` that names the token's source, raised in well under
 a second. ``cai submit`` sends the same token over HTTP by ``ray start``'s rule alone.
+
+**Reaping engine processes.** A vLLM engine's EngineCore and tensor-parallel workers are child
+processes of its actor, not Ray workers. A local instance is started with
+``RAY_process_group_cleanup_enabled=1`` (unless the environment sets it): its raylet then puts
+every worker in a process group of its own and kills that group when the worker exits, however
+it exits. Ray 2.60 has it on by default; setting it keeps the promise if that default changes.
+A cluster that cai joins has its own raylets: docs/cluster.md says what to set there.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from workflows.runtime.ray_auth import FoundToken
 
 NAMESPACE = "cai"
 DASHBOARD_ENV = "RAY_CAI_DASHBOARD"
+# read by each raylet when it starts (a RayConfig entry, Ray 2.60): see the module doc
+REAP_CHILDREN_ENV = "RAY_process_group_cleanup_enabled"
 PROBE_TIMEOUT_S = 3.0
 _dashboard_url: str | None = None
 _started_local = False
@@ -70,6 +80,7 @@ def connect_ray(
 
             if include_dashboard is None:
                 include_dashboard = os.environ.get(DASHBOARD_ENV, "1") != "0"
+            os.environ.setdefault(REAP_CHILDREN_ENV, "1")  # the raylet that ray.init starts inherits it
             info = ray.init(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
@@ -133,6 +144,12 @@ def _choose_token(address: str) -> FoundToken:
     if mode == "token":
         if token.value and _gcs_refuses(address, token.value):  # without one, ray.init says so at once
             raise ray_auth.token_error(address, token)
+        if _gcs_refuses(address, None) is False:
+            raise ray_auth.RayAuthError(
+                f"{ray_auth.MODE_ENV}=token, but the Ray cluster at {address} does not use tokens: its processes "
+                "call this one without a token, which token mode refuses, so every actor started from here would "
+                f"die before it runs. Unset {ray_auth.MODE_ENV} (Ray sets it in a process that started a local "
+                "instance), or set it to disabled")
         return token
     refuses = _gcs_refuses(address, None)  # RAY_AUTH_MODE unset: does the cluster want a token at all?
     if refuses is False:

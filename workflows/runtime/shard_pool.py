@@ -14,6 +14,12 @@ when an actor dies (docs/vllm-cpu-facts.md), so the pool is ours and small:
   workers up whenever it changes;
 * when no worker is up because their nodes are gone and nothing replaces them, the pool
   says what it waits for and stops after the placement timeout (finished shards are kept);
+* an actor whose creation Ray refuses (``ActorClass.remote()`` raising, as a cancelled creation
+  does) is a death like any other: the slot tries again after :data:`RETRY_CREATE_S`;
+* a replaced actor, and every actor when the pool ends, is asked to shut its engine down before
+  it is killed, for a bounded time (``workflows.runtime.engine_stop``): vLLM's engine processes
+  are not Ray workers. An actor still starting is killed at once (a shutdown would wait behind
+  its ``__init__``), and Ray reaps what its engine had started;
 * a shard whose task fails counts an attempt; past ``max_attempts`` the run fails with the
   shard's last error instead of looping forever. Likewise a slot whose actors keep dying
   at start-up stops the run after ``max_attempts`` replacements. A death that came with the
@@ -31,7 +37,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from workflows.runtime.engine_stop import stop_engine_actors
+
 logger = logging.getLogger(__name__)
+RETRY_CREATE_S = 2.0  # after Ray refused to create a slot's actor, before the slot tries again
 
 
 class ShardFailedError(RuntimeError):
@@ -75,11 +84,17 @@ class ShardQueue:
 
 @dataclass
 class _Slot:
-    actor: Any
+    actor: Any  # None when Ray refused to create it: tried again at retry_at, as a death
     ready_ref: Any  # resolves once the actor is up; None after that
     generation: int = 0
     inflight: int = 0
     replacements: int = 0
+    retry_at: float = 0.0
+    refused: BaseException | None = None  # why its creation was refused
+
+    @property
+    def up(self) -> bool:
+        return self.actor is not None and self.ready_ref is None
 
 
 class NoCapacityError(RuntimeError):
@@ -152,9 +167,15 @@ def run_shard_pool(
     ``on_workers(up)`` hears it.
     """
     import ray
+    from ray.exceptions import RayError
 
     def start(slot_index: int, generation: int) -> _Slot:
-        actor = make_actor(slot_index, generation)
+        try:
+            actor = make_actor(slot_index, generation)
+        except RayError as exc:  # e.g. RaySystemError "Actor creation cancelled" from the GCS
+            logger.warning("worker %d could not be created (%s); trying again in %g s", slot_index, _reason(exc),
+                           RETRY_CREATE_S)
+            return _Slot(None, None, generation, retry_at=time.monotonic() + RETRY_CREATE_S, refused=exc)
         return _Slot(actor, actor.ready.remote(), generation)
 
     slots = {i: start(i, 0) for i in range(n_workers)}
@@ -175,7 +196,8 @@ def run_shard_pool(
             )
         logger.warning("worker %d %s (%s); starting a replacement", slot_index,
                        "died" if counted else "was lost with its node", reason)
-        ray.kill(slot.actor, no_restart=True)
+        if slot.actor is not None:  # dead or failed to start: its shutdown answers at once with an error
+            stop_engine_actors([slot.actor])
         fresh = start(slot_index, slot.generation + 1)
         fresh.replacements = slot.replacements + counted
         slots[slot_index] = fresh
@@ -186,14 +208,17 @@ def run_shard_pool(
                 last_grow = time.monotonic()
                 for slot_index in range(len(slots), len(slots) + grow(len(slots), len(queue.pending))):
                     slots[slot_index] = start(slot_index, 0)
-            up = sum(s.ready_ref is None for s in slots.values())
+            for slot_index, slot in list(slots.items()):
+                if slot.refused is not None and time.monotonic() >= slot.retry_at:
+                    replace(slot_index, slot.refused)
+            up = sum(s.up for s in slots.values())
             if up != workers_up:
                 workers_up = up
                 on_workers(up)
             starting = {s.ready_ref: i for i, s in slots.items() if s.ready_ref is not None}
             held = hold()
             for slot_index, slot in slots.items():
-                while slot.ready_ref is None and queue and not held and slot.inflight < inflight_per_worker:
+                while slot.up and queue and not held and slot.inflight < inflight_per_worker:
                     shard = queue.take()
                     inflight[submit(slot.actor, shard)] = (shard, slot_index, slot.generation)
                     slot.inflight += 1
@@ -228,7 +253,7 @@ def run_shard_pool(
                     continue
                 on_result(shard, result)
 
-            live = not held and any(s.ready_ref is None for s in slots.values())
+            live = not held and any(s.up for s in slots.values())
             missing = None if live else unplaced()
             now = time.monotonic()
             if missing is None:
@@ -246,5 +271,7 @@ def run_shard_pool(
                 on_wait(f"no worker is up; waiting {waited:.0f} s for capacity: {missing}")
                 last_report = now
     finally:
+        stop_engine_actors(slot.actor for slot in slots.values() if slot.up)
         for slot in slots.values():
-            ray.kill(slot.actor, no_restart=True)
+            if slot.actor is not None and slot.ready_ref is not None:  # still in __init__, where a shutdown would queue
+                ray.kill(slot.actor, no_restart=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,9 @@ from core.config import ConfigError, failing, option
 from core.manifest import RunManifest, ShardState
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
 from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.placement import PoolPlacements, WorkerResources, reserve_workers, workers_that_fit
+from workflows.runtime.devices import pool_on_devices
+from workflows.runtime.placement import (PoolPlacements, WorkerResources, refuse_unplaceable, reserve_workers,
+                                        workers_that_fit)
 from workflows.runtime.progress import RunProgress
 from workflows.runtime.ray_session import NAMESPACE, connect_ray
 from workflows.runtime.shard_pool import ShardQueue, run_shard_pool
@@ -43,7 +45,9 @@ class PoolConfig:
                               "autoscaling cluster to make room for (withdrawn once every shard is handed out); "
                               "0 = no limit and no request")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
-    gpus_per_worker: float = option(0.0, "GPUs reserved per worker (at least --tensor-parallel on GPU nodes)")
+    gpus_per_worker: float | None = option(None, "GPUs reserved per worker (at least --tensor-parallel on GPU "
+                                           "nodes); default: --tensor-parallel on a cluster with GPUs, 0 on one "
+                                           "without (workflows/runtime/devices.py)")
     inflight_shards: int = option(2, "shards in flight per worker, so engines never idle between shards")
     max_attempts: int = option(3, "tries per shard (and actor replacements per worker) before the run fails")
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = option(
@@ -67,7 +71,7 @@ class PoolConfig:
             "limit": self.limit >= 0,
             "workers": self.workers >= 0,
             "cpus_per_worker": self.cpus_per_worker >= 0,
-            "gpus_per_worker": self.gpus_per_worker >= 0,
+            "gpus_per_worker": self.gpus_per_worker is None or self.gpus_per_worker >= 0,
             "inflight_shards": self.inflight_shards >= 1,
             "max_attempts": self.max_attempts >= 1,
             "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
@@ -100,6 +104,7 @@ class StageJob:
     many_per_input: bool = False  # an input row may give several output rows (labelled pairs)
     cluster: ClusterOptions = ClusterOptions()
     models: tuple = ()  # ModelSources the workers load: checked (or staged) on their nodes first
+    tensor_parallel: int = 1  # of each worker's engine: its GPUs when --gpus-per-worker is left to the cluster
 
 
 def _open_manifest(job: StageJob) -> RunManifest:
@@ -124,6 +129,8 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     pending = [i for i in range(shard_count) if i not in done]
     run_name = manifest.run_id
     cluster = connect_ray() if pending else None
+    if cluster:  # --gpus-per-worker left unset: decided by whether the cluster has GPUs
+        job = replace(job, pool=pool_on_devices(job.pool, job.tensor_parallel, cluster["gpus"] > 0))
     progress = RunProgress(
         job.stage, total_rows=manifest.input["total_rows"],
         done_rows=manifest.input["rejected"] + sum(manifest.shards[i].rows for i in done),
@@ -157,10 +164,12 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
 
     pool = job.pool
     resources = WorkerResources(cpus=pool.cpus_per_worker, gpus=pool.gpus_per_worker)
+    refuse_unplaceable(resources, fixed=cluster.get("local", False), what=f"cai {job.stage}")
     elastic = pool.workers == 0
     limit = min(pool.max_workers or len(pending), len(pending))  # never more workers than shards
     n_workers = max(1, min(pool.workers or workers_that_fit(resources) or 1, limit))
-    progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s)"
+    shape = " + ".join(f"{amount:g} {key}" for key, amount in resources.bundle().items())
+    progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s) x {shape}"
                   + (f", more as nodes join (up to {limit})" if elastic and limit > n_workers else "")
                   + f"; Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
     timeout = job.cluster.placement_timeout
@@ -252,5 +261,5 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
         placements.release()
     # workers_timeline: [seconds since pool_started_at (Unix time, as the shards' started_at), workers up]
     summary = {"workers_peak": max((up for _, up in timeline), default=0), "workers_timeline": timeline,
-               "pool_started_at": round(placements.began_at, 3)}
+               "pool_started_at": round(placements.began_at, 3), "gpus_per_worker": pool.gpus_per_worker}
     return summary | ({"autoscaler_request": placements.request} if placements.request["workers"] else {})

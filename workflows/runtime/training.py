@@ -68,8 +68,9 @@ class LearnerOptions:
     """How the Ray Train learners of every training job (sft, rm, dpo, ppo) run and save."""
 
     lr: float = option(5e-5, "peak learning rate", identity=True)
-    use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo); PPO's rollout engines take GPUs "
-                           "too (--tensor-parallel each)", identity=True)
+    use_gpu: bool | None = option(None, "train on GPUs (NCCL) instead of CPUs (gloo); PPO's rollout engines take "
+                                  "GPUs too (--tensor-parallel each); default: GPUs on a cluster with GPUs, CPUs on "
+                                  "one without (workflows/runtime/devices.py)", identity=True)
     seed: int = option(0, "seed for data order, the held-out split, initialization and sampling", identity=True)
     strategy: Literal["ddp", "fsdp"] = option("ddp", "how the learners hold the trained model: whole replicas (DDP), "
                                               "or FSDP2 shards, one unit per transformer block (computing in "

@@ -18,29 +18,25 @@ the machine (its ``start``), and reads an ``example.yaml`` that the Ray 2.60 whe
 not ship; so the head is started here with free ports and a temp dir of its own
 (``ray_head.py``), and stopped by its process group.
 
-Not in the suite yet. It passed once alone (2026-12-05) and failed twice beside the rest of the
-suite (a fresh-clone CI run and a flake hunt, two pytest processes): the first worker's actor
-died before it ran ("all references to the actor were removed ... cancelled
-before it started running"), and creating its replacement raised ``RaySystemError: Actor creation
-cancelled`` out of ``ray.remote``, which ended the run. Until that is understood (the fake
-provider's node churn, or the pool, which does not yet survive ``make_actor`` raising), the
-autoscaler request is tested by hand:
-
-    RAY_TMPDIR=$(mktemp -d) PYTHONPATH=. .venv/bin/python tests/workflows/runtime/autoscaler_scenario.py \
-        /tmp/result.json "$(mktemp -d)" "$(.venv/bin/cai models default)"
-
 Usage: python autoscaler_scenario.py RESULT.json WORK_DIR MODEL_DIR
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 
-import ray
+# The head runs without token auth (below); this driver must too. Ray reads the mode when it is
+# imported, and a pytest process that started its own local Ray passes RAY_AUTH_MODE=token down
+# (Ray sets it there): in token mode the driver refuses the head's calls, and every actor it
+# started died "cancelled before it started running" (the suite's failures of 2026-12-05).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import ray  # noqa: E402 - after the auth mode is set
 
 from tests.workflows.runtime.ray_head import BIN, clean_env, free_ports, node_port_flags, short_temp_dir, start_head, stop_head, wait_for_head
 from tests.workflows.runtime.cluster_scenario import generate_config

@@ -1,21 +1,22 @@
-"""Model preflight on a fake cluster whose two worker nodes have separate model caches.
+"""Model preflight on a fake cluster whose two worker nodes have separate local disks.
 
 ``test_model_preflight.py`` runs this in a subprocess (like ``placement_scenario.py``) with a
 private ``RAY_TMPDIR``. The head has no CPUs, so every task runs on node A or node B. Each
-worker node's raylet gets its own ``RAY_CAI_CACHE`` through ``Cluster.add_node(env_vars=...)``
-(``RayParams.env_vars``: raylet environment overrides, which its worker processes inherit), so
-the two nodes stage models into different folders, as separate disks would.
+worker node's raylet gets its own ``TMPDIR`` through ``Cluster.add_node(env_vars=...)``
+(``RayParams.env_vars``: raylet environment overrides, which its worker processes inherit;
+Ray's own folders follow ``RAY_TMPDIR``, which wins), so the two nodes stage models into
+different temp folders, as separate local disks would.
 
 Usage: python model_preflight_scenario.py RESULT.json WORK_DIR MODEL_DIR  (a tiny model, read only)
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.model_source import CACHE_ENV, STAGED_MARKER, ModelNotOnNodeError, resolve_on_node
+from actors.atomic_files import exclusive_lock
+from actors.model_source import CACHE_ENV, STAGED_MARKER, STAGING_FOLDER, ModelNotOnNodeError, resolve_on_node
 from workflows.runtime.model_preflight import (
     ModelPreflightError,
     model_source,
@@ -42,7 +44,7 @@ def on(node_id: str) -> dict:
 
 @ray.remote(num_cpus=0)
 def node_cache() -> str:
-    return os.environ.get(CACHE_ENV, "")
+    return tempfile.gettempdir()
 
 
 @ray.remote(num_cpus=0)
@@ -105,7 +107,7 @@ def expect_error(sources, nodes, timeout_s) -> dict:
 def marker_state(cache: Path) -> dict:
     return {
         str(marker.relative_to(cache)): [marker.stat().st_ino, marker.read_text()]
-        for marker in sorted(cache.glob(f"staged/*/{STAGED_MARKER}"))
+        for marker in sorted(cache.glob(f"{STAGING_FOLDER}/*/{STAGED_MARKER}"))
     }
 
 
@@ -113,14 +115,16 @@ def main(result_path: str, work_dir: str, model_dir: str) -> None:
     started = time.monotonic()
     work = Path(work_dir)
     caches = {"a": work / "cache-a", "b": work / "cache-b"}
-    os.environ[CACHE_ENV] = str(work / "cache-driver")  # the head and the driver
+    os.environ[CACHE_ENV] = str(work / "cache-driver")  # the shared cache, which staging never writes
+    for cache in caches.values():
+        cache.mkdir()  # gettempdir() passes over a TMPDIR that does not exist
     model = Path(model_dir)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": SMALL_STORE},
     )
     nodes = {
-        name: cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE, env_vars={CACHE_ENV: str(cache)})
+        name: cluster.add_node(num_cpus=1, object_store_memory=SMALL_STORE, env_vars={"TMPDIR": str(cache)})
         for name, cache in caches.items()
     }
     cluster.wait_for_nodes()
@@ -148,12 +152,12 @@ def main(result_path: str, work_dir: str, model_dir: str) -> None:
         shutil.rmtree(gone.path)
         result["path_missing"] = expect_error([gone], both, timeout_s=30) | {"path": gone.path}
 
-        # A genuinely node-specific failure: node B's cache path is a file, so only B cannot
+        # A genuinely node-specific failure: node B's staging folder is a file, so only B cannot
         # stage there. A stages normally; the error names B alone.
-        caches["b"].write_text("not a directory")
+        (caches["b"] / STAGING_FOLDER).write_text("not a directory")
         other = stage_variant(model, work, "other")
         result["stage_b_broken"] = expect_error([other], both, timeout_s=30)
-        caches["b"].unlink()
+        (caches["b"] / STAGING_FOLDER).unlink()
         result["markers_after_broken"] = {n: marker_state(c) for n, c in caches.items()}
 
         # Staging: each node copies once into its own cache; a second preflight copies nothing.
@@ -189,13 +193,11 @@ def main(result_path: str, work_dir: str, model_dir: str) -> None:
         calls = [stage_after_barrier.options(**on(ids["a"])).remote(racing, str(barrier), 3) for _ in range(3)]
         result["race"] = ray.get(calls, timeout=60)
 
-        # A node that does not answer: the driver holds node B's staging lock, so B's copy
-        # blocks; the preflight must give up after its timeout and name B.
+        # A node that does not answer: the driver holds node B's staging lock (alive, its
+        # heartbeat moving), so B's copy blocks; the preflight must give up after its timeout
+        # and name B.
         slow = stage_variant(model, work, "slow")
-        lock_path = caches["b"] / "staged" / f".tiny-slow-{slow.fingerprint[:12]}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(caches["b"] / STAGING_FOLDER / f".tiny-slow-{slow.fingerprint[:12]}.lock"):
             result["hung_node"] = expect_error([slow], both, timeout_s=5)
 
         # A node removed before the preflight: reported within the timeout, not waited on.

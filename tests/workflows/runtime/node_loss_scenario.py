@@ -15,7 +15,7 @@ node, and the run goes through, in order:
    engines' speed, when
 4. every worker node is removed: the run stops with a clear error once the placement timeout
    has passed with no worker up, its finished shards kept;
-5. a 2-CPU node with its own model cache joins and the same command is run again with
+5. a 2-CPU node with its own local disk (TMPDIR) joins and the same command is run again with
    ``--stage-model``: the model is copied to that node once and the run finishes the rest.
 
 Usage: python node_loss_scenario.py RESULT.json WORK_DIR MODEL_DIR
@@ -152,16 +152,17 @@ def main(result_path: str, work: str, model: str) -> None:
         result["seconds_to_error"] = round(outcome.get("error_at", time.monotonic()) - lost_at, 1)
         result["shards_kept"] = done_shards(out)
         phase("every node lost, run stopped")
-        # 5. a node with its own disk (model cache) joins; the same command, with --stage-model,
+        # 5. a node with its own disk (its TMPDIR) joins; the same command, with --stage-model,
         # copies the model there through the object store and finishes the rest
         node_cache = work_dir / "node-cache"
-        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE, env_vars={"RAY_CAI_CACHE": str(node_cache)})
+        node_cache.mkdir()  # gettempdir() passes over a TMPDIR that does not exist
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE, env_vars={"TMPDIR": str(node_cache)})
         # one worker: the few shards left need no second engine start (--workers is not part of
         # the run's identity, so this is still the same run)
         staged = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, stage_model=True),
                                      pool=dataclasses.replace(config.pool, hold_after_shard=0, workers=1))
         summary = run_generate(staged)
-        result["staged_copies"] = sorted(p.parent.name for p in node_cache.glob("staged/*/.ray-cai-staged"))
+        result["staged_copies"] = sorted(p.parent.name for p in node_cache.glob("ray-cai-staged/*/.ray-cai-staged"))
         result["rerun"] = {k: summary[k] for k in ("rows_in", "rows_out", "rejected", "run_id")}
         phase("rerun finished")
         import pyarrow.parquet as pq

@@ -214,7 +214,9 @@ def test_wrong_or_missing_token_is_one_line_at_once(token_head, tiny_model, tmp_
 
 @pytest.mark.slow
 def test_a_found_token_is_not_forced_on_a_cluster_without_auth(tmp_path):
-    """A token-mode driver refuses the cluster's token-less calls: its actors would die at birth."""
+    """A token-mode driver refuses the cluster's token-less calls: its actors would die at birth.
+    So a found token is not forced on such a cluster, and RAY_AUTH_MODE=token set for it (as Ray
+    itself sets it in a process that started a local instance) is refused in one line."""
     home = tmp_path / "home"
     write_token(home, "a-token-from-some-earlier-local-ray")
     (tmp_path / "no-token-home").mkdir()
@@ -233,5 +235,10 @@ def test_a_found_token_is_not_forced_on_a_cluster_without_auth(tmp_path):
     with plain_head(tmp_path / "no-token-home") as address:  # no token at start: auth off
         result = subprocess.run([str(BIN / "python"), "-c", script], capture_output=True, text=True, timeout=180,
                                 env=clean_env(HOME=str(home), RAY_ADDRESS=address))
+        token_mode = subprocess.run([str(BIN / "python"), "-c", script], capture_output=True, text=True, timeout=60,
+                                    env=clean_env(HOME=str(home), RAY_ADDRESS=address, RAY_AUTH_MODE="token"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["False", "None", "7"]
+    assert token_mode.returncode != 0 and not token_mode.stdout
+    assert (f"RayAuthError: RAY_AUTH_MODE=token, but the Ray cluster at {address} does not use tokens"
+            in token_mode.stderr), token_mode.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Models on every node: fingerprints and local checks without a cluster, then staging and
-preflight on a fake two-node cluster whose nodes have separate model caches.
+"""Models on every node: fingerprints, local checks and hub downloads without a cluster, then
+staging and preflight on a fake two-node cluster whose nodes have separate local disks.
 
 The cluster part runs ``model_preflight_scenario.py`` in a subprocess (see test_placement.py:
 one process joins one cluster, and this pytest process may hold the session's ``ray_local``).
@@ -8,13 +8,26 @@ one process joins one cluster, and this pytest process may hold the session's ``
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.workflows.runtime.cluster_scenario import run_scenario
 
-from actors.model_source import REMEDY, ModelNotOnNodeError, ModelSource, model_fingerprint
+import actors.model_source as model_source_module
+from actors.model_source import (
+    REMEDY,
+    STAGED_MARKER,
+    STAGING_FOLDER,
+    ModelNotOnNodeError,
+    ModelSource,
+    download_hub_model,
+    model_files,
+    model_fingerprint,
+    resolve_on_node,
+    staging_root,
+)
 from workflows.runtime.model_preflight import model_source
 from workflows.runtime.models import ModelNotFoundError, cache_dir
 
@@ -64,10 +77,50 @@ def test_path_source_resolves_on_this_machine(fake_model):
     assert source.local_path() == str(fake_model.resolve()), "cached second call"
 
 
-def test_hub_ids_pass_through():
-    source = model_source("HuggingFaceTB/SmolLM2-135M-Instruct", spec="HuggingFaceTB/SmolLM2-135M-Instruct", stage=True)
+def test_hub_ids_are_downloaded_into_the_hugging_face_cache_under_its_lock(monkeypatch, tmp_path):
+    """No hub here: ``snapshot_download`` is replaced by a fake that records whether the lock
+    file, in the cache it downloads into, is held while it runs."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lock = tmp_path / ".locks" / "ray-cai-HuggingFaceTB--SmolLM2-135M-Instruct.lock"
+    snapshot = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "abc"
+    calls = []
+
+    def fake_download(repo_id, cache_dir, ignore_patterns):
+        calls.append((repo_id, Path(cache_dir), lock.is_file(), "*.bin" in ignore_patterns))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / "model.safetensors").write_bytes(b"")
+        return str(snapshot)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(model_source_module, "_RESOLVED", {})  # no other test's resolutions
+    source = model_source(repo, spec=repo, stage=True)
     assert (source.kind, source.fingerprint, source.blobs) == ("hub", "", ())
-    assert source.local_path() == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert source.local_path() == str(snapshot)
+    assert calls == [(repo, tmp_path, True, True)], "safetensors found: no *.bin fetched"
+    assert not lock.exists(), "released"
+    source.local_path()
+    assert len(calls) == 1, "cached per process"
+
+
+def test_a_hub_repo_without_safetensors_gets_its_bin_weights(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    skipped = []
+
+    def fake_download(repo_id, cache_dir, ignore_patterns):
+        skipped.append(ignore_patterns)
+        return str(tmp_path)  # no *.safetensors in it
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert download_hub_model("org/old-model") == str(tmp_path)
+    assert ["*.bin" in patterns for patterns in skipped] == [True, False]
+    assert all("original/*" in patterns for patterns in skipped)
 
 
 def test_a_missing_local_folder_is_refused_on_the_driver(tmp_path):
@@ -96,6 +149,56 @@ def test_changed_folder_is_refused_with_both_fingerprints(fake_model):
 def test_cache_dir_is_still_importable_from_models(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_CAI_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
+
+
+def test_staging_goes_to_the_nodes_temp_folder_or_the_stage_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what gettempdir() answers
+    assert staging_root() == tmp_path / STAGING_FOLDER
+    assert staging_root("/local/nvme/cai") == Path("/local/nvme/cai")
+
+
+def test_staging_refuses_to_write_into_the_shared_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_CAI_CACHE", str(tmp_path / "shared"))
+    source = ModelSource(spec="./m", path="/models/m", kind="staged", fingerprint="f" * 64,
+                         stage_dir=str(tmp_path / "shared" / "staged"))
+    with pytest.raises(ModelNotOnNodeError, match="inside the shared model cache"):
+        source.local_path()
+    assert not (tmp_path / "shared").exists(), "nothing written there"
+
+
+def test_staging_copies_into_the_nodes_temp_folder_once_and_clears_a_dead_writers_partial(
+        monkeypatch, tmp_path, fake_model):
+    """``_stage_here`` without a cluster: the "object refs" are the chunks themselves."""
+    import ray
+
+    from tests.actors.test_atomic_files import dead_pid, tag_of
+
+    monkeypatch.setattr(ray, "get", lambda chunk: chunk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    monkeypatch.setenv("RAY_CAI_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setattr(model_source_module, "_RESOLVED", {})
+    fingerprint = model_fingerprint(fake_model)
+    blobs = tuple((name, (path.read_bytes()[:50], path.read_bytes()[50:])) for name, path in model_files(fake_model))
+    source = ModelSource(spec="./fake", path=str(fake_model), kind="staged", fingerprint=fingerprint, blobs=blobs)
+    root = tmp_path / "node-tmp" / STAGING_FOLDER
+    left_by_dead_writer = root / f".fake-{fingerprint[:12]}.partial-{tag_of(dead_pid())}"
+    left_by_dead_writer.mkdir(parents=True)
+
+    path, copied = resolve_on_node(source)
+    assert Path(path) == root / f"fake-{fingerprint[:12]}"
+    assert copied == sum(file.stat().st_size for _, file in model_files(fake_model))
+    assert model_fingerprint(path) == fingerprint and (Path(path) / STAGED_MARKER).is_file()
+    assert sorted(p.name for p in root.iterdir()) == [f"fake-{fingerprint[:12]}"], "no partial, no lock left"
+    assert not (tmp_path / "shared").exists(), "the shared cache is never written"
+    monkeypatch.setattr(model_source_module, "_RESOLVED", {})  # as another worker process
+    assert resolve_on_node(source) == (path, 0)
+
+
+def test_stage_dir_must_be_absolute():
+    from workflows.runtime.cluster_options import ClusterOptions
+
+    assert ClusterOptions(stage_dir="/mnt/nvme/cai").problems() == []
+    assert ClusterOptions(stage_dir="relative/dir").problems() == ["stage_dir"]
 
 
 # --- a fake cluster: two worker nodes with their own caches, in a subprocess --------------
@@ -159,7 +262,7 @@ def test_staging_copies_once_per_node_into_that_nodes_cache(scenario):
     for node in ("a", "b"):
         first, second = staged["first"][node], staged["second"][node]
         (path,) = first["paths"]
-        assert path.startswith(scenario["caches"][node] + "/staged/")
+        assert path.startswith(f"{scenario['caches'][node]}/{STAGING_FOLDER}/"), "the node's own temp folder"
         assert first["copied_bytes"][0] > 0 and second["copied_bytes"] == [0]
         assert second["paths"] == [path]
         assert staged["markers_after"][node] == staged["markers_first"][node], "no second copy"

@@ -41,6 +41,31 @@ def test_resolve_model_errors_are_clear(tmp_path, tiny_model):
         resolve_model(str(tmp_path / "empty"))
 
 
+def test_the_default_model_is_converted_under_a_unique_name_then_renamed(monkeypatch, tmp_path):
+    """The conversion itself is faked: what matters here is where it writes. The cache may be a
+    volume shared by pods whose PIDs collide, so the temporary folder is named by partial_folder."""
+    import socket
+
+    from workflows.runtime import models
+
+    converted = []
+
+    def fake_convert(gguf_path, out_dir):
+        converted.append(out_dir.name)
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "find_default_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    path = models.materialize_default_model(tmp_path / "cache")
+    assert path == tmp_path / "cache" / models.DEFAULT_MODEL_NAME
+    (name,) = converted
+    assert name.startswith(f".{models.DEFAULT_MODEL_NAME}.partial-{socket.gethostname()}.")
+    assert sorted(p.name for p in path.iterdir()) == [models.COMPLETE_MARKER, "config.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [models.DEFAULT_MODEL_NAME], "no partial, no lock left"
+    assert models.materialize_default_model(tmp_path / "cache") == path and len(converted) == 1
+
+
 @pytest.mark.slow
 def test_default_model_materializes_once_and_vllm_serves_it(ray_local):
     import time

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray.exceptions import RaySystemError
 
 from workflows.runtime.shard_pool import NoCapacityError, ShardFailedError, ShardQueue, run_shard_pool
 
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
 
 class Squares:
     """Squares a shard index. ``die_on``: exits its process on that shard, once (a marker file
-    remembers); ``fail_on``: raises on that shard every time; ``slow_start``: ready() hangs."""
+    remembers); ``fail_on``: raises on that shard every time; ``slow_start``: ready() hangs.
+    ``run`` leaves ``ran-<pid>`` beside the marker, and ``shutdown`` (what the pool asks before it
+    kills) ``shutdown-<pid>``."""
 
     def __init__(self, marker: str, die_on: int = -1, fail_on: int = -1, slow_start: bool = False):
         self.marker, self.die_on, self.fail_on, self.slow_start = Path(marker), die_on, fail_on, slow_start
@@ -28,6 +31,7 @@ class Squares:
         return True
 
     def run(self, shard: int) -> int:
+        (self.marker.parent / f"ran-{os.getpid()}").touch()
         if shard == self.die_on and not self.marker.exists():
             self.marker.write_text("died")
             os._exit(1)
@@ -35,13 +39,24 @@ class Squares:
             raise ValueError(f"shard {shard} is bad")
         return shard * shard
 
+    def shutdown(self) -> None:
+        (self.marker.parent / f"shutdown-{os.getpid()}").write_text("asked")
 
-def drive(tmp_path, shards=8, workers=2, max_attempts=3, **behaviour):
+
+def pids(folder: Path, what: str) -> set[str]:
+    return {path.name.split("-", 1)[1] for path in folder.glob(f"{what}-*")}
+
+
+def drive(tmp_path, shards=8, workers=2, max_attempts=3, refuse=lambda slot, generation: False, **behaviour):
+    """``refuse(slot, generation)``: Ray refuses that actor's creation, as the GCS does when it
+    cancels one (``ActorClass.remote()`` raises RaySystemError)."""
     actor_cls = ray.remote(num_cpus=0)(Squares)
     made, results, failures = [], {}, []
 
     def make_actor(slot: int, generation: int):
         made.append((slot, generation))
+        if refuse(slot, generation):
+            raise RaySystemError("Actor creation cancelled.")
         return actor_cls.remote(str(tmp_path / "died"), **behaviour)
 
     def on_result(shard: int, value: int) -> None:
@@ -58,6 +73,9 @@ def test_every_shard_is_done_once_across_workers(ray_local, tmp_path):
     results, failures, made = drive(tmp_path)
     assert results == {i: i * i for i in range(8)} and failures == []
     assert sorted(made) == [(0, 0), (1, 0)]
+    # a worker still starting when the shards ran out is killed at once (its shutdown would queue
+    # behind __init__); every worker that ran a shard was up, and is asked first
+    assert pids(tmp_path, "ran") and pids(tmp_path, "ran") <= pids(tmp_path, "shutdown")
 
 
 def test_a_dead_actor_is_replaced_and_its_shard_rerun(ray_local, tmp_path):
@@ -66,6 +84,17 @@ def test_a_dead_actor_is_replaced_and_its_shard_rerun(ray_local, tmp_path):
     # shard 3 and whatever else was in flight on the dying actor
     assert 3 in {shard for shard, _ in failures} and all("ActorDiedError" in reason for _, reason in failures)
     assert any(generation == 1 for _, generation in made), "the dead slot got a fresh actor"
+
+
+def test_an_actor_whose_creation_ray_refuses_is_created_again(ray_local, tmp_path):
+    results, failures, made = drive(tmp_path, workers=1, refuse=lambda slot, generation: generation == 0)
+    assert results == {i: i * i for i in range(8)} and failures == []
+    assert made == [(0, 0), (0, 1)], "the one slot tried again"
+
+
+def test_a_slot_whose_creation_is_always_refused_stops_the_run_with_the_reason(ray_local, tmp_path):
+    with pytest.raises(ShardFailedError, match=r"worker slot 0 died 3 times; last error: RaySystemError: .*cancelled"):
+        drive(tmp_path, workers=1, max_attempts=2, refuse=lambda slot, generation: True)
 
 
 def test_a_shard_failing_every_time_stops_the_run_with_its_error(ray_local, tmp_path):
@@ -105,8 +134,10 @@ def test_a_held_pool_hands_out_nothing_and_stops_once_its_workers_are_gone(ray_l
                        queue=ShardQueue.of(range(10), 3), submit=submit, on_result=results.__setitem__,
                        poll_seconds=0.2, unplaced=unplaced, placement_timeout_s=1,
                        hold=lambda: len(results) >= 3)
-    # in flight when the hold began: at most 2 per worker beyond the 3rd result, all finished
-    assert 3 <= len(results) <= 5 and sorted(results) == sorted(submitted) == list(range(len(results)))
+    # in flight when the hold began: the 2 per worker handed out before the 3rd result came back,
+    # less that one: at most 3 more, all finished (5 was the bound here once; a loaded machine
+    # showed 6, as counted)
+    assert 3 <= len(results) <= 6 and sorted(results) == sorted(submitted) == list(range(len(results)))
     assert f"{10 - len(results)} shard(s) are not done" in str(stopped.value)
     assert len(polls) >= 5, "held, the pool kept looking for lost workers instead of ending"
 

@@ -27,6 +27,9 @@ class Shouter:
     def ready(self) -> bool:
         return True
 
+    def shutdown(self) -> None:
+        """What the pool asks before it kills a worker; no engine here to stop."""
+
     async def run_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return await run_rows(shard, rows, self._row, self.sampler, self.metrics, stage="shout",
                               expected=(KeyError,))
