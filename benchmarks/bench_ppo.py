@@ -52,7 +52,8 @@ def main() -> int:
 
     from core.config import load_config
     from workflows.runtime.models import resolve_model
-    from workflows.ppo import PPOConfig, run_ppo
+    from learners.ppo_config import PPOConfig
+    from workflows.ppo import run_ppo
 
     policy = str(resolve_model(args.model))
     with tempfile.TemporaryDirectory() as tmp:

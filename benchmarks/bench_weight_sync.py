@@ -43,7 +43,7 @@ def main() -> int:
     from core.policy_source import PolicySource
     from workflows.runtime.models import resolve_model
     from workflows.runtime.ray_session import connect_ray
-    from workflows.runtime.weight_sync import SyncOptions, WeightSync
+    from learners.weight_sync import SyncOptions, WeightSync
 
     policy = str(resolve_model(args.model))
     connect_ray(num_cpus=4, include_dashboard=False)

@@ -89,7 +89,8 @@ def trained_reward_model(ray_local, tiny_model, tmp_path_factory) -> dict:
     import random
 
     from core.config import load_config
-    from workflows.train import RMConfig, run_train
+    from learners.hf_configs import RMConfig
+    from workflows.train import run_train
 
     rng = random.Random(0)
     words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]

@@ -15,7 +15,8 @@ from core.config import REQUIRED, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
 from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.models import resolve_model
-from workflows.runtime.ray_session import NAMESPACE, connect_ray
+from core.run_identity import NAMESPACE
+from workflows.runtime.ray_session import connect_ray
 
 
 @dataclass(frozen=True)

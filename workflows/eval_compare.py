@@ -44,8 +44,8 @@ from core.manifest import file_fingerprint
 from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
 from core.shards import MESSAGE, read_stage_output, write_jsonl
 from workflows.eval_report import write_markdown, write_plot
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage

@@ -39,8 +39,8 @@ from actors.feedback_scorer import FeedbackWorker, ScoringSettings
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
 from core.shards import read_stage_output, write_jsonl
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage

@@ -114,8 +114,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     """The stages in order, each with its full config."""
     from workflows.generate import GenerateConfig, run_generate
     from workflows.label import LabelConfig, run_label
-    from workflows.ppo import PPOConfig, run_ppo
-    from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
+    from learners.ppo_config import PPOConfig
+    from workflows.ppo import run_ppo
+    from learners.hf_configs import DPOConfig, RMConfig, SFTConfig
+    from workflows.train import run_train
 
     root = Path(cfg.out).expanduser().resolve()
     out = {name: root / directory for name, directory in STAGE_DIRS.items()}

@@ -119,7 +119,7 @@ def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
 def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int, frozen=()) -> StagePlan:
     """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward. A
     frozen reference (DPO's) is TRL's under DDP, a whole copy in the masters' dtype; under FSDP
-    it is sharded like the policy and stored in the compute dtype (workflows/runtime/hf_sharding.py)."""
+    it is sharded like the policy and stored in the compute dtype (learners/hf_sharding.py)."""
     gpu, workers = bool(cfg.learner.use_gpu), cfg.training.workers
     compute, master = precision_bytes(cfg.learner)
     fsdp = cfg.learner.strategy == "fsdp"

@@ -16,7 +16,7 @@ from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from core.config import ConfigError
 from workflows.label import LabelConfig, worker_engines
-from workflows.runtime.engine_config import EngineConfig
+from actors.engine_config import EngineConfig
 
 
 @pytest.mark.parametrize("tp", [2, 4])

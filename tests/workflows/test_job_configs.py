@@ -15,7 +15,7 @@ from workflows.eval_compare import EvalCompareConfig
 from workflows.generate import GenerateConfig
 from workflows.label import LabelConfig
 from workflows.runtime.devices import on_devices
-from workflows.train import DPOConfig, SFTConfig
+from learners.hf_configs import DPOConfig, SFTConfig
 
 BASE = dict(constitution="harmless", prompts="p.jsonl", out="o")
 

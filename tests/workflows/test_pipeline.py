@@ -58,7 +58,7 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     PPO and eval stages run the same job functions that test_train.py, test_ppo.py and
     test_eval_compare.py run on the real stack, and their wiring is checked by the plan tests above
     (`make demo` runs all six). DPO fine-tunes fully under FSDP in bf16: rank 0 alone reads the
-    policy and the reference (workflows.runtime.hf_sharding: trained_model, fsdp_reference) and the other
+    policy and the reference (learners.hf_sharding: trained_model, fsdp_reference) and the other
     learner receives its shards, so at the first step the two are the same computation on both
     ranks and the loss, averaged over the ranks, is log 2 (a rank holding other weights, such as
     the zeros transformers gives TRL's own reference there, would move it)."""

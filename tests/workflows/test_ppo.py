@@ -21,7 +21,8 @@ import torch
 from core.config import ConfigError, load_config
 from tests.workflows.test_train import checkpoint_copies_since
 from workflows.cli.status import stage_progress
-from workflows.ppo import PPOConfig, run_ppo
+from learners.ppo_config import PPOConfig
+from workflows.ppo import run_ppo
 
 pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
 

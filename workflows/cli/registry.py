@@ -22,8 +22,10 @@ from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.generate import GenerateConfig, run_generate
 from workflows.label import LabelConfig, run_label
 from workflows.plan import plan_arguments
-from workflows.ppo import PPOConfig, run_ppo
-from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
+from learners.ppo_config import PPOConfig
+from workflows.ppo import run_ppo
+from learners.hf_configs import DPOConfig, RMConfig, SFTConfig
+from workflows.train import run_train
 
 
 @dataclass(frozen=True, kw_only=True)

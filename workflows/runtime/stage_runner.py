@@ -24,12 +24,13 @@ import pyarrow as pa
 from core.config import ConfigError, failing, option
 from core.manifest import RunManifest, ShardState
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
-from workflows.runtime.cluster_options import ClusterOptions
+from core.cluster_options import ClusterOptions
 from workflows.runtime.devices import pool_on_devices
 from workflows.runtime.placement import (PoolPlacements, WorkerResources, refuse_unplaceable, reserve_workers,
                                         workers_that_fit)
 from workflows.runtime.progress import RunProgress
-from workflows.runtime.ray_session import NAMESPACE, connect_ray
+from core.run_identity import NAMESPACE
+from workflows.runtime.ray_session import connect_ray
 from workflows.runtime.shard_pool import ShardQueue, run_shard_pool
 
 
@@ -172,7 +173,7 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
     progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s) x {shape}"
                   + (f", more as nodes join (up to {limit})" if elastic and limit > n_workers else "")
                   + f"; Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
-    timeout = job.cluster.placement_timeout
+    timeout = job.cluster.wait_s
     placements = PoolPlacements(resources, name=f"cai-{job.stage}-{run_name}", limit=limit, elastic=elastic,
                                 note=progress.note)
     placements.ask_autoscaler(pool.max_workers, have=n_workers)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.engine import EngineOptions
 from actors.rollout_worker import RolloutWorker
-from tests.workflows.runtime.test_weight_sync import REFERENCE, engine_gap, perturb, weight_sync
+from tests.learners.test_weight_sync import REFERENCE, engine_gap, perturb, weight_sync
 
 
 def main(result_path: str, model: str) -> None:

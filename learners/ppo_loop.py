@@ -9,7 +9,7 @@ Per step, on every learner (rank r of L, DDP):
 3. training: KL-shaped rewards, GAE, whitened advantages, then ``ppo_epochs`` passes of
    clipped policy and value losses over minibatches (gradients all-reduced by DDP);
 4. weight sync: learner rank 0 broadcasts the new policy to every rollout engine in packed
-   buckets (``workflows.runtime.weight_sync``; under FSDP every learner gathers each bucket
+   buckets (``learners.weight_sync``; under FSDP every learner gathers each bucket
    just before it is sent) and, at the first sync and every ``--sync-check-every`` versions,
    checks that the engine's log-probs now match the learner's.
 
@@ -19,9 +19,9 @@ On GPU clusters with large models they would move to their own actors; the rewar
 (a callable over prompt and answer texts) already allows that.
 
 The loop reads as setup (:func:`setup_learner`), step (:func:`ppo_step`) and the final save
-(:func:`ppo_loop`); every setting comes from the run's :class:`workflows.ppo.PPOConfig`
+(:func:`ppo_loop`); every setting comes from the run's :class:`learners.ppo_config.PPOConfig`
 itself, its model paths resolved for this node. The rollout actors are reached through
-:class:`workflows.runtime.rollout_client.RolloutClient`.
+:class:`learners.rollout_client.RolloutClient`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -44,17 +44,26 @@ from core.frozen_models import FrozenScorer
 from core.policy_source import PolicySource
 from core.ppo_policy import ActorCritic, RolloutBatch, load_actor_critic, pack_rollouts
 from core.sharding import full_state
-from workflows.ppo_checkpoint import checkpoint_state, report_step, restore_model, restore_optimizer, save_checkpoint
-from workflows.runtime.hf_loop import model_saver
-from workflows.runtime.rollout_client import RolloutClient
-from workflows.runtime.training import (
-    WorkerContext, hold_if_drilled, local_models, log_step, register_worker, report_final,
-)
-from workflows.runtime.weight_sync import Reference, WeightSync
+from learners.context import LearnerContext, hold_if_drilled, log_step, register_worker, report_final
+from learners.hf_loop import model_saver
+from learners.ppo_checkpoint import checkpoint_state, report_step, restore_model, restore_optimizer, save_checkpoint
+from learners.ppo_config import PPOConfig
+from learners.rollout_client import RolloutClient
+from learners.weight_sync import Reference, WeightSync
 
-if TYPE_CHECKING:  # workflows.ppo imports this module (ppo_loop)
-    from workflows.ppo import PPOConfig
 
+@dataclass(frozen=True)
+class PPOInputs:
+    """What the PPO job hands its learners beside the config (``workflows/ppo.py`` renders it)."""
+
+    prompt_ids: list[list[int]]  # every usable prompt, as chat-template token ids
+    prompt_messages: list[list[dict]]  # the same prompts as messages (the reward model scores the conversation)
+    rollout_actors: list[str]  # names of the rollout engines' actors
+    frozen_actors: list[str]  # names of the frozen models' actors (--frozen-on actors), else empty
+    reward_offset: float = 0.0  # subtracted from every score (--reward-center)
+
+
+PPOContext = LearnerContext[PPOConfig, PPOInputs]
 
 
 # -- one PPO step ---------------------------------------------------------------------------
@@ -203,12 +212,12 @@ class Learner:
     reward_offset: float = 0.0  # subtracted from every score: the reward model's training mean (--reward-center)
 
 
-def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torch.device) -> FrozenScorer:
+def build_frozen(cfg: PPOConfig, inputs: PPOInputs, rank: int, device: torch.device) -> FrozenScorer:
     """The reference and the reward: in this learner, or this learner's frozen actor."""
     if cfg.frozen_on == "actors":
-        from workflows.runtime.frozen_group import FrozenClient
+        from learners.frozen_client import FrozenClient
 
-        return FrozenClient(config["frozen_actors"], rank, timeout=cfg.cluster.placement_timeout or None)
+        return FrozenClient(inputs.frozen_actors, rank, timeout=cfg.cluster.wait_s)
     from core.frozen_models import FrozenModels, resolve_frozen_dtype
 
     return FrozenModels(cfg.ref_model, cfg.reward_model, cfg.reward_fn, device=str(device),
@@ -216,7 +225,7 @@ def build_frozen(cfg: PPOConfig, config: dict[str, Any], rank: int, device: torc
                         trust_remote_code=cfg.engine.trust_remote_code)
 
 
-def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
+def setup_learner(context: PPOContext) -> tuple[Learner, dict[str, Any]]:
     """Load the models (and the last checkpoint, after a restart or a rerun), wrap them for
     DDP or shard them (FSDP2) and connect to the rollout actors. Returns the learner and the
     run state (``step``, ``kl_coef``, ``history``)."""
@@ -228,10 +237,9 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     from core.precision import master_dtype, resolve_compute_dtype
     from core.sharding import load_from_rank0, shard_model
 
-    worker: WorkerContext = config["worker"]
-    cfg: PPOConfig = local_models(config["config"], worker.model_sources)
+    cfg, inputs = context.local_settings(), context.inputs
     trust = cfg.engine.trust_remote_code  # one switch for the engines and the learners
-    register_worker(worker)
+    register_worker(context)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.learner.seed + rank)
@@ -257,7 +265,7 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
     # Under FSDP only rank 0 reads the weights (its whole copy is the only one in host memory);
     # every rank shards a model built on `meta` and receives its shards from rank 0.
     full = build(on_meta=False) if rank == 0 or not sharded else None
-    frozen = build_frozen(cfg, config, rank, device)
+    frozen = build_frozen(cfg, inputs, rank, device)
     restored = restore_model(full)
     state = restored[1] if restored else {"step": 0, "kl_coef": cfg.kl_coef, "history": []}
     compute = resolve_compute_dtype(cfg.learner.compute_dtype, cfg.learner.use_gpu)
@@ -277,20 +285,20 @@ def setup_learner(config: dict[str, Any]) -> tuple[Learner, dict[str, Any]]:
                   if cfg.target_kl else ppo_math.FixedKLController(state["kl_coef"]))
     # the reward model scores the whole conversation, as `cai train rm` trained it; a reward
     # function gets the question (the last user turn), its documented contract
-    messages: list[list[dict]] = config["prompt_messages"]
+    messages = inputs.prompt_messages
     reward_inputs = messages if cfg.reward_model else [conversation[-1]["content"] for conversation in messages]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    wait = cfg.cluster.placement_timeout or None
-    client = RolloutClient(config["rollout_actors"], wait_timeout=wait)
+    wait = cfg.cluster.wait_s
+    client = RolloutClient(inputs.rollout_actors, wait_timeout=wait)
     sync = WeightSync(cfg.sync, client.actors, PolicySource(core.policy, rank=rank), rank=rank, world=world,
                       use_gpu=cfg.learner.use_gpu, device=device, engine_workers=cfg.engine.tensor_parallel,
                       learner_logprobs=functools.partial(reference_logprobs, core, pad_id, device), wait_timeout=wait,
                       learner_dtype=str(compute if sharded else masters).removeprefix("torch."))
-    prompts = config["prompt_ids"]
+    prompts = inputs.prompt_ids
     # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
     reference = (list(prompts[0]), list(prompts[-1][:16]))
     learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, optimizer, kl_control, client, sync,
-                      prompts, reward_inputs, pad_id, reference, config.get("reward_offset", 0.0))
+                      prompts, reward_inputs, pad_id, reference, inputs.reward_offset)
     return learner, state
 
 
@@ -347,23 +355,23 @@ def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
     return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}
 
 
-def ppo_loop(config: dict[str, Any]) -> None:
+def ppo_loop(context: PPOContext) -> None:
     """The body of each Ray Train worker: set up, step until ``steps`` (checkpointing every
     ``save_steps``), then save the final policy."""
-    learner, state = setup_learner(config)
+    learner, state = setup_learner(context)
     cfg, resumed_from = learner.cfg, state["step"]
     while state["step"] < cfg.steps:
         if learner.rank == 0 and cfg.kill_engine_at_step == state["step"] + 1:
-            kill_engine_drill(config["worker"], learner.client, state["step"] + 1)
+            kill_engine_drill(context, learner.client, state["step"] + 1)
         state = ppo_step(learner, state)
-        log_step(config["worker"], state["history"][-1])
+        log_step(context, state["history"][-1])
         save = None
         if state["step"] % cfg.learner.save_steps == 0 and state["step"] < cfg.steps:
             model_state, optimizer_state = checkpoint_state(learner.core, learner.optimizer, learner.rank)
             save = lambda d, st=state: save_checkpoint(d, model_state, optimizer_state, st)  # noqa: E731
         report_step({**state["history"][-1]}, state, save)
         if save is not None:
-            hold_if_drilled(config["worker"], cfg.learner, state["step"])
+            hold_if_drilled(context, cfg.learner, state["step"])
     learner.sync.close()  # the groups, and the shared region's memory
     policy = learner.core.policy
     report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),
@@ -371,14 +379,14 @@ def ppo_loop(config: dict[str, Any]) -> None:
                   "final_kl_coef": state["kl_coef"], "strategy": cfg.learner.strategy})
 
 
-def kill_engine_drill(worker: WorkerContext, client: RolloutClient, step: int) -> None:
+def kill_engine_drill(context: LearnerContext, client: RolloutClient, step: int) -> None:
     """The rollout fault drill (``--kill-engine-at-step``): kill the last rollout engine as
     ``step`` begins and return once it is down (Ray restarts it, which takes far longer than a
     rollout ping), so the step meets a lost engine at a known point. Once per run: a marker
     beside the learner records keeps a restarted learner from killing it again."""
     import ray
 
-    marker = Path(worker.workers_dir) / "killed-engine"
+    marker = Path(context.workers_dir) / "killed-engine"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from core.sampling import SamplingConfig
-from workflows.runtime.ray_session import NAMESPACE
+from core.run_identity import NAMESPACE
 
 
 class RolloutClient:
@@ -16,7 +16,7 @@ class RolloutClient:
     Each round pings every actor: one that does not answer within ``ping_timeout`` (dead, or
     restarting after a crash) sits the round out, and so does one that answers with another
     weights version (back from a restart: the learners bring it up to date together,
-    ``workflows.runtime.weight_sync``). A request that fails because its actor died or
+    ``learners.weight_sync``). A request that fails because its actor died or
     restarted is sent again to another actor, so a crash costs time, not rows. When no actor
     holds the version, :meth:`generate` returns what it has, and the learners sync.
     """

@@ -31,10 +31,17 @@ class ClusterOptions:
                             "shared volume); default: ray-cai-staged in each node's temp folder ($TMPDIR or /tmp)")
 
     @property
+    def wait_s(self) -> float | None:
+        """How long to wait for the cluster, in seconds: for placement, for an actor that restarts
+        (it may wait for a node), for the learners to start. None waits forever
+        (``--placement-timeout 0``). Every wait reads this, never the flag itself."""
+        return self.placement_timeout or None
+
+    @property
     def preflight_timeout(self) -> float | None:
-        """Seconds the model preflight waits for each node: the placement timeout, at least
-        ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) when the placement timeout is 0."""
-        return max(self.placement_timeout, PREFLIGHT_MIN_TIMEOUT_S) if self.placement_timeout else None
+        """Seconds the model preflight waits for each node: :attr:`wait_s`, at least
+        ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) with it."""
+        return None if self.wait_s is None else max(self.wait_s, PREFLIGHT_MIN_TIMEOUT_S)
 
     def problems(self) -> list[str]:
         name_ok = all(c.isalnum() or c in "-_." for c in self.run_name) and len(self.run_name) <= 48
