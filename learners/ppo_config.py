@@ -46,6 +46,16 @@ class PPOConfig:
                                  "(train_reward_mean in its training_summary.json, written by cai train rm) from "
                                  "every score, so that 0 is a typical answer", identity=True)
     max_grad_norm: float = option(1.0, "gradient clipping", identity=True)
+    max_staleness: int = option(0, "rollouts overlap training: the batch of step k+1 is sampled while the learners "
+                                "train on step k's, by a policy at most N versions older than the one it trains "
+                                "(the engines take new weights between batches, never during one). 0: the "
+                                "synchronous schedule (sample, score, train, sync)", identity=True)
+    behaviour_correction: Literal["tis", "none"] = option(
+        "tis", "decoupled PPO: weight each token's loss by min(π_proximal / π_behaviour, --is-cap), the learner's "
+        "recomputed probability of the sampled token over the engine's (an older policy when rollouts overlap "
+        "training, a bf16 engine's rounding on GPUs); none: ignore the gap", identity=True)
+    is_cap: float = option(2.0, "truncation of the behaviour-correction weights (truncated importance sampling)",
+                           identity=True)
     learners: int = option(1, "Ray Train workers holding policy and value models (DDP replicas or FSDP shards, "
                            "--strategy), and the frozen reference and reward models unless --frozen-on actors",
                            identity=True)
@@ -81,6 +91,7 @@ class PPOConfig:
             "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
             "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
             "rollout_workers": self.rollout_workers >= 1, "kill_engine_at_step": self.kill_engine_at_step >= 0,
+            "max_staleness": self.max_staleness >= 0, "is_cap": self.is_cap >= 1,
         }
         require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
                       self.cluster.problems(), self.lora.problems(), self.sync.problems())

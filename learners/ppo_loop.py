@@ -1,27 +1,29 @@
 """The PPO learner: the body of each Ray Train worker of `cai train ppo`.
 
-Per step, on every learner (rank r of L, DDP):
+Per step, on every learner (rank r of L, DDP or FSDP):
 
 1. rollouts: its share of the step's prompts goes to the vLLM rollout actors, which sample
-   one response each with the current policy (weights version = steps done);
+   one response each, with the engine's log-prob of every token (the behaviour policy);
+   ``learners/rollout_schedule.py`` decides when: now, or ahead while the last step trained
+   (``--max-staleness``);
 2. scoring: the reward (model or function) scores each answer; the learner's own policy,
-   value and frozen reference models give old log-probs, values and reference log-probs;
-3. training: KL-shaped rewards, GAE, whitened advantages, then ``ppo_epochs`` passes of
-   clipped policy and value losses over minibatches (gradients all-reduced by DDP);
-4. weight sync: learner rank 0 broadcasts the new policy to every rollout engine in packed
-   buckets (``learners.weight_sync``; under FSDP every learner gathers each bucket
-   just before it is sent) and, at the first sync and every ``--sync-check-every`` versions,
-   checks that the engine's log-probs now match the learner's.
+   value and frozen reference models give proximal log-probs, values and reference log-probs;
+3. training (``learners/ppo_update.py``): KL-shaped rewards, GAE, whitened advantages, the
+   behaviour correction's weights, then ``ppo_epochs`` passes of clipped policy and value
+   losses over minibatches (gradients all-reduced by DDP, or reduce-scattered by FSDP);
+4. weight sync: learner rank 0 broadcasts the policy to every rollout engine in packed
+   buckets (``learners/weight_sync.py``; under FSDP every learner gathers each bucket just
+   before it is sent) and, at the first sync and every ``--sync-check-every`` versions,
+   checks that the engine's log-probs now match the learner's. Synchronous: after training;
+   overlapped: before the next batch is submitted, when that batch would otherwise be
+   sampled by a policy more than ``--max-staleness`` versions old.
 
-The reference and reward models live in the learners, beside the policy: one process per
-learner holds all four models, so scoring costs no transfers and scales with ``--learners``.
-On GPU clusters with large models they would move to their own actors; the reward interface
-(a callable over prompt and answer texts) already allows that.
+The reference and reward models live in the learners, beside the policy (or in their own
+actors, ``--frozen-on actors``, reached through the same interface).
 
 The loop reads as setup (:func:`setup_learner`), step (:func:`ppo_step`) and the final save
 (:func:`ppo_loop`); every setting comes from the run's :class:`learners.ppo_config.PPOConfig`
-itself, its model paths resolved for this node. The rollout actors are reached through
-:class:`learners.rollout_client.RolloutClient`.
+itself, its model paths resolved for this node.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ from learners.context import LearnerContext, hold_if_drilled, log_step, register
 from learners.hf_loop import model_saver
 from learners.ppo_checkpoint import checkpoint_state, report_step, restore_model, restore_optimizer, save_checkpoint
 from learners.ppo_config import PPOConfig
+from learners.ppo_update import learn_from_rollouts
+from learners.ranks import max_over_ranks, mean_over_ranks
 from learners.rollout_client import RolloutClient
+from learners.rollout_schedule import Batch, RolloutSchedule
 from learners.weight_sync import Reference, WeightSync
 
 
@@ -64,126 +68,6 @@ class PPOInputs:
 
 
 PPOContext = LearnerContext[PPOConfig, PPOInputs]
-
-
-# -- one PPO step ---------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _pass_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n_prompts))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return tuple(order)
-
-
-def step_prompts(n_prompts: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
-    """Indices of this rank's prompts at ``step``: a seeded permutation per pass over the
-    prompts, ``batch`` per step in all, split evenly over ranks. Identical after a restart."""
-    indices = []
-    for k in range(step * batch, (step + 1) * batch):
-        epoch, offset = divmod(k, n_prompts)
-        indices.append(_pass_order(n_prompts, seed, epoch)[offset])
-    share = batch // world
-    return indices[rank * share:(rank + 1) * share]
-
-
-def learn_from_rollouts(ddp, core: ActorCritic, frozen: FrozenScorer, optimizer, prompts: list[list[int]], responses: list[list[int]],
-                        scores: list[float], cfg: PPOConfig, kl_coef: float, *, pad_id: int, seed: int,
-                        step: int = 0):
-    """Score one rollout batch and update on it: the learner step after sampling. Every tensor
-    goes to the device the models are on (``core``'s parameters); the inputs arrive as lists.
-    Returns the batch, the scored tensors and the update's stats."""
-    device = next(core.parameters()).device
-    batch = pack_rollouts(prompts, responses, pad_id).to(device)
-    scored = score_rollouts(core, frozen, batch, torch.tensor(scores, device=device), cfg, kl_coef)
-    return batch, scored, ppo_update(ddp, optimizer, batch, scored, cfg, seed=seed, step=step)
-
-
-def score_rollouts(model: ActorCritic, frozen: FrozenScorer, batch: RolloutBatch, scores: torch.Tensor, cfg: PPOConfig,
-                   kl_coef: float):
-    """Old log-probs, values, KL-shaped rewards and whitened GAE advantages for one batch."""
-    model.eval()
-    with torch.no_grad():
-        old_logprobs, entropy, values = model(batch, cfg.sampling.temperature)
-    ref_logprobs = frozen.ref_logprobs(batch, cfg.sampling.temperature).to(old_logprobs.device)
-    rewards, kl = ppo_math.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.mask, kl_coef,
-                                          kind=cfg.kl_estimator)
-    values = values * batch.mask
-    advantages, returns = ppo_math.gae_advantages(rewards, values, batch.mask, cfg.gamma, cfg.lam)
-    advantages = ppo_math.masked_whiten(advantages, batch.mask, all_ranks_sum=all_ranks_sum)
-    return {"old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
-            "kl": kl, "entropy": entropy}
-
-
-def updates_per_step(rows: int, cfg: PPOConfig) -> int:
-    """Optimizer steps one PPO step takes on a learner with ``rows`` rollouts."""
-    return cfg.ppo_epochs * -(-rows // cfg.minibatch)
-
-
-def ppo_update(model, optimizer, batch: RolloutBatch, scored: dict[str, torch.Tensor], cfg: PPOConfig, seed: int,
-               step: int = 0):
-    """``ppo_epochs`` passes of clipped policy + value loss over shuffled minibatches. The
-    learning rate follows ``cfg.lr_schedule`` over every update of the run: a function of
-    the step, so a restarted run picks it up where it was."""
-    model.train()  # dropout is off in every model (ppo_policy.disable_dropout): train mode changes nothing else
-    n = batch.input_ids.shape[0]
-    per_step = updates_per_step(n, cfg)
-    update = step * per_step
-    generator = torch.Generator().manual_seed(seed)
-    stats: dict[str, list[float]] = {}
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=generator).to(batch.input_ids.device)
-        for start in range(0, n, cfg.minibatch):
-            for group in optimizer.param_groups:
-                group["lr"] = ppo_math.learning_rate(cfg.lr_schedule, cfg.learner.lr, update, cfg.steps * per_step)
-            update += 1
-            rows = order[start:start + cfg.minibatch]
-            mb = batch.select(rows)
-            logprobs, _, values = model(mb, cfg.sampling.temperature)
-            pg_loss, pg_stats = ppo_math.policy_loss(logprobs, scored["old_logprobs"][rows],
-                                                     scored["advantages"][rows], mb.mask, cfg.clip_range)
-            vf_loss, vf_stats = ppo_math.value_loss(values, scored["values"][rows], scored["returns"][rows],
-                                                    mb.mask, cfg.clip_range_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats,
-                               **vf_stats}.items():
-                stats.setdefault(key, []).append(float(value))
-    return {**{key: sum(values) / len(values) for key, values in stats.items()},
-            "lr": optimizer.param_groups[0]["lr"]}
-
-
-def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The mean of each metric over the learners (on ``device``: NCCL reduces GPU tensors only)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
-
-
-def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over every learner (a collective; the tensor itself on one learner)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -205,11 +89,13 @@ class Learner:
     kl_control: Any
     client: RolloutClient
     sync: WeightSync
+    schedule: RolloutSchedule  # when each batch is sampled, and when the engines take new weights
     prompts: list[list[int]]  # token ids of every usable prompt
     reward_inputs: list[Any]  # what the reward gets per prompt: the conversation or the question
     pad_id: int
     reference: Reference  # the sequence the sync check scores: the last step's longest rollout
     reward_offset: float = 0.0  # subtracted from every score: the reward model's training mean (--reward-center)
+    workers_dir: str = ""  # beside the checkpoints: the fault drill's marker
 
 
 def build_frozen(cfg: PPOConfig, inputs: PPOInputs, rank: int, device: torch.device) -> FrozenScorer:
@@ -240,13 +126,14 @@ def setup_learner(context: PPOContext) -> tuple[Learner, dict[str, Any]]:
     cfg, inputs = context.local_settings(), context.inputs
     trust = cfg.engine.trust_remote_code  # one switch for the engines and the learners
     register_worker(context)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    train = ray.train.get_context()
+    rank, world = train.get_world_rank(), train.get_world_size()
     torch.manual_seed(cfg.learner.seed + rank)
     if not cfg.learner.use_gpu:
-        # Ray sets OMP_NUM_THREADS to the worker's 1 CPU; but rollouts (engines busy) and
-        # learning (learners busy) take turns, so on CPU nodes the learners use the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+        # Ray sets OMP_NUM_THREADS to the worker's 1 CPU; but in the synchronous schedule rollouts
+        # (engines busy) and learning (learners busy) take turns, so on CPU nodes the learners use
+        # the cores this process may run on (all of them unless pinned, e.g. with taskset)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // train.get_local_world_size()))
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy, trust_remote_code=trust)
     sharded = cfg.learner.strategy == "fsdp" and world > 1
@@ -297,81 +184,109 @@ def setup_learner(context: PPOContext) -> tuple[Learner, dict[str, Any]]:
     prompts = inputs.prompt_ids
     # until the first step: some prompt's own tokens as the "response" (any tokens test the weights)
     reference = (list(prompts[0]), list(prompts[-1][:16]))
+    schedule = RolloutSchedule(cfg, client, sync, prompts, rank=rank, world=world, device=device,
+                               engine_version=state["step"])
     learner = Learner(cfg, rank, world, device, tokenizer, core, ddp, frozen, optimizer, kl_control, client, sync,
-                      prompts, reward_inputs, pad_id, reference, inputs.reward_offset)
+                      schedule, prompts, reward_inputs, pad_id, reference, inputs.reward_offset, context.workers_dir)
     return learner, state
 
 
-def ppo_step(learner: Learner, state: dict[str, Any]) -> dict[str, Any]:
-    """One PPO step: rollouts, scoring, the update, the weight sync. Returns the new state,
-    its history ending with this step's metrics (averaged over the learners)."""
-    cfg, step, timings = learner.cfg, state["step"], {}
+def ppo_step(learner: Learner, state: dict[str, Any], ahead: Batch | None) -> tuple[dict[str, Any], Batch | None]:
+    """One PPO step: its rollouts (``ahead``: sampled while the last step trained; else now,
+    with the learner's own weights), scoring, the update, and the weight pushes the schedule
+    asks for. Returns the new state (its history ending with this step's metrics, averaged over
+    the learners) and the next step's batch when it was submitted ahead."""
+    cfg, step, schedule, timings = learner.cfg, state["step"], learner.schedule, {"sync_seconds": 0.0}
     step_started = started = time.monotonic()
-    mine = step_prompts(len(learner.prompts), step, cfg.rollout_batch, learner.rank, learner.world, cfg.learner.seed)
-    # one seed per (step, position in the step's batch): a rerun with --seed samples the same answers
-    seeds = [cfg.learner.seed * 1_000_003 + step * cfg.rollout_batch + learner.rank * len(mine) + k
-             for k in range(len(mine))]
-    rollouts, catch_up = sample_rollouts(learner, [learner.prompts[i] for i in mine], step, seeds)
-    timings["rollout_seconds"] = time.monotonic() - started
+    if ahead is None:
+        ahead = schedule.submit(step, step)
+        kill_engine_if_drilled(learner, step)
+    batch = schedule.collect(ahead, step, learner.reference)
+    timings["rollout_seconds"] = time.monotonic() - started  # the learner's wait for its rollouts
+    sync: dict[str, Any] = {}
+    ahead = None
+    if cfg.max_staleness and step + 1 < cfg.steps:  # the engines sample step + 1 while this one trains
+        if schedule.too_old(step + 1):
+            started = time.monotonic()
+            sync = schedule.push(step, learner.reference)
+            timings["sync_seconds"] = time.monotonic() - started
+        ahead = schedule.submit(step + 1, schedule.engine_version)
+        kill_engine_if_drilled(learner, step + 1)
 
-    started = time.monotonic()
+    busy = started = time.monotonic()
+    rollouts = batch.results
     responses = [list(r.token_ids) for r in rollouts]
     texts = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     scores = [score - learner.reward_offset
-              for score in learner.frozen.score([learner.reward_inputs[i] for i in mine], texts)]
+              for score in learner.frozen.score([learner.reward_inputs[i] for i in batch.indices], texts)]
     if cfg.missing_eos_penalty:
         scores = ppo_math.penalize_missing_eos(scores, [r.finish_reason == "stop" for r in rollouts],
                                                cfg.missing_eos_penalty)
     timings["scoring_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    batch, scored, train_stats = learn_from_rollouts(
-        learner.ddp, learner.core, learner.frozen, learner.optimizer, [learner.prompts[i] for i in mine], responses,
-        scores, cfg, learner.kl_control.value, pad_id=learner.pad_id, seed=cfg.learner.seed * 100003 + step, step=step)
+    packed, scored, train_stats = learn_from_rollouts(
+        learner.ddp, learner.core, learner.frozen, learner.optimizer, [learner.prompts[i] for i in batch.indices],
+        responses, scores, cfg, learner.kl_control.value, pad_id=learner.pad_id,
+        seed=cfg.learner.seed * 100003 + step, step=step, behaviour=[r.logprobs for r in rollouts])
     timings["training_seconds"] = time.monotonic() - started
+    learner.reference = check_sequence(packed) or learner.reference
+    timings["overlap_seconds"] = overlap_seconds(ahead, busy, time.monotonic())
 
-    started = time.monotonic()
-    learner.reference = check_sequence(batch) or learner.reference
-    sync = learner.sync.sync(step + 1, learner.reference)  # every learner: FSDP gathers each bucket together
-    barrier()
-    timings["sync_seconds"] = time.monotonic() - started
+    if not cfg.max_staleness:  # the synchronous schedule: the engines take the new policy now
+        started = time.monotonic()
+        sync = schedule.push(step + 1, learner.reference)
+        timings["sync_seconds"] = time.monotonic() - started
 
+    staleness = max_over_ranks(step - min(r.version for r in rollouts), learner.device)
     metrics = mean_over_ranks({
         "reward": statistics.fmean(scores),
         "reward_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-        "kl": (scored["kl"] * batch.mask).sum(-1).mean().item(),
-        "entropy": ppo_math.masked_mean(scored["entropy"], batch.mask).item(),
-        "response_length": batch.mask.sum(-1).mean().item(),
-        "rollout_logprob_diff": behaviour_logprob_diff(scored["old_logprobs"], batch.mask, rollouts),
-        **train_stats, **timings,
+        "kl": (scored["kl"] * packed.mask).sum(-1).mean().item(),
+        "entropy": ppo_math.masked_mean(scored["entropy"], packed.mask).item(),
+        "response_length": packed.mask.sum(-1).mean().item(),
+        "rollout_logprob_diff": scored["rollout_logprob_diff"],
+        "rollout_sample_seconds": batch.finished - batch.submitted,  # the engines' time on this batch
+        **scored["correction"], **train_stats, **timings,
     }, learner.device)
     learner.kl_control.update(metrics["kl"], cfg.rollout_batch)
     if learner.rank == 0:
         print(f"cai train ppo: step {step + 1}/{cfg.steps} reward {metrics['reward']:.4f} "
-              f"kl {metrics['kl']:.4f} ({sum(timings.values()):.1f} s)", flush=True)
-    row = {"step": step + 1, "kl_coef": learner.kl_control.value, **metrics, **sync, **catch_up,
-           "rollout_actors_live": learner.client.live_in_step, "rollout_restarts": learner.sync.restarts,
+              f"kl {metrics['kl']:.4f} staleness {staleness:g} ({time.monotonic() - step_started:.1f} s)", flush=True)
+    row = {"step": step + 1, "rollout_step": batch.step + 1, "staleness": staleness,
+           "kl_coef": learner.kl_control.value, **metrics, **sync, **batch.catch_up,
+           "rollout_actors_live": batch.live, "rollout_restarts": learner.sync.restarts,
            "step_seconds": time.monotonic() - step_started, "time": time.time()}
-    return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}
+    return {"step": step + 1, "kl_coef": learner.kl_control.value, "history": [*state["history"], row]}, ahead
+
+
+def overlap_seconds(ahead: Batch | None, busy_from: float, busy_to: float) -> float:
+    """How long the batch sampled ahead ran while the learner scored and trained (0: none ahead)."""
+    if ahead is None:
+        return 0.0
+    finished = ahead.future.result()[1] if ahead.future.done() else busy_to
+    return max(0.0, min(busy_to, finished) - max(busy_from, ahead.submitted))
 
 
 def ppo_loop(context: PPOContext) -> None:
     """The body of each Ray Train worker: set up, step until ``steps`` (checkpointing every
-    ``save_steps``), then save the final policy."""
+    ``save_steps``), then save the final policy. With ``--max-staleness`` a batch is in flight
+    across the checkpoint; a learner restarted from it samples that batch again."""
     learner, state = setup_learner(context)
-    cfg, resumed_from = learner.cfg, state["step"]
-    while state["step"] < cfg.steps:
-        if learner.rank == 0 and cfg.kill_engine_at_step == state["step"] + 1:
-            kill_engine_drill(context, learner.client, state["step"] + 1)
-        state = ppo_step(learner, state)
-        log_step(context, state["history"][-1])
-        save = None
-        if state["step"] % cfg.learner.save_steps == 0 and state["step"] < cfg.steps:
-            model_state, optimizer_state = checkpoint_state(learner.core, learner.optimizer, learner.rank)
-            save = lambda d, st=state: save_checkpoint(d, model_state, optimizer_state, st)  # noqa: E731
-        report_step({**state["history"][-1]}, state, save)
-        if save is not None:
-            hold_if_drilled(context, cfg.learner, state["step"])
+    cfg, resumed_from, ahead = learner.cfg, state["step"], None
+    try:
+        while state["step"] < cfg.steps:
+            state, ahead = ppo_step(learner, state, ahead)
+            log_step(context, state["history"][-1])
+            save = None
+            if state["step"] % cfg.learner.save_steps == 0 and state["step"] < cfg.steps:
+                model_state, optimizer_state = checkpoint_state(learner.core, learner.optimizer, learner.rank)
+                save = lambda d, st=state: save_checkpoint(d, model_state, optimizer_state, st)  # noqa: E731
+            report_step({**state["history"][-1]}, state, save)
+            if save is not None:
+                hold_if_drilled(context, cfg.learner, state["step"])
+    finally:
+        learner.schedule.close()
     learner.sync.close()  # the groups, and the shared region's memory
     policy = learner.core.policy
     report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),
@@ -379,14 +294,22 @@ def ppo_loop(context: PPOContext) -> None:
                   "final_kl_coef": state["kl_coef"], "strategy": cfg.learner.strategy})
 
 
-def kill_engine_drill(context: LearnerContext, client: RolloutClient, step: int) -> None:
-    """The rollout fault drill (``--kill-engine-at-step``): kill the last rollout engine as
-    ``step`` begins and return once it is down (Ray restarts it, which takes far longer than a
-    rollout ping), so the step meets a lost engine at a known point. Once per run: a marker
-    beside the learner records keeps a restarted learner from killing it again."""
+def kill_engine_if_drilled(learner: Learner, step: int) -> None:
+    """The rollout fault drill (``--kill-engine-at-step N``) on learner rank 0, right after the
+    batch of step N (1-based) was submitted: the engine dies under its requests."""
+    if learner.rank == 0 and learner.cfg.kill_engine_at_step == step + 1:
+        kill_engine_drill(learner.workers_dir, learner.client, step + 1)
+
+
+def kill_engine_drill(workers_dir: str, client: RolloutClient, step: int) -> None:
+    """The rollout fault drill (``--kill-engine-at-step``): kill the last rollout engine while
+    the rollouts of ``step`` are in flight and return once it is down (Ray restarts it, which
+    takes far longer than a rollout ping), so the step meets a lost engine at a known point.
+    Once per run: a marker beside the learner records keeps a restarted learner from killing
+    it again."""
     import ray
 
-    marker = Path(context.workers_dir) / "killed-engine"
+    marker = Path(workers_dir) / "killed-engine"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -403,49 +326,6 @@ def kill_engine_drill(context: LearnerContext, client: RolloutClient, step: int)
             return
         time.sleep(0.1)
     raise RuntimeError("fault drill: the killed rollout engine kept answering for 120 s")
-
-
-def behaviour_logprob_diff(learner: torch.Tensor, mask: torch.Tensor, rollouts: list[Any]) -> float:
-    """Largest gap between the learner's log-probs of the sampled tokens (at the sampling
-    temperature, before the update) and the engine's own from sampling them. Near 0 when the
-    engine held the learner's weights and both applied the same temperature; PPO's ratio
-    assumes exactly that."""
-    engine = torch.zeros_like(learner, device="cpu")
-    for row, rollout in enumerate(rollouts):
-        engine[row, :len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=engine.dtype)
-    gap = (learner.detach().cpu() - engine).abs() * mask.cpu()
-    return float(gap.max()) if gap.numel() else 0.0
-
-
-def sample_rollouts(learner: Learner, prompts: list[list[int]], version: int,
-                    seeds: list[int]) -> tuple[list[Any], dict[str, Any]]:
-    """This learner's rollouts with weights ``version``. When no engine holds it (all restarted,
-    or a resumed run), the learners sync the engines together and go on: a collective round
-    on every learner until every learner has all its rollouts. Returns the rollouts and the
-    catch-up sync's metrics (prefixed ``catchup_``)."""
-    learner.client.live_in_step = len(learner.client.actors)
-    results: list[Any] = [None] * len(prompts)
-    catch_up: dict[str, Any] = {}
-    for _ in range(2 * len(learner.client.actors) + 4):
-        learner.client.generate(prompts, version, learner.cfg.sampling, seeds, results)
-        if not any_rank(any(r is None for r in results), learner.device):
-            return results, catch_up
-        started = time.monotonic()
-        synced = learner.sync.sync(version, learner.reference, only_if_stale=True)
-        catch_up = {"catchup_sync_seconds": catch_up.get("catchup_sync_seconds", 0.0) + time.monotonic() - started,
-                    **{f"catchup_{k}": v for k, v in synced.items() if k in ("sync_logprob_diff", "sync_engines")}}
-    raise RuntimeError("rollouts kept failing: the rollout engines died or restarted repeatedly")
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every learner when ``flag`` is true on any (a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def check_sequence(batch: RolloutBatch) -> Reference | None:
