@@ -19,7 +19,7 @@ from typing import Any
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, RowRejected, run_rows
+from actors.shard_work import OccupancySampler, RowRejected, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
 from core.config import failing, option
@@ -61,7 +61,7 @@ class AnswerWorker:
         """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="answer",
                               expected=(PromptTooLongError,))
 
@@ -141,7 +141,7 @@ class JudgeWorker:
         """Stop the judge's engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.scorer.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._judge_row, self.sampler, self.metrics, stage="judge",
                               expected=(PromptTooLongError, ValueError))
 

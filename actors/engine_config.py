@@ -1,11 +1,15 @@
-"""Engine settings shared by every stage that hosts vLLM engines."""
+"""The user's vLLM engine settings, shared by every stage that hosts engines.
+
+Each job config nests one ``engine: EngineConfig`` (the ``--tensor-parallel``,
+``--max-model-len``, ... flags and the ``engine:`` YAML keys). Each engine is started with an
+:class:`actors.engine.EngineOptions` that holds this config beside what is particular to that
+engine (its model, seed, role); ``actors.engine.engine_args`` turns both into vLLM's arguments.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from actors.engine import EngineOptions
 from core.config import failing, option
 
 
@@ -31,21 +35,3 @@ class EngineConfig:
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
         }
         return failing(checks)
-
-    def options(self, model: str, seed: int, source: Any = None, *, engines_per_worker: int = 1) -> EngineOptions:
-        """Engine options for ``model``; ``source`` (a ``ModelSource``) tells each node where to find it.
-
-        ``engines_per_worker``: how many engines one worker starts on the same GPUs. Each vLLM
-        engine checks at start that the GPU's free memory covers its whole share and then fills
-        that share with KV cache (vllm/v1/worker/utils.py, ``request_memory``), so two engines
-        asking for 0.85 each cannot both start: each gets an equal part of
-        ``gpu_memory_utilization`` instead. Equal, not by model size: both roles need a KV pool
-        (the policy samples K long answers, the feedback model scores each pair under several
-        principles), and an equal split needs no model shapes at start; ``cai plan`` checks
-        each engine against its part."""
-        return EngineOptions(
-            model=model, seed=seed, model_source=source, tensor_parallel_size=self.tensor_parallel,
-            max_model_len=self.max_model_len or None, max_num_seqs=self.max_num_seqs, dtype=self.dtype,
-            gpu_memory_utilization=self.gpu_memory_utilization / engines_per_worker,
-            enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code,
-        )

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
 from core.config import failing, option
 from core.preference import (
     ANSWER_PREFIX,
@@ -215,7 +215,7 @@ class FeedbackWorker:
         """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.scorer.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="score",
                               expected=(PromptTooLongError,))
 

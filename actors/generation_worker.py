@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
 from core.config import failing, option
@@ -108,7 +108,7 @@ class GenerationWorker:
             "error": "; ".join(chain.notes) or None,
         }]
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         """Run every row's chain; return output rows (input order), rejects and counters."""
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="generate",
                               expected=(PromptTooLongError, ChainError))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
 from core.config import failing, option
@@ -91,7 +91,7 @@ class LabelWorker:
         for host in self.hosts:
             host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._label_row, self.sampler, self.metrics, stage="label",
                               expected=(PromptTooLongError, ValueError))
 

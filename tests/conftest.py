@@ -135,11 +135,12 @@ def tiny_engine(ray_local, tiny_model):
     import ray
 
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
 
     host = (
         ray.remote(num_cpus=1)(VLLMEngineHost)
         .options(name="cai-test-engine-0", namespace="cai")
-        .remote(EngineOptions(model=tiny_model, max_model_len=1024, enforce_eager=True))
+        .remote(EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=1024, enforce_eager=True)))
     )
     ray.get(host.info.remote())
     yield host

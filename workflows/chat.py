@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from actors.engine_config import EngineConfig
 from core.config import REQUIRED, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
 from workflows.runtime.engine_stop import stop_engine_actors
@@ -39,7 +40,7 @@ def run_chat(config: ChatConfig) -> dict[str, Any]:
     host = (
         ray.remote(VLLMEngineHost)
         .options(name=f"cai-chat-{int(time.time())}", namespace=NAMESPACE, num_cpus=1, num_gpus=config.gpus)
-        .remote(EngineOptions(model=model_path, enforce_eager=config.enforce_eager))
+        .remote(EngineOptions(model_path, EngineConfig(enforce_eager=config.enforce_eager)))
     )
     try:
         refs = [host.complete.remote([{"role": "user", "content": p}], config.sampling) for p in config.prompts]

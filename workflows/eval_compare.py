@@ -36,6 +36,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from actors.compare_worker import AnswerSettings, AnswerWorker, Contest, JudgeSettings, JudgeWorker
+from actors.engine import EngineOptions
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
@@ -200,7 +201,7 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         config=config_to_dict(config),
         output_schema=ANSWER_SCHEMA,
         worker_cls=AnswerWorker,
-        worker_args=(config.engine.options(model.path, config.answers.seed, source), config.answers),
+        worker_args=(EngineOptions(model.path, config.engine, seed=config.answers.seed, model_source=source), config.answers),
         worker_kwargs={"model_name": model.name},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=_sub_run(config.cluster, model.slug),
@@ -250,7 +251,7 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         config=config_to_dict(config),
         output_schema=JUDGEMENT_SCHEMA,
         worker_cls=JudgeWorker,
-        worker_args=(config.engine.options(judge, config.answers.seed, source),
+        worker_args=(EngineOptions(judge, config.engine, seed=config.answers.seed, model_source=source),
                      {c: k.to_dict() for c, k in constitutions.items()}, items, config.judging, contest),
         worker_kwargs={"judge_name": config.judge},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,

@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.engine import EngineOptions
 from actors.feedback_scorer import FeedbackWorker, ScoringSettings
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
@@ -164,7 +165,7 @@ def run_eval_feedback(config: EvalFeedbackConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=RESULT_SCHEMA,
         worker_cls=FeedbackWorker,
-        worker_args=(config.engine.options(model, config.scorer.seed, source), config.scorer,
+        worker_args=(EngineOptions(model, config.engine, seed=config.scorer.seed, model_source=source), config.scorer,
                      {i["id"]: i for i in items}),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.engine import EngineOptions
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
@@ -86,7 +87,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,
-        worker_args=(config.engine.options(model_path, chain.seed, source), constitution.to_dict(), chain),
+        worker_args=(EngineOptions(model_path, config.engine, seed=chain.seed, model_source=source), constitution.to_dict(), chain),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=config.cluster,

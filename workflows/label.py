@@ -109,13 +109,13 @@ def worker_engines(config: LabelConfig, policy: str, policy_source: Any, feedbac
     """The engines each label worker starts (``policy`` and ``feedback``: resolved paths). One
     model in both roles: one engine, which the worker uses for both (feedback options None).
     Another feedback model: its own engine on the same GPUs, and the two split
-    ``--gpu-memory-utilization`` in halves (``EngineConfig.options``); each asking for the
+    ``--gpu-memory-utilization`` in halves (``EngineOptions.gpu_memory_share``); each asking for the
     whole share, vLLM would refuse the second for lack of free memory."""
     seed = config.labelling.seed
     if feedback == policy:
-        return config.engine.options(policy, seed, policy_source), None
-    return (config.engine.options(policy, seed, policy_source, engines_per_worker=2),
-            config.engine.options(feedback, seed, feedback_source, engines_per_worker=2))
+        return EngineOptions(policy, config.engine, seed=seed, model_source=policy_source), None
+    return (EngineOptions(policy, config.engine, seed=seed, model_source=policy_source, engines_per_worker=2),
+            EngineOptions(feedback, config.engine, seed=seed, model_source=feedback_source, engines_per_worker=2))
 
 
 def label_statistics(out: Path) -> dict[str, Any]:

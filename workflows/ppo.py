@@ -63,6 +63,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
     Ray ends an actor once no handle to it is left."""
     import ray
 
+    from actors.engine import EngineOptions
     from actors.rollout_worker import RolloutWorker
 
     resources = rollout_resources(cfg)
@@ -77,7 +78,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
         actors = [
             ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, max_restarts=3, max_task_retries=0,
                                               **bundle_options(pg, i, resources))
-            .remote(cfg.engine.options(policy, cfg.learner.seed, source))
+            .remote(EngineOptions(policy, cfg.engine, seed=cfg.learner.seed, model_source=source))
             for i, name in enumerate(names)
         ]
         ray.get([actor.info.remote() for actor in actors])

@@ -7,6 +7,7 @@ import ray
 import torch
 
 from actors.engine import EngineOptions
+from actors.engine_config import EngineConfig
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from core.ppo_policy import load_actor_critic, pack_rollouts
 from core.sampling import SamplingConfig
@@ -18,7 +19,7 @@ PROMPTS = [[10, 11, 12, 13], [20, 21], [30, 31, 32]]
 @pytest.fixture(scope="module")
 def rollout_engine(ray_local, tiny_model):
     actor = ray.remote(num_cpus=1)(RolloutWorker).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True))
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True)))
     ray.get(actor.info.remote())
     yield actor
     ray.kill(actor)

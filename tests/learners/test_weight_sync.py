@@ -16,6 +16,7 @@ import ray
 import torch
 
 from actors.engine import EngineOptions
+from actors.engine_config import EngineConfig
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from core.policy_source import PolicySource
 from core.sampling import SamplingConfig
@@ -29,7 +30,7 @@ STALE_PERTURBATION = 0.02  # moves the reference's log-probs by more than bf16's
 @pytest.fixture(scope="module")
 def engines(ray_local, tiny_model):
     actors = [ray.remote(num_cpus=1, max_restarts=1, max_task_retries=0)(RolloutWorker).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True)) for _ in range(2)]
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True))) for _ in range(2)]
     ray.get([a.info.remote() for a in actors])
     yield actors
     for actor in actors:
@@ -191,7 +192,7 @@ def test_a_group_whose_peer_is_gone_raises_within_the_timeout(engines, learner):
 @pytest.fixture(scope="module")
 def bf16_engine(ray_local, tiny_model):
     actor = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True, dtype="bfloat16"))
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True, dtype="bfloat16")))
     ray.get(actor.info.remote())
     yield actor
     ray.kill(actor, no_restart=True)

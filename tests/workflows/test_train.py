@@ -59,10 +59,12 @@ def weights_digest(directory) -> str:
 
 def assert_served_by_vllm(model_dir) -> None:
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
+    from actors.engine_config import EngineConfig
     from core.sampling import SamplingConfig
 
     host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
-        EngineOptions(model=str(model_dir), max_model_len=1024, enforce_eager=True))
+        EngineOptions(model=str(model_dir), config=EngineConfig(max_model_len=1024, enforce_eager=True)))
     try:
         (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)))
         assert len(completion.token_ids) > 0

@@ -6,8 +6,7 @@ every input row is accounted for → summary. A stage brings its worker class (a
 with ``ready()`` and ``async run_shard(shard, rows)``), its output schema and the settings
 that identify a run.
 
-``run_shard`` returns ``{"rows", "rejects", "tokens", "seconds", "worker",
-"occupancy_sum", "occupancy_samples"}``.
+``run_shard`` returns an ``actors.shard_work.ShardResult``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from actors.shard_work import ShardResult
 from core.config import ConfigError, failing, option
 from core.manifest import RunManifest, ShardState
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
@@ -213,15 +213,15 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
             ray.kill(actor, no_restart=True)
         return ref
 
-    def on_result(shard: int, result: dict[str, Any]) -> None:
-        write_shard_output(job.out, shard, result["rows"], result["rejects"], job.output_schema)
+    def on_result(shard: int, result: ShardResult) -> None:
+        write_shard_output(job.out, shard, result.rows, result.rejects, job.output_schema)
         state = manifest.shards[shard]
-        state.status, state.rows_out, state.rejected = "done", len(result["rows"]), len(result["rejects"])
-        state.seconds, state.tokens, state.worker = round(result["seconds"], 3), result["tokens"], result["worker"]
-        state.started_at, state.finished_at = result["started_at"], result["finished_at"]
-        occupancy[0] += result["occupancy_sum"]
-        occupancy[1] += result["occupancy_samples"]
-        progress.shard_done(state.rows, result["tokens"])
+        state.status, state.rows_out, state.rejected = "done", len(result.rows), len(result.rejects)
+        state.seconds, state.tokens, state.worker = round(result.seconds, 3), result.tokens, result.worker
+        state.started_at, state.finished_at = result.started_at, result.finished_at
+        occupancy[0] += result.occupancy_sum
+        occupancy[1] += result.occupancy_samples
+        progress.shard_done(state.rows, result.tokens)
         manifest.save(force=False)
         finished[0] += 1
         if finished[0] == pool.crash_after_shard:  # the fault drill: the driver dies between shards
