@@ -196,22 +196,12 @@ def ppo_step(learner: Learner, state: dict[str, Any], ahead: Batch | None) -> tu
     with the learner's own weights), scoring, the update, and the weight pushes the schedule
     asks for. Returns the new state (its history ending with this step's metrics, averaged over
     the learners) and the next step's batch when it was submitted ahead."""
-    cfg, step, schedule, timings = learner.cfg, state["step"], learner.schedule, {"sync_seconds": 0.0}
-    step_started = started = time.monotonic()
-    if ahead is None:
-        ahead = schedule.submit(step, step)
-        kill_engine_if_drilled(learner, step)
-    batch = schedule.collect(ahead, step, learner.reference)
-    timings["rollout_seconds"] = time.monotonic() - started  # the learner's wait for its rollouts
-    sync: dict[str, Any] = {}
-    ahead = None
-    if cfg.max_staleness and step + 1 < cfg.steps:  # the engines sample step + 1 while this one trains
-        if schedule.too_old(step + 1):
-            started = time.monotonic()
-            sync = schedule.push(step, learner.reference)
-            timings["sync_seconds"] = time.monotonic() - started
-        ahead = schedule.submit(step + 1, schedule.engine_version)
-        kill_engine_if_drilled(learner, step + 1)
+    cfg, step, schedule = learner.cfg, state["step"], learner.schedule
+    step_started = time.monotonic()
+    batch, ahead, sync = schedule.begin_step(step, ahead, learner.reference,
+                                             submitted=lambda k: kill_engine_if_drilled(learner, k))
+    # the learner's wait for its rollouts (and, overlapped, the push before the next batch)
+    timings = {"rollout_seconds": time.monotonic() - step_started - sync.get("sync_seconds", 0.0)}
 
     busy = started = time.monotonic()
     rollouts = batch.results
@@ -233,10 +223,8 @@ def ppo_step(learner: Learner, state: dict[str, Any], ahead: Batch | None) -> tu
     learner.reference = check_sequence(packed) or learner.reference
     timings["overlap_seconds"] = overlap_seconds(ahead, busy, time.monotonic())
 
-    if not cfg.max_staleness:  # the synchronous schedule: the engines take the new policy now
-        started = time.monotonic()
-        sync = schedule.push(step + 1, learner.reference)
-        timings["sync_seconds"] = time.monotonic() - started
+    sync = {**sync, **schedule.end_step(step, learner.reference)}
+    timings["sync_seconds"] = sync.pop("sync_seconds", 0.0)
 
     staleness = max_over_ranks(step - min(r.version for r in rollouts), learner.device)
     metrics = mean_over_ranks({
@@ -264,7 +252,8 @@ def overlap_seconds(ahead: Batch | None, busy_from: float, busy_to: float) -> fl
     """How long the batch sampled ahead ran while the learner scored and trained (0: none ahead)."""
     if ahead is None:
         return 0.0
-    finished = ahead.future.result()[1] if ahead.future.done() else busy_to
+    done = ahead.future.done() and ahead.future.exception() is None  # a failure surfaces when it is collected
+    finished = ahead.future.result()[1] if done else busy_to
     return max(0.0, min(busy_to, finished) - max(busy_from, ahead.submitted))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,10 +131,37 @@ class RolloutSchedule:
     def push(self, version: int, reference: Reference) -> dict[str, Any]:
         """Bring every engine to the learner's weights as ``version`` (every learner calls it:
         FSDP gathers each bucket together), then wait for every learner."""
+        started = time.monotonic()
         synced = self.sync.sync(version, reference)
         self.engine_version = version
         barrier()
-        return synced
+        return {**synced, "sync_version": version, "sync_seconds": time.monotonic() - started}
+
+    def begin_step(self, step: int, ahead: Batch | None, reference: Reference,
+                   submitted: Callable[[int], None] = lambda step: None) -> tuple[Batch, Batch | None, dict[str, Any]]:
+        """The rollouts of ``step`` (0-based; the learner holds version ``step``): ``ahead`` when
+        they were submitted while the last step trained, else sampled now with the learner's own
+        weights. Overlapped, the engines then take the learner's weights if the next batch would
+        otherwise be too old, and that batch is submitted before this one trains. ``submitted(k)``
+        runs right after step k's batch leaves (the fault drill's point). Returns this step's
+        batch, the next one (or None) and the push's metrics (empty when none ran)."""
+        if ahead is None:
+            ahead = self.submit(step, step)
+            submitted(step)
+        batch = self.collect(ahead, step, reference)
+        pushed: dict[str, Any] = {}
+        following = None
+        if self.cfg.max_staleness and step + 1 < self.cfg.steps:
+            if self.too_old(step + 1):
+                pushed = self.push(step, reference)  # every answer is in: the engines are idle
+            following = self.submit(step + 1, self.engine_version)
+            submitted(step + 1)
+        return batch, following, pushed
+
+    def end_step(self, step: int, reference: Reference) -> dict[str, Any]:
+        """After ``step`` trained: in the synchronous schedule the engines take the new policy
+        (version ``step + 1``) now; overlapped, :meth:`begin_step` pushes when it must."""
+        return {} if self.cfg.max_staleness else self.push(step + 1, reference)
 
     def too_old(self, step: int) -> bool:
         """Whether a batch submitted now for ``step`` would be trained by a policy more than
