@@ -41,7 +41,7 @@ from constitutions.schema import Constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
-from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
+from core.prompt_data import PromptDataError, PromptOptions, Reject, iter_prompts, iter_records
 from core.shards import MESSAGE, read_stage_output, write_jsonl
 from workflows.eval_report import write_markdown, write_plot
 from workflows.runtime.cluster_options import ClusterOptions
@@ -78,7 +78,9 @@ class EvalCompareConfig:
     helpful_constitution: str = option(
         "helpful_honest", "constitution whose feedback principles judge helpful prompts; give the "
         "--constitution file again to judge every prompt under one constitution")
-    prompts: str = option(REQUIRED, "held-out prompts: id, prompt (or messages), category (red_team or helpful)")
+    prompts: str = option(REQUIRED, "held-out prompts (a file, a saved dataset directory or hf:ORG/NAME): id, "
+                          "prompt (or messages, or an HH-RLHF transcript), category (red_team or helpful)")
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     missing_category: Literal["reject", "red_team", "helpful"] = option(
         "reject", "rows without a category: reject them (with a reason), or count them as red_team or helpful")
     out: str = option(REQUIRED, "run directory for answers, judgements, results.json and report.md; reruns resume")
@@ -155,8 +157,8 @@ def stage_prompts(config: EvalCompareConfig, out: Path) -> dict[str, Any]:
     """Write the usable rows (with their category) and the rejects; count both."""
     usable, rejects = [], []
     limit = config.pool.limit or None
-    records = iter_records(Path(config.prompts).expanduser())
-    for item, (record, _) in zip(iter_prompts(config.prompts, limit=limit), records):
+    records = iter_records(config.prompts, config.prompt_source)
+    for item, (record, _) in zip(iter_prompts(config.prompts, config.prompt_source, limit=limit), records):
         if isinstance(item, Reject):
             rejects.append({**item.to_dict(), "stage": "input"})
             continue

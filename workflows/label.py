@@ -17,7 +17,7 @@ from actors.engine import EngineOptions
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
-from core.manifest import file_fingerprint
+from core.prompt_data import PROMPTS_HELP, PromptOptions, prompt_fingerprint
 from core.shards import MESSAGE
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.engine_config import EngineConfig
@@ -59,7 +59,8 @@ class LabelConfig:
     policy: str = option(REQUIRED, "policy model that samples the answers (typically the SL-CAI model)")
     feedback_model: str = option("", "model that compares answers; default: the policy")
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    prompts: str = option(REQUIRED, PROMPTS_HELP)
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
     labelling: LabelSettings = option(LabelSettings(), "how each prompt's answers are sampled and compared")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
@@ -86,9 +87,10 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         stage="label",
         out=Path(config.out).expanduser(),
         prompts=config.prompts,
+        prompt_source=config.prompt_source,
         pool=config.pool,
         identity=identity(config, policy=policy, feedback_model=feedback, constitution_sha256=constitution.sha256,
-                          prompts=file_fingerprint(config.prompts)),
+                          prompts=prompt_fingerprint(config.prompts, config.prompt_source)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,

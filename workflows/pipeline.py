@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
+from core.hub_datasets import is_hub_source
 from workflows.plan import check_run_memory
 from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
 
@@ -87,7 +88,7 @@ def load_pipeline_config(path, overrides: list[str], *, base_dir: Path | None = 
     data = merge(read_yaml(path), parse_overrides(overrides))
     if base_dir is not None:
         for key in ("prompts", "eval_prompts"):
-            if data.get(key) and not Path(data[key]).is_absolute():
+            if data.get(key) and not is_hub_source(data[key]) and not Path(data[key]).is_absolute():
                 data[key] = str(base_dir / data[key])
     return load_config(PipelineConfig, overrides=data)
 

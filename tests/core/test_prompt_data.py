@@ -69,13 +69,13 @@ def test_whole_file_problems_raise_clear_errors(tmp_path):
     with pytest.raises(PromptDataError, match="unsupported prompt file type '.txt'"):
         load_prompts(tmp_path / "x.txt")
     (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "hi"}) + "\n")
-    with pytest.raises(PromptDataError, match=r"no 'prompt' or 'messages' column \(columns found: \['question'\]\)"):
+    with pytest.raises(PromptDataError, match=r"no prompt column: none of 'prompt', 'messages', 'chosen', 'transcript', 'rejected' \(columns found: \['question'\]\); name one with --prompt-column"):
         load_prompts(tmp_path / "cols.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(PromptDataError, match="has no rows"):
         load_prompts(tmp_path / "empty.jsonl")
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
-    with pytest.raises(PromptDataError, match="cannot read prompt file"):
+    with pytest.raises(PromptDataError, match="cannot read prompt source"):
         load_prompts(tmp_path / "broken.parquet")
 
 

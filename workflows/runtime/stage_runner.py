@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from core.config import ConfigError, failing, option
 from core.manifest import RunManifest, ShardState
+from core.prompt_data import PromptOptions
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
 from workflows.runtime.cluster_options import ClusterOptions
 from workflows.runtime.devices import pool_on_devices
@@ -105,12 +106,14 @@ class StageJob:
     cluster: ClusterOptions = ClusterOptions()
     models: tuple = ()  # ModelSources the workers load: checked (or staged) on their nodes first
     tensor_parallel: int = 1  # of each worker's engine: its GPUs when --gpus-per-worker is left to the cluster
+    prompt_source: PromptOptions = PromptOptions()  # the split and column of ``prompts``
 
 
 def _open_manifest(job: StageJob) -> RunManifest:
     manifest = RunManifest.open(job.out, job.stage, job.identity, job.config, run_name=job.cluster.run_name)
     if not manifest.input:
-        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, limit=job.pool.limit or None)
+        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, job.prompt_source,
+                              limit=job.pool.limit or None)
         manifest.input = {"source": str(job.prompts), "total_rows": staged.total_rows,
                           "rejected": staged.rejected, "shards": len(staged.shards)}
         manifest.shards = {s.index: ShardState(rows=s.rows) for s in staged.shards}
