@@ -56,12 +56,12 @@ class PromptDataError(ValueError):
 class PromptOptions:
     """Which rows and column of ``--prompts`` are read; every job that takes prompts nests it."""
 
-    prompt_split: str = option("train", "with --prompts hf:ORG/NAME: the dataset split to read")
+    prompt_split: str = option("train", "the split to read from a Hub dataset (hf:ORG/NAME)")
     prompt_column: str = option(
         "", "column holding the prompts: prompt (text), messages (chat list ending with the user), or a "
         "conversation cut before its last assistant turn: chosen, rejected, transcript (HH-RLHF "
-        "'\\n\\nHuman: … \\n\\nAssistant: …' strings or chat lists); empty: prompt or messages, else chosen, "
-        "transcript, rejected, whichever the first rows have")
+        "'\\n\\nHuman: … \\n\\nAssistant: …' strings or chat lists) (default empty: prompt or messages, else "
+        "chosen, transcript, rejected, whichever the first rows have)")
 
 
 @dataclass(frozen=True)
