@@ -22,19 +22,29 @@ def is_hub_source(source: str | Path) -> bool:
 def hub_dataset(source: str, split: str):
     """The ``split`` of the Hub dataset ``hf:ORG/NAME[/DIR]`` as a ``datasets.Dataset``.
 
-    ``datasets.load_dataset`` first: from the Hub, or from datasets' own cache of a dataset it
-    prepared before. When the Hub cannot be reached (``HF_HUB_OFFLINE=1``, no network), the
-    snapshot in the Hub cache (``$HF_HUB_CACHE``, filled by ``hf download --repo-type dataset``
-    or an earlier online load) is read as a local dataset: datasets 5 does not look there by
-    itself when offline (docs/prompts.md)."""
+    Online: ``datasets.load_dataset`` from the Hub. Offline (``HF_HUB_OFFLINE=1``), or when the
+    Hub cannot be reached: the snapshot in the Hub cache (``$HF_HUB_CACHE``, filled by
+    ``hf download REPO --repo-type dataset`` or an earlier online load; the commit ``refs/main``
+    names) read as a local dataset, since datasets 5 does not look there by itself when offline;
+    without one, what datasets prepared in its own cache before (docs/prompts.md). The snapshot
+    comes first offline because datasets' fallback returns its latest prepared copy of the
+    repository whatever ``DIR`` asks for."""
     import datasets
+    from huggingface_hub import constants
 
     repo, data_dir = _hub_id(source)
     try:
+        snapshot = _cached_snapshot(repo) if constants.HF_HUB_OFFLINE else None
         try:
-            return datasets.load_dataset(repo, data_dir=data_dir, split=split)
+            return datasets.load_dataset(snapshot or repo, data_dir=data_dir, split=split)
         except ConnectionError as unreachable:
-            return datasets.load_dataset(_cached_snapshot(source, repo, unreachable), data_dir=data_dir, split=split)
+            snapshot = snapshot or _cached_snapshot(repo)
+            if snapshot is None:
+                raise HubSourceError(
+                    f"cannot load {source}: the Hub cannot be reached ({unreachable}) and the Hub cache "
+                    f"{constants.HF_HUB_CACHE} holds no snapshot of {repo} (hf download {repo} --repo-type "
+                    "dataset, where there is network)") from None
+            return datasets.load_dataset(snapshot, data_dir=data_dir, split=split)
     except HubSourceError:
         raise
     except (OSError, ValueError) as exc:  # not found, gated, unknown split, no data files
@@ -48,14 +58,12 @@ def _hub_id(source: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
-def _cached_snapshot(source: str, repo: str, unreachable: Exception) -> str:
-    from huggingface_hub import constants, snapshot_download
+def _cached_snapshot(repo: str) -> str | None:
+    """The folder of the Hub cache's snapshot of ``repo`` (``refs/main``), or None."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return snapshot_download(repo, repo_type="dataset", local_files_only=True)
     except LocalEntryNotFoundError:
-        raise HubSourceError(
-            f"cannot load {source}: the Hub cannot be reached ({unreachable}) and the Hub cache "
-            f"{constants.HF_HUB_CACHE} holds no snapshot of {repo} (hf download {repo} --repo-type dataset, "
-            "where there is network)") from None
+        return None

@@ -237,6 +237,8 @@ def _conversation(value: Any, column: str) -> tuple[tuple[dict[str, str], ...] |
     """A transcript string or a chat list, cut before its last assistant turn."""
     if isinstance(value, str):
         return transcript_prompt(value, column) if value.strip() else (None, f"'{column}' is empty")
+    if not isinstance(value, (list, tuple)):
+        return None, f"'{column}' must be a transcript string or a chat list, got {type(value).__name__}"
     messages, reason = _chat(value, column)
     return messages_prompt(messages, column) if messages else (None, reason)
 
