@@ -22,7 +22,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, RowRejected, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from core.config import failing, option
+from core.config import at_least, failing, option
 from core.eval_stats import challenger_win_prob
 from core.preference import comparison_messages
 from core.sampling import SamplingConfig
@@ -41,7 +41,7 @@ class AnswerSettings:
                                       "default, usual for evaluation)")
 
     def problems(self) -> list[str]:
-        return failing({"samples_per_prompt": self.samples_per_prompt >= 1}) + self.sampling.problems()
+        return failing({"samples_per_prompt": at_least(1)(self.samples_per_prompt)}) + self.sampling.problems()
 
 
 class AnswerWorker:
@@ -94,7 +94,7 @@ class JudgeSettings:
                                      identity=True)
 
     def problems(self) -> list[str]:
-        return failing({"principles": self.principles >= 1})
+        return failing({"principles": at_least(1)(self.principles)})
 
 
 @dataclass(frozen=True, kw_only=True)

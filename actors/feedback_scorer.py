@@ -41,7 +41,7 @@ from typing import Any, Literal
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
-from core.config import failing, option
+from core.config import at_least, failing, option
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -74,7 +74,7 @@ class ScoringSettings:
     seed: int = option(0, "engine seed", identity=True)
 
     def problems(self) -> list[str]:
-        return failing({"cot_max_new_tokens": self.cot_max_new_tokens >= 1})
+        return failing({"cot_max_new_tokens": at_least(1)(self.cot_max_new_tokens)})
 
 
 def single_token_split(options: list[list[int]]) -> tuple[list[int], list[int], list[int]] | None:

@@ -17,7 +17,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
-from core.config import failing, option
+from core.config import at_least, failing, option
 from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from core.sampling import SamplingConfig
 
@@ -41,7 +41,8 @@ class ChainSettings:
                                       "(temperature 1, as the paper samples SL-CAI data)")
 
     def problems(self) -> list[str]:
-        return failing({"revisions": self.revisions >= 0, "few_shot": self.few_shot >= 0}) + self.sampling.problems()
+        return failing({"revisions": at_least(0)(self.revisions), "few_shot": at_least(0)(self.few_shot)}) + \
+            self.sampling.problems()
 
 
 class GenerationWorker:

@@ -73,8 +73,9 @@ def transcript_prompt(text: str, column: str) -> tuple[tuple[dict[str, str], ...
         return None, f"'{column}' does not start with a 'Human:' turn (starts with {start!r})"
     turns = transcript_turns(text)
     if turns[-1][0] != "assistant":
-        reason = "has no 'Assistant:' turn to cut" if len(turns) == 1 else "ends with a Human turn, not an answer to cut"
-        return None, f"'{column}' {reason}"
+        if len(turns) == 1:
+            return None, f"'{column}' has no 'Assistant:' turn to cut"
+        return None, f"'{column}' ends with a Human turn, not an answer to cut"
     for number, (role, content) in enumerate(turns[:-1], start=1):
         if not content:
             return None, f"'{column}' turn {number} ({role}) is empty"

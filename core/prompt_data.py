@@ -257,7 +257,7 @@ def _row(index: int, record: Any, layout: Layout) -> PromptRow | Reject:
     row_id = str(record["id"]) if record.get("id") not in (None, "") else f"row-{index:08d}"
     column = layout.column
     if column is None:  # prompt or messages, row by row
-        column = "prompt" if record.get("prompt") is not None else "messages" if record.get("messages") is not None else ""
+        column = next((c for c in ("prompt", "messages") if record.get(c) is not None), "")
         if not column:
             return Reject(index, "missing column 'prompt' (string) or 'messages' (chat list)", _raw(record))
     elif record.get(column) is None:

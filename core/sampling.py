@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import failing, option
+from core.config import above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,9 @@ class SamplingConfig:
                                        identity=True)
 
     def problems(self) -> list[str]:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
-                  "top_p": 0 < self.top_p <= 1, "repetition_penalty": self.repetition_penalty > 0}
+        checks = {"max_new_tokens": at_least(1)(self.max_new_tokens), "temperature": at_least(0)(self.temperature),
+                  "top_p": (above(0) & at_most(1))(self.top_p),
+                  "repetition_penalty": above(0)(self.repetition_penalty)}
         return failing(checks)
 
 

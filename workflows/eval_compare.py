@@ -38,7 +38,7 @@ import pyarrow as pa
 from actors.compare_worker import AnswerSettings, AnswerWorker, Contest, JudgeSettings, JudgeWorker
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
+from core.config import REQUIRED, ConfigError, Rule, at_least, config_to_dict, failing, identity, option, require_valid
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
 from core.prompt_data import PromptDataError, PromptOptions, Reject, iter_prompts, iter_records
@@ -92,17 +92,15 @@ class EvalCompareConfig:
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        names_ok = not self.names or (len(self.names) == 1 + len(self.model_b) and all(n.strip() for n in self.names)
-                                      and len(set(self.names)) == len(self.names))
+        names = Rule("empty, or one distinct name for A, then one per --model-b", lambda names: not names or (
+            len(names) == 1 + len(self.model_b) and all(n.strip() for n in names) and len(set(names)) == len(names)))
         checks = {
-            "model_b": len(self.model_b) >= 1,
-            "names": names_ok,
-            "report_samples": self.report_samples >= 0,
+            "model_b": Rule("at least one challenger", bool)(self.model_b),
+            "names": names(self.names),
+            "report_samples": at_least(0)(self.report_samples),
         }
-        bad = failing(checks)
-        hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.answers.problems(), self.judging.problems(), self.pool.problems(), self.engine.problems(),
-                      self.cluster.problems(), hint=hint)
+        require_valid(failing(checks), self.answers.problems(), self.judging.problems(), self.pool.problems(),
+                      self.engine.problems(), self.cluster.problems())
         if self.answers.samples_per_prompt > 1 and self.answers.sampling.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:

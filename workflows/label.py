@@ -68,9 +68,7 @@ class LabelConfig:
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        bad = self.labelling.problems()
-        hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
+        require_valid(self.labelling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems())
 
 
 def run_label(config: LabelConfig) -> dict[str, Any]:

@@ -154,4 +154,4 @@ def rejects_by_reason(rejects: list, examples: int = 3) -> list[dict]:
 def prompts_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE", help=PROMPTS_HELP)
     add_config_arguments(parser, PromptOptions)
-    parser.add_argument("--show", type=int, default=20, help="how many reject reasons to list, each with its first rows")
+    parser.add_argument("--show", type=int, default=20, help="reject reasons to list, each with its first rows")

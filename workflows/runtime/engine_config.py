@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine import EngineOptions
-from core.config import failing, option
+from core.config import above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,10 @@ class EngineConfig:
 
     def problems(self) -> list[str]:
         checks = {
-            "tensor_parallel": self.tensor_parallel >= 1,
-            "max_model_len": self.max_model_len >= 0,
-            "max_num_seqs": self.max_num_seqs >= 1,
-            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "tensor_parallel": at_least(1)(self.tensor_parallel),
+            "max_model_len": at_least(0)(self.max_model_len),
+            "max_num_seqs": at_least(1)(self.max_num_seqs),
+            "gpu_memory_utilization": (above(0) & at_most(1))(self.gpu_memory_utilization),
         }
         return failing(checks)
 

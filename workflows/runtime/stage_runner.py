@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from core.config import ConfigError, failing, option
+from core.config import ConfigError, at_least, failing, option
 from core.manifest import RunManifest, ShardState
 from core.prompt_data import PromptOptions
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
@@ -68,23 +68,23 @@ class PoolConfig:
 
     def problems(self) -> list[str]:
         checks = {
-            "shard_size": self.shard_size >= 1,
-            "limit": self.limit >= 0,
-            "workers": self.workers >= 0,
-            "cpus_per_worker": self.cpus_per_worker >= 0,
-            "gpus_per_worker": self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-            "inflight_shards": self.inflight_shards >= 1,
-            "max_attempts": self.max_attempts >= 1,
-            "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
-            "crash_after_shard": self.crash_after_shard >= 0,
-            "hold_after_shard": self.hold_after_shard >= 0,
-            "hold_until_workers": self.hold_until_workers >= 0,
-            "max_workers": self.max_workers >= 0,
+            "shard_size": at_least(1)(self.shard_size),
+            "limit": at_least(0)(self.limit),
+            "workers": at_least(0)(self.workers),
+            "cpus_per_worker": at_least(0)(self.cpus_per_worker),
+            "gpus_per_worker": at_least(0).or_none()(self.gpus_per_worker),
+            "inflight_shards": at_least(1)(self.inflight_shards),
+            "max_attempts": at_least(1)(self.max_attempts),
+            "kill_worker_at_shard": at_least(0)(self.kill_worker_at_shard),
+            "crash_after_shard": at_least(0)(self.crash_after_shard),
+            "hold_after_shard": at_least(0)(self.hold_after_shard),
+            "hold_until_workers": at_least(0)(self.hold_until_workers),
+            "max_workers": at_least(0)(self.max_workers),
         }
         return failing(checks)
 
     def __post_init__(self) -> None:
-        if self.max_workers and self.workers:
+        if self.max_workers > 0 and self.workers > 0:
             raise ConfigError(f"--max-workers {self.max_workers} limits an elastic pool (--workers 0), "
                               f"but --workers is {self.workers}: drop one of them")
 
