@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
 from core.hub_datasets import is_hub_source
+from core.prompt_data import PromptOptions
 from workflows.plan import check_run_memory
 from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
 
@@ -34,7 +35,10 @@ STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm",
 class PipelineConfig:
     model: str = option(REQUIRED, "base model: a local directory, a hub id, or 'default'")
     constitution: str = option("harmless", "constitution YAML file, or a bundled name")
-    prompts: str = option(REQUIRED, "training prompts for SL-CAI generation and RL-CAI labelling")
+    prompts: str = option(REQUIRED, "training prompts for SL-CAI generation and RL-CAI labelling (a file, a saved "
+                          "dataset directory or hf:ORG/NAME)")
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of `prompts` generate and label "
+                                          "read (a stage's own section may set them instead)")
     eval_prompts: str = option("", "held-out prompts (with a category column) for the evaluation; empty: no eval")
     out: str = option(REQUIRED, "run directory; each stage writes into its own subdirectory")
     rl: Literal["ppo", "dpo"] = option("ppo", "the RL step: PPO against the reward model, or DPO on the pairs")
@@ -121,16 +125,18 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     root = Path(cfg.out).expanduser().resolve()
     out = {name: root / directory for name, directory in STAGE_DIRS.items()}
     base = cfg.model
+    # only when set, so that a stage's section may set them instead (both: "given twice")
+    source = {} if cfg.prompt_source == PromptOptions() else {"prompt_source": config_to_dict(cfg.prompt_source)}
     stages = [
         Stage("generate", _section(GenerateConfig, "generate", cfg.generate, dict(
-            model=base, constitution=cfg.constitution, prompts=cfg.prompts, out=str(out["generate"]))),
+            model=base, constitution=cfg.constitution, prompts=cfg.prompts, **source, out=str(out["generate"]))),
             run_generate, out["generate"]),
         Stage("sft", _section(SFTConfig, "sft", cfg.sft, dict(
             model=base, data=[str(out["generate"])], out=str(out["sft"]))),
             run_train, out["sft"]),
         Stage("label", _section(LabelConfig, "label", cfg.label, dict(
             policy=str(out["sft"]), feedback_model=cfg.feedback_model or base, constitution=cfg.constitution,
-            prompts=cfg.prompts, out=str(out["label"]))),
+            prompts=cfg.prompts, **source, out=str(out["label"]))),
             run_label, out["label"]),
     ]
     if cfg.rl == "ppo":
