@@ -23,7 +23,6 @@ dropped: ``len(rows) + len(rejects)`` always equals the number of rows read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,12 +55,12 @@ class PromptDataError(ValueError):
 class PromptOptions:
     """Which rows and column of ``--prompts`` are read; every job that takes prompts nests it."""
 
-    prompt_split: str = option("train", "the split to read from a Hub dataset (hf:ORG/NAME)")
+    prompt_split: str = option("train", "the split to read from a Hub dataset (hf:ORG/NAME)", identity=True)
     prompt_column: str = option(
         "", "column holding the prompts: prompt (text), messages (chat list ending with the user), or a "
         "conversation cut before its last assistant turn: chosen, rejected, transcript (HH-RLHF "
         "'\\n\\nHuman: … \\n\\nAssistant: …' strings or chat lists) (default empty: prompt or messages, else "
-        "chosen, transcript, rejected, whichever the first rows have)")
+        "chosen, transcript, rejected, whichever the first rows have)", identity=True)
 
 
 @dataclass(frozen=True)
@@ -114,15 +113,11 @@ class PromptSet:
         return len(self.rows) + len(self.rejects)
 
 
-def prompt_fingerprint(source: str | Path, options: PromptOptions | None = None) -> str:
-    """What a run records of its prompts: a file's content hash (just that, with the default
-    split and column, as runs recorded it before there were options), or for ``hf:`` the source
-    itself: a run stages its prompts once, and a resume reads them from its own folder."""
-    options = options or PromptOptions()
-    base = source if is_hub_source(source) else file_fingerprint(source)
-    if options == PromptOptions():
-        return base
-    return hashlib.sha256(f"{base}\0{options.prompt_split}\0{options.prompt_column}".encode()).hexdigest()
+def prompt_fingerprint(source: str | Path) -> str:
+    """What a run records of its prompts (beside the split and column, identity settings of
+    :class:`PromptOptions`): a file's content hash, or for ``hf:`` the source itself, since a run
+    stages its prompts once and a resume reads them from its own folder."""
+    return source if is_hub_source(source) else file_fingerprint(source)
 
 
 # -- reading records -----------------------------------------------------------------------

@@ -84,7 +84,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         prompt_source=config.prompt_source,
         pool=config.pool,
         identity=identity(config, model=model_path, constitution_sha256=constitution.sha256,
-                          prompts=prompt_fingerprint(config.prompts, config.prompt_source)),
+                          prompts=prompt_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,

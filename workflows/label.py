@@ -88,7 +88,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         prompt_source=config.prompt_source,
         pool=config.pool,
         identity=identity(config, policy=policy, feedback_model=feedback, constitution_sha256=constitution.sha256,
-                          prompts=prompt_fingerprint(config.prompts, config.prompt_source)),
+                          prompts=prompt_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,

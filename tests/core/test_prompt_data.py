@@ -144,12 +144,10 @@ def test_prompt_column_picks_the_column_and_its_format(tmp_path):
         load_prompts(path, PromptOptions(prompt_column="answer"))
 
 
-def test_fingerprint_is_the_file_hash_with_default_options(tmp_path):
+def test_a_file_is_recorded_by_its_hash_and_a_hub_dataset_by_its_name(tmp_path):
     path = hh_file(tmp_path)
     assert prompt_fingerprint(path) == file_fingerprint(path)
-    assert prompt_fingerprint(path, PromptOptions(prompt_column="rejected")) != file_fingerprint(path)
     assert prompt_fingerprint("hf:acme/hh") == "hf:acme/hh"
-    assert prompt_fingerprint("hf:acme/hh", PromptOptions(prompt_split="test")) != "hf:acme/hh"
 
 
 LOAD_HUB = """

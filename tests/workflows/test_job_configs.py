@@ -71,12 +71,16 @@ def test_identities_keep_the_keys_of_the_manifests_already_written():
     generate = load_config(GenerateConfig, overrides=dict(model="m", **BASE))
     assert set(identity(generate, model="/m", constitution_sha256="c", prompts="p")) == {
         "model", "constitution_sha256", "prompts", "shard_size", "limit", "revisions", "few_shot", "few_shot_initial",
-        "principle_draw", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "ignore_eos", "seed"}
+        "principle_draw", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "ignore_eos", "seed",
+        "prompt_split", "prompt_column"}  # the last two added since: records without them still match
+    recorded = identity(generate, model="/m", constitution_sha256="c", prompts="p")
+    old = {k: v for k, v in recorded.items() if k not in ("prompt_split", "prompt_column")}
+    assert same_identity(old, recorded)
     label = load_config(LabelConfig, overrides=dict(policy="m", **BASE))
     assert set(identity(label, policy="/m", feedback_model="/f", constitution_sha256="c", prompts="p")) == {
         "policy", "feedback_model", "constitution_sha256", "prompts", "shard_size", "limit", "samples", "pairs",
         "max_pairs", "principles", "both_orders", "cot", "cot_max_new_tokens", "feedback_few_shot", "max_new_tokens",
-        "temperature", "top_p", "repetition_penalty", "seed"}
+        "temperature", "top_p", "repetition_penalty", "seed", "prompt_split", "prompt_column"}
     compare = load_config(EvalCompareConfig, overrides=dict(model_a="a", model_b=["b"], judge="j", constitution="c",
                                                            prompts="p", out="o"))
     answers = identity(compare.answers, model="/a", prompts="p", shard_size=64)
