@@ -17,7 +17,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
-from core.config import at_least, failing, option
+from core.config import Problem, at_least, failing, option
 from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from core.sampling import SamplingConfig
 
@@ -40,7 +40,7 @@ class ChainSettings:
     sampling: SamplingConfig = option(SamplingConfig(), "how answers, critiques and revisions are sampled "
                                       "(temperature 1, as the paper samples SL-CAI data)")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         return failing({"revisions": at_least(0)(self.revisions), "few_shot": at_least(0)(self.few_shot)}) + \
             self.sampling.problems()
 

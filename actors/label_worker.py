@@ -19,7 +19,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from core.config import Rule, at_least, failing, option
+from core.config import Problem, Rule, at_least, failing, option
 from core.preference import label_pair, pair_indices
 from core.sampling import SamplingConfig
 
@@ -45,7 +45,7 @@ class LabelSettings:
     sampling: SamplingConfig = option(SamplingConfig(), "how the K answers are sampled (temperature 1: "
                                       "diversity matters here)")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         random_pairs = self.pairs == "random"
         checks = {
             "samples": at_least(2).because("a pair needs two answers")(self.samples),

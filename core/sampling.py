@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import above, at_least, at_most, failing, option
+from core.config import Problem, above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class SamplingConfig:
     repetition_penalty: float = option(1.0, "vLLM repetition penalty (>1 discourages repeats; small models loop)",
                                        identity=True)
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {"max_new_tokens": at_least(1)(self.max_new_tokens), "temperature": at_least(0)(self.temperature),
                   "top_p": (above(0) & at_most(1))(self.top_p),
                   "repetition_penalty": above(0)(self.repetition_penalty)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import Rule, at_least, failing, option
+from core.config import Problem, Rule, at_least, failing, option
 
 DEFAULT_PLACEMENT_TIMEOUT_S = 1800.0
 # The least time a node gets to answer the model preflight (a task that starts a worker process
@@ -36,7 +36,7 @@ class ClusterOptions:
         ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) when the placement timeout is 0."""
         return max(self.placement_timeout, PREFLIGHT_MIN_TIMEOUT_S) if self.placement_timeout else None
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         run_name = Rule("at most 48 letters, digits, '-', '_' or '.'",
                         lambda name: all(c.isalnum() or c in "-_." for c in name) and len(name) <= 48)
         stage_dir = Rule("an absolute path, or empty", lambda path: not path or path.startswith("/"))

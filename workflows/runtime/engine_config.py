@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine import EngineOptions
-from core.config import above, at_least, at_most, failing, option
+from core.config import Problem, above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class EngineConfig:
     enforce_eager: bool = option(False, "skip vLLM's torch.compile warm-up (faster start, slower decode)")
     trust_remote_code: bool = option(False, "allow model code from the model directory or hub (off: safer)")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
             "tensor_parallel": at_least(1)(self.tensor_parallel),
             "max_model_len": at_least(0)(self.max_model_len),

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from core.config import ConfigError, at_least, failing, option
+from core.config import ConfigError, Problem, at_least, failing, option
 from core.manifest import RunManifest, ShardState
 from core.prompt_data import PromptOptions
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
@@ -66,7 +66,7 @@ class PoolConfig:
                                      "the pool hands out no more until N workers are up (an elastic pool that "
                                      "must grow first); 0 = never")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
             "shard_size": at_least(1)(self.shard_size),
             "limit": at_least(0)(self.limit),
