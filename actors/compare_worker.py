@@ -22,7 +22,7 @@ from actors.metrics import StageMetrics
 from actors.shard_work import OccupancySampler, RowRejected, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from core.config import failing, option
+from core.config import Problem, at_least, failing, option
 from core.eval_stats import challenger_win_prob
 from core.preference import comparison_messages
 from core.sampling import SamplingConfig
@@ -40,8 +40,8 @@ class AnswerSettings:
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "how the answers are sampled (greedy by "
                                       "default, usual for evaluation)")
 
-    def problems(self) -> list[str]:
-        return failing({"samples_per_prompt": self.samples_per_prompt >= 1}) + self.sampling.problems()
+    def problems(self) -> list[Problem]:
+        return failing({"samples_per_prompt": at_least(1)(self.samples_per_prompt)}) + self.sampling.problems()
 
 
 class AnswerWorker:
@@ -93,8 +93,8 @@ class JudgeSettings:
     feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question",
                                      identity=True)
 
-    def problems(self) -> list[str]:
-        return failing({"principles": self.principles >= 1})
+    def problems(self) -> list[Problem]:
+        return failing({"principles": at_least(1)(self.principles)})
 
 
 @dataclass(frozen=True, kw_only=True)

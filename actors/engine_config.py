@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import failing, option
+from core.config import Problem, above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,11 @@ class EngineConfig:
     enforce_eager: bool = option(False, "skip vLLM's torch.compile warm-up (faster start, slower decode)")
     trust_remote_code: bool = option(False, "allow model code from the model directory or hub (off: safer)")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
-            "tensor_parallel": self.tensor_parallel >= 1,
-            "max_model_len": self.max_model_len >= 0,
-            "max_num_seqs": self.max_num_seqs >= 1,
-            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "tensor_parallel": at_least(1)(self.tensor_parallel),
+            "max_model_len": at_least(0)(self.max_model_len),
+            "max_num_seqs": at_least(1)(self.max_num_seqs),
+            "gpu_memory_utilization": (above(0) & at_most(1))(self.gpu_memory_utilization),
         }
         return failing(checks)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from core.cluster_options import ClusterOptions
-from core.config import REQUIRED, option, require_valid
+from core.config import REQUIRED, above, failing, option, require_valid
 from learners.options import LearnerOptions, LoraOptions, TrainingOptions
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -59,4 +59,4 @@ class DPOConfig(TrainJobConfig):
 
     def __post_init__(self) -> None:
         require_valid(self.training.problems(), self.learner.problems(), self.cluster.problems(),
-                      self.lora.problems(), [] if self.beta > 0 else ["beta"])
+                      self.lora.problems(), failing({"beta": above(0)(self.beta)}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from core.config import failing, option
+from core.config import Problem, Rule, above, at_least, below, failing, option
 
 TRANSPORTS = ("shm", "gloo", "nccl", "blob")
 # A 16-bit engine's log-probs of a sequence differ from the learner's by up to this much with
@@ -43,9 +43,9 @@ class LearnerOptions:
     hold_at_step: int = option(0, "fault drill (tests set it): every learner stops once, right after the checkpoint "
                                "of this step is reported, and waits to be killed; 0 = never")
 
-    def problems(self) -> list[str]:
-        checks = {"lr": self.lr > 0, "save_steps": self.save_steps >= 1, "max_failures": self.max_failures >= -1,
-                  "hold_at_step": self.hold_at_step >= 0}
+    def problems(self) -> list[Problem]:
+        checks = {"lr": above(0)(self.lr), "save_steps": at_least(1)(self.save_steps),
+                  "max_failures": at_least(-1)(self.max_failures), "hold_at_step": at_least(0)(self.hold_at_step)}
         return failing(checks)
 
 
@@ -62,9 +62,9 @@ class LoraOptions:
     def enabled(self) -> bool:
         return self.lora_r > 0
 
-    def problems(self) -> list[str]:
-        return failing({"lora_r": self.lora_r >= 0, "lora_alpha": self.lora_alpha > 0,
-                        "lora_targets": bool(self.lora_targets)})
+    def problems(self) -> list[Problem]:
+        return failing({"lora_r": at_least(0)(self.lora_r), "lora_alpha": above(0)(self.lora_alpha),
+                        "lora_targets": Rule("at least one module", bool)(self.lora_targets)})
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class TrainingOptions:
     logging_steps: int = option(5, "log the loss every N optimizer steps")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = option("none", "experiment tracker")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
-            "workers": self.workers >= 1, "epochs": self.epochs > 0, "max_steps": self.max_steps >= 0,
-            "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "max_length": self.max_length >= 8, "eval_split": 0 <= self.eval_split < 1,
-            "logging_steps": self.logging_steps >= 1,
+            "workers": at_least(1)(self.workers), "epochs": above(0)(self.epochs),
+            "max_steps": at_least(0)(self.max_steps), "batch_size": at_least(1)(self.batch_size),
+            "grad_accum": at_least(1)(self.grad_accum), "max_length": at_least(8)(self.max_length),
+            "eval_split": (at_least(0) & below(1))(self.eval_split), "logging_steps": at_least(1)(self.logging_steps),
         }
         return failing(checks)
 
@@ -131,7 +131,8 @@ class SyncOptions:
         (docs/weight-sync.md): below it, a sync's effect cannot be told from noise."""
         return 1e-4 if engine_dtype in (None, "float32", "float64") else STALE_NOISE_16BIT
 
-    def problems(self) -> list[str]:
-        return failing({"sync_bucket_mb": self.sync_bucket_mb >= 1, "sync_timeout": self.sync_timeout > 0,
-                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0,
-                        "sync_fail_at_version": self.sync_fail_at_version >= 0})
+    def problems(self) -> list[Problem]:
+        return failing({"sync_bucket_mb": at_least(1)(self.sync_bucket_mb), "sync_timeout": above(0)(self.sync_timeout),
+                        "sync_check_every": at_least(1)(self.sync_check_every),
+                        "sync_check_tol": at_least(0)(self.sync_check_tol),
+                        "sync_fail_at_version": at_least(0)(self.sync_fail_at_version)})

@@ -9,7 +9,8 @@ from typing import Literal
 
 from actors.engine_config import EngineConfig
 from core.cluster_options import ClusterOptions
-from core.config import REQUIRED, ConfigError, failing, option, require_valid
+from core.config import REQUIRED, ConfigError, above, at_least, at_most, failing, option, require_valid
+from core.prompt_data import PROMPTS_HELP, PromptOptions
 from core.sampling import SamplingConfig
 from learners.options import LearnerOptions, LoraOptions, SyncOptions
 
@@ -17,7 +18,8 @@ from learners.options import LearnerOptions, LoraOptions, SyncOptions
 @dataclass(frozen=True)
 class PPOConfig:
     policy: str = option(REQUIRED, "starting policy (typically the SL-CAI SFT model): directory, hub id or 'default'", identity=True)
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory", identity=True)
+    prompts: str = option(REQUIRED, PROMPTS_HELP, identity=True)
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     out: str = option(REQUIRED, "directory for the final policy, training_summary.json and metrics.jsonl")
     reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)", identity=True)
     reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)", identity=True)
@@ -83,15 +85,17 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "steps": self.steps >= 1, "rollout_batch": self.rollout_batch >= 1, "minibatch": self.minibatch >= 1,
-            "ppo_epochs": self.ppo_epochs >= 1, "temperature": self.sampling.temperature > 0,
-            "kl_coef": self.kl_coef >= 0, "missing_eos_penalty": self.missing_eos_penalty >= 0,
-            "target_kl": self.target_kl >= 0, "kl_horizon": self.kl_horizon >= 1, "clip_range": self.clip_range > 0,
-            "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
-            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
-            "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
-            "rollout_workers": self.rollout_workers >= 1, "kill_engine_at_step": self.kill_engine_at_step >= 0,
-            "max_staleness": self.max_staleness >= 0, "is_cap": self.is_cap >= 1,
+            "steps": at_least(1)(self.steps), "rollout_batch": at_least(1)(self.rollout_batch),
+            "minibatch": at_least(1)(self.minibatch), "ppo_epochs": at_least(1)(self.ppo_epochs),
+            "temperature": above(0)(self.sampling.temperature), "kl_coef": at_least(0)(self.kl_coef),
+            "missing_eos_penalty": at_least(0)(self.missing_eos_penalty), "target_kl": at_least(0)(self.target_kl),
+            "kl_horizon": at_least(1)(self.kl_horizon), "clip_range": above(0)(self.clip_range),
+            "clip_range_value": above(0)(self.clip_range_value), "vf_coef": at_least(0)(self.vf_coef),
+            "gamma": (at_least(0) & at_most(1))(self.gamma), "lam": (at_least(0) & at_most(1))(self.lam),
+            "max_grad_norm": above(0)(self.max_grad_norm), "learners": at_least(1)(self.learners),
+            "rollout_workers": at_least(1)(self.rollout_workers),
+            "kill_engine_at_step": at_least(0)(self.kill_engine_at_step),
+            "max_staleness": at_least(0)(self.max_staleness), "is_cap": at_least(1)(self.is_cap),
         }
         require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
                       self.cluster.problems(), self.lora.problems(), self.sync.problems())

@@ -12,7 +12,7 @@ from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
 from actors.engine_config import EngineConfig
-from core.config import REQUIRED, failing, option, require_valid
+from core.config import REQUIRED, Rule, at_least, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
 from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.models import resolve_model
@@ -29,7 +29,8 @@ class ChatConfig:
     enforce_eager: bool = option(False, "skip CUDA graph capture (faster start, slower decoding)")
 
     def __post_init__(self) -> None:
-        require_valid(failing({"prompts": len(self.prompts) >= 1, "gpus": self.gpus >= 0}), self.sampling.problems())
+        require_valid(failing({"prompts": Rule("at least one prompt", bool)(self.prompts),
+                               "gpus": at_least(0)(self.gpus)}), self.sampling.problems())
 
 
 def run_chat(config: ChatConfig) -> dict[str, Any]:

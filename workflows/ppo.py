@@ -34,7 +34,7 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
     scores the whole conversation); rejects with reasons."""
     from transformers import AutoTokenizer
 
-    prompt_set = load_prompts(cfg.prompts)
+    prompt_set = load_prompts(cfg.prompts, cfg.prompt_source)
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.engine.trust_remote_code)
     ids, conversations, rejects = [], [], [r.to_dict() for r in prompt_set.rejects]
     for row in prompt_set.rows:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config, read_yaml
+from core.prompt_data import PromptOptions
 from workflows.cli.main import main
-from workflows.pipeline import PipelineConfig, merge, parse_overrides, plan
+from workflows.pipeline import PipelineConfig, load_pipeline_config, merge, parse_overrides, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +48,21 @@ def test_a_bad_section_names_the_section(tmp_path):
     # YAML 1.1 reads 1e-6 as a string; a float option takes it as the number
     (ppo,) = [s for s in plan(load_config(PipelineConfig, overrides={**base, "ppo": {"lr": "1e-6"}})) if s.name == "ppo"]
     assert ppo.config.learner.lr == 1e-6
+
+
+
+def test_the_prompt_split_and_column_reach_the_stages_that_read_prompts(tmp_path):
+    base = dict(model="m", prompts="hf:Anthropic/hh-rlhf/harmless-base", out=str(tmp_path))
+    stages = {s.name: s.config for s in plan(load_config(PipelineConfig, overrides={
+        **base, "prompt_source": {"prompt_split": "test", "prompt_column": "rejected"}}))}
+    for name in ("generate", "label"):
+        assert (stages[name].prompts, stages[name].prompt_source) == (
+            base["prompts"], PromptOptions(prompt_split="test", prompt_column="rejected"))
+    (generate, *_) = plan(load_config(PipelineConfig, overrides={**base, "generate": {"prompt_column": "chosen"}}))
+    assert generate.config.prompt_source == PromptOptions(prompt_column="chosen")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: m\nprompts: {base['prompts']}\nout: {tmp_path}\n")
+    assert load_pipeline_config(config, [], base_dir=tmp_path).prompts == base["prompts"], "hf: is not a path"
 
 
 ENGINE = {"enforce_eager": True, "max_model_len": 1024}

@@ -65,7 +65,7 @@ class Command:
 GROUPS = {
     "models": "build or materialize local models",
     "constitution": "import, validate and show constitutions",
-    "prompts": "inspect prompt files",
+    "prompts": "inspect prompt sources (files, saved datasets, hf:ORG/NAME)",
     "train": "train models on Ray Train: sft, rm, dpo, ppo",
     "eval": "evaluate feedback models and policies",
     "jobs": "list, inspect, follow and stop Ray Jobs",
@@ -129,7 +129,10 @@ COMMANDS: tuple[Command, ...] = (
             description="Answer held-out prompts with every model, judge each (A, challenger) pair in both option "
             "orders, write results.json, report.md and a plot." + _RESUME),
     Command(words=("prompts", "check"), run=commands.cmd_prompts_check, arguments=commands.prompts_check_arguments,
-            help="count usable and rejected rows of a prompt file, with reasons"),
+            help="what a job would read from a prompt source: rows, rejects by reason, the column and a first prompt",
+            description="Read SOURCE (a file, a saved dataset directory or hf:ORG/NAME) as generate, label and "
+            "eval compare do, and print as JSON: rows read, usable, rejected, the commonest reject reasons with "
+            "their first rows, the column and format the prompts were found in, and the first prompt's messages."),
     Command(words=("submit",), run=functools.partial(operations.cmd_submit, known=command_names),
             arguments=operations.submit_arguments, usage="cai submit [options] -- COMMAND [ARGS...]",
             help="run a cai command as a Ray Job on a cluster and follow its logs",

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from actors.shard_work import ShardResult
-from core.config import ConfigError, failing, option
+from core.config import ConfigError, Problem, at_least, failing, option
 from core.manifest import RunManifest, ShardState
+from core.prompt_data import PromptOptions
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
 from core.cluster_options import ClusterOptions
 from workflows.runtime.devices import pool_on_devices
@@ -66,25 +67,25 @@ class PoolConfig:
                                      "the pool hands out no more until N workers are up (an elastic pool that "
                                      "must grow first); 0 = never")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
-            "shard_size": self.shard_size >= 1,
-            "limit": self.limit >= 0,
-            "workers": self.workers >= 0,
-            "cpus_per_worker": self.cpus_per_worker >= 0,
-            "gpus_per_worker": self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-            "inflight_shards": self.inflight_shards >= 1,
-            "max_attempts": self.max_attempts >= 1,
-            "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
-            "crash_after_shard": self.crash_after_shard >= 0,
-            "hold_after_shard": self.hold_after_shard >= 0,
-            "hold_until_workers": self.hold_until_workers >= 0,
-            "max_workers": self.max_workers >= 0,
+            "shard_size": at_least(1)(self.shard_size),
+            "limit": at_least(0)(self.limit),
+            "workers": at_least(0)(self.workers),
+            "cpus_per_worker": at_least(0)(self.cpus_per_worker),
+            "gpus_per_worker": at_least(0).or_none()(self.gpus_per_worker),
+            "inflight_shards": at_least(1)(self.inflight_shards),
+            "max_attempts": at_least(1)(self.max_attempts),
+            "kill_worker_at_shard": at_least(0)(self.kill_worker_at_shard),
+            "crash_after_shard": at_least(0)(self.crash_after_shard),
+            "hold_after_shard": at_least(0)(self.hold_after_shard),
+            "hold_until_workers": at_least(0)(self.hold_until_workers),
+            "max_workers": at_least(0)(self.max_workers),
         }
         return failing(checks)
 
     def __post_init__(self) -> None:
-        if self.max_workers and self.workers:
+        if self.max_workers > 0 and self.workers > 0:
             raise ConfigError(f"--max-workers {self.max_workers} limits an elastic pool (--workers 0), "
                               f"but --workers is {self.workers}: drop one of them")
 
@@ -106,12 +107,14 @@ class StageJob:
     cluster: ClusterOptions = ClusterOptions()
     models: tuple = ()  # ModelSources the workers load: checked (or staged) on their nodes first
     tensor_parallel: int = 1  # of each worker's engine: its GPUs when --gpus-per-worker is left to the cluster
+    prompt_source: PromptOptions = PromptOptions()  # the split and column of ``prompts``
 
 
 def _open_manifest(job: StageJob) -> RunManifest:
     manifest = RunManifest.open(job.out, job.stage, job.identity, job.config, run_name=job.cluster.run_name)
     if not manifest.input:
-        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, limit=job.pool.limit or None)
+        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, job.prompt_source,
+                              limit=job.pool.limit or None)
         manifest.input = {"source": str(job.prompts), "total_rows": staged.total_rows,
                           "rejected": staged.rejected, "shards": len(staged.shards)}
         manifest.shards = {s.index: ShardState(rows=s.rows) for s in staged.shards}

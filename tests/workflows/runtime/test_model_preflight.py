@@ -198,7 +198,8 @@ def test_stage_dir_must_be_absolute():
     from core.cluster_options import ClusterOptions
 
     assert ClusterOptions(stage_dir="/mnt/nvme/cai").problems() == []
-    assert ClusterOptions(stage_dir="relative/dir").problems() == ["stage_dir"]
+    assert [str(p) for p in ClusterOptions(stage_dir="relative/dir").problems()] == [
+        "--stage-dir: 'relative/dir' (an absolute path, or empty)"]
 
 
 # --- a fake cluster: two worker nodes with their own caches, in a subprocess --------------
