@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -108,14 +109,19 @@ class RolloutWorker:
 
     async def generate(
         self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig, seeds: list[int] | None = None,
+        crash: bool = False,
     ) -> list[Rollout]:
         """One sampled response per prompt (token ids), all submitted at once; with ``seeds``,
-        each from its own seeded random stream."""
+        each from its own seeded random stream. ``crash`` is the fault drill
+        (``--kill-engine-at-step``): the process exits once it has taken the request, before any
+        answer, so the engine dies under a request in flight (Ray restarts it)."""
         if version != self.version or self.loading:
             raise StaleWeightsError(f"engine holds policy version {self.version}"
                                     f"{' and is loading another' if self.loading else ''}, the request expects "
                                     f"{version}")
         self.requests += 1
+        if crash:
+            os._exit(1)
         try:
             completions = await asyncio.gather(*(
                 self.host.complete(ids, sampling, logprobs=0, seed=None if seeds is None else seed)

@@ -71,9 +71,8 @@ class PPOConfig:
     lora: LoraOptions = option(LoraOptions(), "LoRA adapters on the policy instead of training every weight (the "
                                "engines get merged weights; the saved policy is merged)")
     rollout_workers: int = option(1, "vLLM rollout actors")
-    kill_engine_at_step: int = option(0, "fault drill (tests set it): as step N begins, learner rank 0 kills the "
-                                      "last rollout engine (Ray restarts it) and waits until it is down, once per "
-                                      "run; 0 = never")
+    kill_engine_at_step: int = option(0, "fault drill (tests set it): the last rollout engine dies under its part of "
+                                      "step N's batch (Ray restarts it), once per run; 0 = never")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64), "how rollouts are sampled: the learner's "
                                       "log-probs are log softmax(logits/T) over the whole vocabulary, so --top-p and "
                                       "--repetition-penalty stay 1")

@@ -198,8 +198,7 @@ def ppo_step(learner: Learner, state: dict[str, Any], ahead: Batch | None) -> tu
     the learners) and the next step's batch when it was submitted ahead."""
     cfg, step, schedule = learner.cfg, state["step"], learner.schedule
     step_started = time.monotonic()
-    batch, ahead, sync = schedule.begin_step(step, ahead, learner.reference,
-                                             submitted=lambda k: kill_engine_if_drilled(learner, k))
+    batch, ahead, sync = schedule.begin_step(step, ahead, learner.reference, drill=lambda k: engine_drill(learner, k))
     # the learner's wait for its rollouts (and, overlapped, the push before the next batch)
     timings = {"rollout_seconds": time.monotonic() - step_started - sync.get("sync_seconds", 0.0)}
 
@@ -283,38 +282,22 @@ def ppo_loop(context: PPOContext) -> None:
                   "final_kl_coef": state["kl_coef"], "strategy": cfg.learner.strategy})
 
 
-def kill_engine_if_drilled(learner: Learner, step: int) -> None:
-    """The rollout fault drill (``--kill-engine-at-step N``) on learner rank 0, right after the
-    batch of step N (1-based) was submitted: the engine dies under its requests."""
-    if learner.rank == 0 and learner.cfg.kill_engine_at_step == step + 1:
-        kill_engine_drill(learner.workers_dir, learner.client, step + 1)
-
-
-def kill_engine_drill(workers_dir: str, client: RolloutClient, step: int) -> None:
-    """The rollout fault drill (``--kill-engine-at-step``): kill the last rollout engine while
-    the rollouts of ``step`` are in flight and return once it is down (Ray restarts it, which
-    takes far longer than a rollout ping), so the step meets a lost engine at a known point.
-    Once per run: a marker beside the learner records keeps a restarted learner from killing
-    it again."""
-    import ray
-
-    marker = Path(workers_dir) / "killed-engine"
+def engine_drill(learner: Learner, step: int) -> int | None:
+    """The rollout fault drill (``--kill-engine-at-step N``): on learner rank 0, as the batch of
+    step N (1-based) is submitted, the last engine is told to die under its part of it (synchronous:
+    while the learner waits; overlapped: while step N-1 trains). Its requests go to the other
+    engines, and Ray restarts it. Once per run: a marker beside the learner records keeps a
+    restarted learner from killing it again. Returns the engine's index, or None."""
+    if learner.rank != 0 or learner.cfg.kill_engine_at_step != step + 1:
+        return None
+    marker = Path(learner.workers_dir) / "killed-engine"
     if marker.exists():
-        return
+        return None
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"step": step, "time": time.time()}))
-    engine = client.actors[-1]
-    ray.kill(engine, no_restart=False)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:  # answered by the old process until the kill lands; then it fails, or waits for the restart
-            ray.get(engine.weights_version.remote(), timeout=5)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            print(f"cai train ppo: fault drill: killed rollout engine {len(client.actors) - 1} before step {step}",
-                  flush=True)
-            return
-        time.sleep(0.1)
-    raise RuntimeError("fault drill: the killed rollout engine kept answering for 120 s")
+    marker.write_text(json.dumps({"step": step + 1, "time": time.time()}))
+    print(f"cai train ppo: fault drill: rollout engine {len(learner.client.actors) - 1} dies under the batch of "
+          f"step {step + 1}", flush=True)
+    return len(learner.client.actors) - 1
 
 
 def check_sequence(batch: RolloutBatch) -> Reference | None:

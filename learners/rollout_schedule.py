@@ -91,8 +91,9 @@ class RolloutSchedule:
         self.engine_version = engine_version
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cai-rollouts")
 
-    def submit(self, step: int, version: int) -> Batch:
-        """Ask the engines for ``step``'s rollouts with weights ``version``; returns at once."""
+    def submit(self, step: int, version: int, crash: int | None = None) -> Batch:
+        """Ask the engines for ``step``'s rollouts with weights ``version``; returns at once.
+        ``crash``: the fault drill, an engine that dies under its part of the batch."""
         indices = step_prompts(len(self.prompts), step, self.cfg.rollout_batch, self.rank, self.world,
                                self.cfg.learner.seed)
         prompts = [self.prompts[i] for i in indices]
@@ -100,7 +101,7 @@ class RolloutSchedule:
 
         def sample() -> tuple[list[Any], float, int]:
             self.client.live_in_step = len(self.client.actors)
-            results = self.client.generate(prompts, version, self.cfg.sampling, seeds)
+            results = self.client.generate(prompts, version, self.cfg.sampling, seeds, crash=crash)
             return results, time.monotonic(), self.client.live_in_step
 
         return Batch(step, indices, version, time.monotonic(), self.pool.submit(sample))
@@ -138,24 +139,22 @@ class RolloutSchedule:
         return {**synced, "sync_version": version, "sync_seconds": time.monotonic() - started}
 
     def begin_step(self, step: int, ahead: Batch | None, reference: Reference,
-                   submitted: Callable[[int], None] = lambda step: None) -> tuple[Batch, Batch | None, dict[str, Any]]:
+                   drill: Callable[[int], int | None] = lambda step: None) -> tuple[Batch, Batch | None, dict[str, Any]]:
         """The rollouts of ``step`` (0-based; the learner holds version ``step``): ``ahead`` when
         they were submitted while the last step trained, else sampled now with the learner's own
         weights. Overlapped, the engines then take the learner's weights if the next batch would
-        otherwise be too old, and that batch is submitted before this one trains. ``submitted(k)``
-        runs right after step k's batch leaves (the fault drill's point). Returns this step's
-        batch, the next one (or None) and the push's metrics (empty when none ran)."""
+        otherwise be too old, and that batch is submitted before this one trains. ``drill(k)``
+        names the engine that dies under step k's batch (the fault drill), or None. Returns this
+        step's batch, the next one (or None) and the push's metrics (empty when none ran)."""
         if ahead is None:
-            ahead = self.submit(step, step)
-            submitted(step)
+            ahead = self.submit(step, step, drill(step))
         batch = self.collect(ahead, step, reference)
         pushed: dict[str, Any] = {}
         following = None
         if self.cfg.max_staleness and step + 1 < self.cfg.steps:
             if self.too_old(step + 1):
                 pushed = self.push(step, reference)  # every answer is in: the engines are idle
-            following = self.submit(step + 1, self.engine_version)
-            submitted(step + 1)
+            following = self.submit(step + 1, self.engine_version, drill(step + 1))
         return batch, following, pushed
 
     def end_step(self, step: int, reference: Reference) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class FakeEngines:
         self.events: list[tuple[str, int]] = []
         self.lock = threading.Lock()
 
-    def generate(self, prompts, version, sampling, seeds, results=None):
+    def generate(self, prompts, version, sampling, seeds, results=None, crash=None):
         results = [None] * len(prompts) if results is None else results
         with self.lock:
             self.in_flight += 1

@@ -95,8 +95,8 @@ def watch_metrics_file(path: Path, seen: dict, stop: threading.Event) -> None:
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, tiny_model, tmp_path_factory):
     """One FSDP run whose rollouts overlap training (--max-staleness 1), with two faults, each at
-    a point the code names: rollout engine 1 killed right after the batch of step 5 was submitted,
-    while step 4 trains (--kill-engine-at-step), and a learner killed while the learners hold after
+    a point the code names: rollout engine 1 dies under its part of step 5's batch, sampled while
+    step 4 trains (--kill-engine-at-step), and a learner killed while the learners hold after
     checkpoint 8 (--hold-at-step), with the batch of step 9 in flight."""
     root = tmp_path_factory.mktemp("ppo")
     prompts = root / "prompts.jsonl"
@@ -210,10 +210,11 @@ def test_a_killed_rollout_actor_does_not_stop_the_run(ppo_run):
     # Ray restarts the actor (max_restarts); when it is back in time, it rejoins the broadcast
     # group with the current weights, checked before it serves
     if live[-1] == 2:
-        rejoined = [row for row in ppo_run["history"] if row["rollout_restarts"] >= 1]
+        rejoined = [row for row in ppo_run["history"] if row["rollout_restarts"] >= 1
+                    and ("sync_version" in row or "catchup_sync_seconds" in row)]
         assert rejoined, "the restarted engine was found and brought back"
-        first = rejoined[0]
-        assert (first["sync_logprob_diff"] or first.get("catchup_sync_logprob_diff") or 1) <= 1e-4, first
+        first = rejoined[0]  # the push that brought it back checked it
+        assert (first.get("sync_logprob_diff") or first.get("catchup_sync_logprob_diff") or 1) <= 1e-4, first
 
 
 @pytest.mark.slow
@@ -251,7 +252,7 @@ def test_one_learner_overlapping_two_engines_learns_with_one_version_old_batches
     assert all(row["rollout_actors_live"] == 2 for row in history)
     first = sum(row["reward"] for row in history[:3]) / 3
     last = sum(row["reward"] for row in history[-3:]) / 3
-    assert last > first + 0.03, f"mean reward rose from {first:.3f} to {last:.3f}"
+    assert last > first + 0.05, f"mean reward rose from {first:.3f} to {last:.3f}"
 
 
 @pytest.mark.slow
