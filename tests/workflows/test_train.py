@@ -126,7 +126,10 @@ def test_sft_in_bf16_at_lr_1e_5_moves_its_float32_weights(tiny_model, sl_cai_dat
 
     out = tmp_path / "sft-bf16"
     summary = run_train(train_config("sft", tiny_model, [sl_cai_data], out, workers=1, max_steps=2, lr=1e-5,
-                                     compute_dtype="bfloat16"))
+                                     compute_dtype="bfloat16", logging_steps=5))
+    # a run shorter than --logging-steps still logs its last step: metrics.jsonl (and `cai status`) has a row
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] and rows[0]["loss"] > 0, rows
     assert summary["precision"]["compute_dtype"] == "bfloat16" and summary["precision"]["master_dtype"] == "float32"
     base, trained = load_file(Path(tiny_model) / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in trained.values())
