@@ -12,8 +12,8 @@ Definitions (also in the report, ``workflows/analyze_report.py``):
   first answer, as the label's ``chosen`` does). The *ensemble* is the mean over the pair's
   principles (the row's label).
 - *agreement with the ensemble*: how often a principle's hard label equals the ensemble's.
-  It counts the principle's own vote, so with M principles per pair it is at least 1/M-biased
-  upward; usefulness removes that.
+  It counts the principle's own vote (the more so the fewer principles a pair has), which
+  flatters it; usefulness leaves that vote out.
 - *usefulness* (in the sense of Inverse Constitutional AI, Findeis et al. 2024: how well a
   principle alone reconstructs the preferences): on pairs with at least two principles,
   the accuracy of the principle's hard label against the ensemble of the *other* principles
