@@ -2,6 +2,7 @@
 
     generate (SL-CAI) → train sft → label (RL-CAI, the SFT model as policy) → train rm
     → train ppo (or dpo) → eval compare (the base model against each trained stage)
+    → cai analyze (what each principle did in generate, label and eval), linked from the eval report
 
 Each stage is the same job its own command runs (``cai generate``, ``cai train sft``, ...),
 configured from one section of the pipeline config and writing into ``OUT/<stage>``.
@@ -21,12 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
+from workflows.eval_report import link_analysis
 from workflows.plan import check_run_memory
 from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
 
 RECORD = "pipeline.json"
 STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm", "ppo": "ppo", "dpo": "dpo",
               "eval": "eval"}
+ANALYSIS_DIR = "analysis"
+ANALYSED_STAGES = ("generate", "label", "eval")
 
 
 @dataclass(frozen=True)
@@ -197,11 +201,25 @@ def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> 
         record["stages"][stage.name].update(status="done", skipped=skipped, seconds=round(time.monotonic() - started, 1),
                                             summary=_brief(summary))
         _write_record(root, record)
+    analysis = analyse_stages(root, stages, log)
+    record["analysis"] = analysis["report"]
     report = root / STAGE_DIRS["eval"] / "report.md"
     if report.exists():
+        link_analysis(report, Path(analysis["report"]))
         record["report"] = str(report)
-        _write_record(root, record)
+    _write_record(root, record)
     return record
+
+
+def analyse_stages(root: Path, stages: list[Stage], log: Callable[[str], None]) -> dict[str, Any]:
+    """`cai analyze` over the run's generate, label and eval stages, into ``OUT/analysis``
+    (a few seconds: it streams their output; rerun every time, so it follows the stages)."""
+    from workflows.analyze import AnalyzeConfig, run_analyze
+
+    runs = tuple(str(stage.out) for stage in stages if stage.name in ANALYSED_STAGES)
+    log(f"cai run: analysis of {', '.join(s.name for s in stages if s.name in ANALYSED_STAGES)} → "
+        f"{root / ANALYSIS_DIR}")
+    return run_analyze(AnalyzeConfig(runs=runs, out=str(root / ANALYSIS_DIR)))
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:

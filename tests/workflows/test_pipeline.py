@@ -91,6 +91,10 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert labelled and {Path(r["policy_model"]).name for r in labelled} == {"sft"}, "the SFT policy sampled them"
     dpo = json.loads((run / "dpo" / "training_summary.json").read_text())
     assert dpo["metrics"]["global_step"] == 2
+    # `cai run` ends with the analysis of its stages
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert [r["kind"] for r in analysis["runs"]] == ["generate", "label"]
+    assert Path(record["analysis"]).exists() and len(analysis["figures"]) >= 3
     first = dpo["history"][0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5), first
 
