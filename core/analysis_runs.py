@@ -83,11 +83,33 @@ def open_run(given: str) -> RunFolder:
 
 
 def iter_batches(run: RunFolder, columns: Sequence[str], batch_size: int = 65_536):
-    """The run's output rows in record batches of the given columns (those present), file by file."""
+    """The run's output rows in record batches of about ``batch_size`` rows, of the given
+    columns (those present), file by file. Small shard files (a label shard holds one row per
+    pair of ``--shard-size`` prompts) are gathered into one batch, so what a batch costs beyond
+    its rows is paid per ``batch_size`` rows, not per file. (A ``pyarrow.dataset`` scan read the
+    files on more threads, 40% faster, but held 2 GB for a million rows in 15,625 files.)"""
+    pending: list[pa.RecordBatch] = []
+    rows = 0
     for path in run.files:
         handle = pq.ParquetFile(path)
         present = [c for c in columns if c in handle.schema_arrow.names]
-        yield from handle.iter_batches(batch_size=batch_size, columns=present)
+        for batch in handle.iter_batches(batch_size=batch_size, columns=present):
+            if pending and not batch.schema.equals(pending[0].schema):
+                yield _combined(pending)
+                pending, rows = [], 0
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= batch_size:
+                yield _combined(pending)
+                pending, rows = [], 0
+    if pending:
+        yield _combined(pending)
+
+
+def _combined(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 _NUMBER = re.compile(r"\d+")
