@@ -197,27 +197,48 @@ def _run_header(run: Mapping[str, Any], figures: Sequence[str]) -> list[str]:
     return lines
 
 
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(*names: str) -> list[str]:
+    return [_row(*names), _row(*("---" for _ in names))]
+
+
+LABEL_TABLE = ("principle", "drawn (share)", "mean P(first)", "agrees with ensemble", "useful: accuracy (n)",
+                 "log-lik", "Brier", "P(A) first shown first", "P(A) second shown first", "bias", "fallbacks")
+
+
 def _label_section(run: Mapping[str, Any]) -> list[str]:
     t = run["totals"]
     lines = [f"- pairs: {t['rows']}; identical answers: {t['identical']} ({_fmt(t['identical_share'])}); "
              f"CoT rows: {t['cot_rows']}; principles per pair: {t['principles_per_row']}",
              f"- scorings: {t['scorings'] or '– (no order_prob_a: a run from before it was recorded)'}; exact "
              f"fallbacks: {t['scoring_fallbacks']}; overall position bias: {_fmt(t['position_bias'])}", "",
-             "| principle | drawn (share) | mean P(first) | agrees with ensemble | useful: accuracy (n) | "
-             "log-lik | Brier | P(A) first shown first | P(A) second shown first | bias | fallbacks |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             *_header(*LABEL_TABLE)]
     for p in run["principles"]:
         if not p["drawn"]:
-            lines.append(f"| {_principle(p)} | never drawn |" + " |" * 9)
+            lines.append(_row(_principle(p), "never drawn", *[""] * (len(LABEL_TABLE) - 2)))
             continue
         use, pos = p["usefulness"] or {}, p["position"] or {}
-        lines.append(
-            f"| {_principle(p)}{'' if p['in_constitution'] else ' (not in the constitution)'} | {p['drawn']} "
-            f"({_fmt(p['share'], 2)}) | {_fmt(p['mean_soft_label'])} | {_fmt(p['agreement_with_ensemble'])} | "
-            f"{_fmt(use.get('accuracy'))} ({use.get('n', 0)}) | {_fmt(use.get('log_likelihood'))} | "
-            f"{_fmt(use.get('brier'))} | {_fmt(pos.get('p_a_first_shown_first'))} | "
-            f"{_fmt(pos.get('p_a_second_shown_first'))} | {_fmt(pos.get('bias'))} | {_fmt(p['fallback_rate'])} |")
+        lines.append(_row(
+            _principle(p) + ("" if p["in_constitution"] else " (not in the constitution)"),
+            f"{p['drawn']} ({_fmt(p['share'], 2)})", _fmt(p["mean_soft_label"]), _fmt(p["agreement_with_ensemble"]),
+            f"{_fmt(use.get('accuracy'))} ({use.get('n', 0)})", _fmt(use.get("log_likelihood")),
+            _fmt(use.get("brier")), _fmt(pos.get("p_a_first_shown_first")), _fmt(pos.get("p_a_second_shown_first")),
+            _fmt(pos.get("bias")), _fmt(p["fallback_rate"])))
     return lines
+
+
+GENERATE_TABLE = ("principle", "drawn (share)", "round", "n", "edit distance", "relative", "length change",
+                    "unchanged", "revision effect [95% CI]")
+
+
+def _effect(effect: Mapping[str, Any] | None) -> str:
+    if not effect:
+        return "–"
+    ci = effect["ci"]
+    return f"{_fmt(effect['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(effect["mean"])
 
 
 def _generate_section(run: Mapping[str, Any]) -> list[str]:
@@ -231,32 +252,27 @@ def _generate_section(run: Mapping[str, Any]) -> list[str]:
         j = run["judge"]
         lines.append(f"- revision effect judged by `{j.get('model', '')}`: {j['rows_out']} steps judged, "
                      f"{j['rejected']} rejected (`{j.get('folder', '')}`)")
-    lines += ["", "| principle | drawn (share) | round | n | edit distance | relative | length change | unchanged | "
-              "revision effect [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", *_header(*GENERATE_TABLE)]
     for p in run["principles"]:
         if not p["drawn"]:
-            lines.append(f"| {_principle(p)} | never drawn |" + " |" * 7)
+            lines.append(_row(_principle(p), "never drawn", *[""] * (len(GENERATE_TABLE) - 2)))
             continue
-        effect = p.get("revision_effect")
-        shown = "–" if not effect else (f"{_fmt(effect['mean'])} [{_fmt(effect['ci'][0])}, {_fmt(effect['ci'][1])}]"
-                                        if effect["ci"] else _fmt(effect["mean"]))
         for r, c in [("all", p["all_rounds"]), *p["by_round"].items()]:
-            lines.append(f"| {_principle(p) if r == 'all' else ''} | {p['drawn'] if r == 'all' else ''}"
-                         f"{' (' + _fmt(p['share'], 2) + ')' if r == 'all' else ''} | {r} | {c['n']} | "
-                         f"{_fmt(c['edit_distance'], 1)} | {_fmt(c['relative_edit_distance'], 2)} | "
-                         f"{_fmt(c['length_change'], 1)} | {_fmt(c['unchanged_share'], 2)} | "
-                         f"{shown if r == 'all' else ''} |")
+            first = r == "all"  # the principle's own cells on its first line only
+            lines.append(_row(
+                _principle(p) if first else "", f"{p['drawn']} ({_fmt(p['share'], 2)})" if first else "", r, c["n"],
+                _fmt(c["edit_distance"], 1), _fmt(c["relative_edit_distance"], 2), _fmt(c["length_change"], 1),
+                _fmt(c["unchanged_share"], 2), _effect(p.get("revision_effect")) if first else ""))
     return lines
 
 
 def _compare_section(run: Mapping[str, Any]) -> list[str]:
     t = run["totals"]
     lines = [f"- judged pairs: {t['rows']}; identical: {t['identical']}; exact fallbacks: {t['scoring_fallbacks']}", "",
-             "| challenger | principle | n | win rate | hard win rate | P(A) baseline first | P(A) challenger first |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {markdown_cell(c['challenger'])} | {_principle(c)} | {c['n']} | {_fmt(c['win_rate'])} | "
-              f"{_fmt(c['hard_win_rate'])} | {_fmt(c['p_a_baseline_first'])} | {_fmt(c['p_a_challenger_first'])} |"
-              for c in run["principles"]]
+             *_header("challenger", "principle", "n", "win rate", "hard win rate", "P(A) baseline first",
+                      "P(A) challenger first")]
+    lines += [_row(markdown_cell(c["challenger"]), _principle(c), c["n"], _fmt(c["win_rate"]), _fmt(c["hard_win_rate"]),
+                   _fmt(c["p_a_baseline_first"]), _fmt(c["p_a_challenger_first"])) for c in run["principles"]]
     return lines
 
 
@@ -271,8 +287,7 @@ def _side_by_side(label_runs: Sequence[Mapping[str, Any]]) -> list[str]:
     names = [f"{r['name']} ({'CoT' if r['totals']['cot_rows'] else 'plain'})" for r in label_runs]
     ids = list(dict.fromkeys(p["id"] for r in label_runs for p in r["principles"]))
     lines = ["## Label runs side by side", "", "Per run: agreement with the ensemble / usefulness accuracy / "
-             "position bias.", "", "| principle | " + " | ".join(markdown_cell(n) for n in names) + " |",
-             "| --- |" + " --- |" * len(names)]
+             "position bias.", "", *_header("principle", *(markdown_cell(n) for n in names))]
     for pid in ids:
         cells = []
         for run in label_runs:
@@ -280,7 +295,7 @@ def _side_by_side(label_runs: Sequence[Mapping[str, Any]]) -> list[str]:
             cells.append("never drawn" if p is None else
                          f"{_fmt(p['agreement_with_ensemble'], 2)} / {_fmt((p['usefulness'] or {}).get('accuracy'), 2)}"
                          f" / {_fmt((p['position'] or {}).get('bias'), 2)}")
-        lines.append(f"| `{pid}` | " + " | ".join(cells) + " |")
+        lines.append(_row(f"`{pid}`", *cells))
     return [*lines, ""]
 
 
