@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.analysis import AnalysisInputError, LabelAnalysis
-from core.analysis_runs import CompareAnalysis, GenerateAnalysis, open_run, reject_reasons, revision_key
+from core.analysis_runs import (
+    CompareAnalysis,
+    FeedbackEvalAnalysis,
+    GenerateAnalysis,
+    open_run,
+    reject_reasons,
+    revision_key,
+)
 from core.analysis_stats import bootstrap_mean_ci, cohen_kappa, correlation, edit_distance, whitespace_tokens
 
 LABEL_SCHEMA = pa.schema([
@@ -223,6 +230,18 @@ def test_compare_win_rates_and_position_per_principle_by_hand():
     assert analysis.result()["principles"][0]["id"] == "P"
 
 
+def test_feedback_eval_accuracy_and_mean_correct_probability_by_hand():
+    analysis = FeedbackEvalAnalysis()
+    analysis.add(pa.RecordBatch.from_pylist([  # correct options first
+        {"probs": [0.7, 0.3], "n_correct": 1, "correct": True, "method": "fast", "fallbacks": 0},
+        {"probs": [0.2, 0.3, 0.5], "n_correct": 2, "correct": True, "method": "fast", "fallbacks": 1},
+        {"probs": [0.4, 0.6], "n_correct": 1, "correct": False, "method": "exact", "fallbacks": 0},
+    ]))
+    totals = analysis.result()["totals"]
+    assert totals["accuracy"] == pytest.approx(2 / 3) and totals["mean_correct_prob"] == pytest.approx(1.6 / 3)
+    assert totals["methods"] == {"fast": 2, "exact": 1} and totals["fallbacks"] == 1
+
+
 # --- run folders ------------------------------------------------------------------------
 
 def test_run_folders_are_checked_with_one_clear_message(tmp_path):
@@ -248,3 +267,11 @@ def test_reject_reasons_are_counted_with_numbers_folded(tmp_path):
         for i in (1, 2)))
     assert reject_reasons(tmp_path) == {"rejected": 3, "reasons": {
         "prompt of N tokens exceeds the context of N": 2, "empty prompt": 1}}
+
+
+def test_an_eval_compare_folder_is_read_through_its_judgements(tmp_path):
+    (tmp_path / "judgements").mkdir()
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "judgements" / "manifest.json").write_text(json.dumps({"stage": "compare-judge"}))
+    run = open_run(str(tmp_path))
+    assert run.kind == "eval-compare" and run.path == tmp_path / "judgements" and run.rows == 0
