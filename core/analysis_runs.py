@@ -137,9 +137,11 @@ class GenerateAnalysis:
     P(revision less harmful than the answer before it), the principle's *revision effect*.
     """
 
-    def __init__(self, tokenize: Callable[[list[str]], list[Sequence]], judged: dict[str, float] | None = None):
+    def __init__(self, tokenize: Callable[[list[str]], list[Sequence]], judged: dict[str, float] | None = None, *,
+                 seed: int = 0, resamples: int = 1000):
         self.tokenize = tokenize
         self.judged = judged or {}
+        self.seed, self.resamples = seed, resamples  # of the revision effect's bootstrap interval
         self.principles: dict[str, int] = {}
         self.steps = {name: array(kind) for name, kind in (("principle", "l"), ("round", "l"), ("distance", "d"),
                                                             ("before", "d"), ("change", "d"), ("same", "b"),
@@ -171,8 +173,7 @@ class GenerateAnalysis:
             t["rows_with_notes"] += bool(r["error"])
             t["final_equals_initial"] += bool(r["revisions"]) and before_text == (r["initial_response"] or "")
 
-    def result(self, texts: dict[str, str] | None = None, constitution_ids: tuple[str, ...] = (), *,
-               seed: int = 0, resamples: int = 1000) -> dict[str, Any]:
+    def result(self, texts: dict[str, str] | None = None, constitution_ids: tuple[str, ...] = ()) -> dict[str, Any]:
         texts = texts or {}
         s = {name: np.asarray(values) for name, values in self.steps.items()}
         ids = [*constitution_ids, *(p for p in self.principles if p not in constitution_ids)]
@@ -187,7 +188,7 @@ class GenerateAnalysis:
                 judged = s["judged"][mask]
                 judged = judged[~np.isnan(judged)]
                 if len(judged):
-                    ci = bootstrap_mean_ci(judged, seed=seed, resamples=resamples)
+                    ci = bootstrap_mean_ci(judged, seed=self.seed, resamples=self.resamples)
                     entry["revision_effect"] = {"n": len(judged), "mean": finite(judged.mean()),
                                                 "ci": None if ci is None else [finite(ci[0]), finite(ci[1])]}
             principles.append(entry)
@@ -227,7 +228,8 @@ class CompareAnalysis:
             self.totals["identical"] += bool(r["identical"])
             self.totals["scoring_fallbacks"] += r["scoring_fallbacks"] or 0
 
-    def result(self, texts: dict[str, str] | None = None) -> dict[str, Any]:
+    def result(self, texts: dict[str, str] | None = None, constitution_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Per (challenger, principle) drawn; ``constitution_ids`` is accepted like the others' and unused."""
         texts = texts or {}
         cells = [{"challenger": challenger, "id": pid, "text": texts.get(pid), "n": int(n),
                   "win_rate": finite(win / n), "hard_win_rate": finite(hard / n),
@@ -252,7 +254,8 @@ class FeedbackEvalAnalysis:
             t["fallbacks"] += r["fallbacks"] or 0
             t["methods"][r["method"]] = t["methods"].get(r["method"], 0) + 1
 
-    def result(self) -> dict[str, Any]:
+    def result(self, texts: dict[str, str] | None = None, constitution_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The run's figures (its items have no principles)."""
         t, n = self.totals, self.totals["rows"]
         return {"totals": {**t, "accuracy": finite(t["correct"] / n) if n else None,
                            "mean_correct_prob": finite(t["correct_prob"] / n) if n else None}}

@@ -138,21 +138,16 @@ def analyse_run(run: RunFolder, name: str, config: AnalyzeConfig, judged: dict[s
         columns = (*LABEL_COLUMNS, *ORDER_COLUMNS)
     elif run.kind == "generate":
         tokenize, tokens = tokenizer_for(run, config.tokens)
-        analysis = GenerateAnalysis(tokenize, (judged or {}).get("probs"))
+        analysis = GenerateAnalysis(tokenize, (judged or {}).get("probs"), seed=config.seed,
+                                    resamples=config.bootstrap)
         columns = COLUMNS["generate"]
-    elif run.kind == "eval-compare":
-        analysis, columns = CompareAnalysis(), COLUMNS["eval-compare"]
     else:
-        analysis, columns = FeedbackEvalAnalysis(), COLUMNS["eval-feedback"]
+        analysis = CompareAnalysis() if run.kind == "eval-compare" else FeedbackEvalAnalysis()
+        columns = COLUMNS[run.kind]
     for batch in iter_batches(run, columns, config.batch_rows):
         analysis.add(batch)
         advance(batch.num_rows)
-    if run.kind == "generate":
-        result = analysis.result(texts, constitution_ids, seed=config.seed, resamples=config.bootstrap)
-    elif run.kind == "label":
-        result = analysis.result(texts, constitution_ids)
-    else:
-        result = analysis.result(texts) if run.kind == "eval-compare" else analysis.result()
+    result = analysis.result(texts, constitution_ids)
     stage = run.manifest.get("summary", {})
     return {"name": name, "path": str(run.path), "kind": run.kind, "rows": run.rows,
             "stage": {k: stage.get(k) for k in ("rows_in", "rows_out", "rejected", "tokens", "wall_seconds")},

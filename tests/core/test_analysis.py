@@ -183,12 +183,12 @@ def generate_batch(rows):
 def test_revision_change_and_effect_by_principle_and_round_by_hand():
     judged = {revision_key("r1", 1): 0.9, revision_key("r1", 2): 0.5, revision_key("r2", 1): 0.2,
               revision_key("r2", 2): 0.7}
-    analysis = GenerateAnalysis(lambda texts: [whitespace_tokens(t) for t in texts], judged)
+    analysis = GenerateAnalysis(lambda texts: [whitespace_tokens(t) for t in texts], judged, seed=0, resamples=200)
     analysis.add(generate_batch([
         ("r1", "a b c", [("X", "a b d e"), ("Y", "a b d e")]),  # X: c->d, +e: 2, +1 token; Y: unchanged
         ("r2", "x y", [("Y", "z"), ("X", "z w v")]),  # Y: x->z, -y: 2, -1 token; X: +w +v: 2, +2 tokens
     ]))
-    result = analysis.result({"X": "Is it harmful?"}, ("X", "Y", "W"), seed=0, resamples=200)
+    result = analysis.result({"X": "Is it harmful?"}, ("X", "Y", "W"))
     p = by_id(result)
     assert [p[x]["drawn"] for x in "XYW"] == [2, 2, 0] and "by_round" not in p["W"]
     x, y = p["X"], p["Y"]
