@@ -37,6 +37,61 @@ def test_the_evaluation_report_links_the_analysis_once(tmp_path):
     assert "[../analysis/report.md](../analysis/report.md)" in text
 
 
+def write_run(folder: Path, stage: str, schema, rows: list[dict], rejects: list[dict] = ()) -> Path:
+    """A run folder as the sharded stages write it: manifest, one data shard, rejects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from constitutions.loader import load_constitution
+
+    (folder / "data").mkdir(parents=True)
+    (folder / "rejects").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "data" / "shard-00000.parquet")
+    (folder / "rejects" / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    sha = load_constitution("harmless").sha256
+    (folder / "manifest.json").write_text(json.dumps({
+        "stage": stage, "identity": {"constitution_sha256": sha, "model": "/nowhere"},
+        "config": {"constitution": "harmless"}, "summary": {"rows_in": len(rows) + len(rejects)}}))
+    return folder
+
+
+def label_rows(cot: bool, lean: float) -> list[dict]:
+    ids = ["less_harmful", "less_toxic", "more_honest"]
+    return [{"index": i, "id": f"p{i}/0-1", "principle_ids": ids, "cot": cot, "identical": i == 0,
+             "principle_probs": [0.5 + lean * ((i + k) % 3 - 1) for k in range(3)],
+             "option_orders": [[0, 1], [1, 0]] * 3, "order_prob_a": [0.7, 0.5] * 3,
+             "order_fallbacks": [False] * 6, "scoring_fallbacks": 0, "generated_tokens": 30} for i in range(6)]
+
+
+def test_cot_and_plain_label_runs_side_by_side_with_a_generate_run_and_no_model(tmp_path, capsys):
+    """Hand-made run folders, no Ray: every figure and the side-by-side table of two label runs."""
+    from workflows.generate import OUTPUT_SCHEMA as GENERATE_SCHEMA
+    from workflows.label import OUTPUT_SCHEMA as LABEL_SCHEMA
+
+    plain = write_run(tmp_path / "plain", "label", LABEL_SCHEMA, label_rows(False, 0.3),
+                      [{"index": 6, "id": "x", "reason": "prompt of 3000 tokens exceeds the context"}])
+    cot = write_run(tmp_path / "cot", "label", LABEL_SCHEMA, label_rows(True, 0.1))
+    generate = write_run(tmp_path / "sl", "generate", GENERATE_SCHEMA, [
+        {"index": 0, "id": "q0", "initial_response": "do it", "principle_ids": ["harm_general"],
+         "revisions": [{"round": 1, "principle_id": "harm_general", "critique": "c", "revision": "do not do it"}],
+         "prompt_tokens": 4, "generated_tokens": 9}])
+    assert main(["analyze", str(plain), str(cot), str(generate), "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {Path(f).name for f in printed["figures"]} == {
+        "plain-agreement.png", "plain-label-distribution.png", "plain-position-bias.png", "cot-agreement.png",
+        "cot-label-distribution.png", "cot-position-bias.png", "sl-revision-change.png"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Label runs side by side" in report and "plain (plain)" in report and "cot (CoT)" in report
+    assert "1 × prompt of N tokens exceeds the context" in report
+    analysis = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    sl = analysis["runs"][2]
+    assert "whitespace" in sl["tokens"], "the run's model folder is not here"
+    harm = next(p for p in sl["principles"] if p["id"] == "harm_general")
+    assert harm["all_rounds"]["edit_distance"] == 2.0, "'do it' -> 'do not do it': two words inserted"
+    position = analysis["runs"][0]["principles"][0]["position"]
+    assert position["p_a_first_shown_first"] == pytest.approx(0.7) and position["bias"] == pytest.approx(0.1)
+
+
 @pytest.fixture(scope="module")
 def runs(ray_local, tiny_model, tmp_path_factory):
     """A generate run (2 rounds) and a label run (2 principles a pair, both orders), 4 prompts each."""
