@@ -107,3 +107,4 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert main(["status", str(run)]) == 0
     status = capsys.readouterr().out
     assert "generate  done" in status and "shards 1/1" in status and "dpo" in status
+    assert f"analysis: {run / 'analysis' / 'report.md'}" in status
