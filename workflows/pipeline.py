@@ -50,6 +50,7 @@ class PipelineConfig:
     ppo: dict[str, Any] = option({}, "options of `cai train ppo`")
     dpo: dict[str, Any] = option({}, "options of `cai train dpo`")
     eval: dict[str, Any] = option({}, "options of `cai eval compare`")
+    analyze: dict[str, Any] = option({}, "options of `cai analyze`, which ends the run (e.g. judge: default)")
     gpu_memory_gib: GpuMemory = option("auto", GPU_MEMORY_HELP)
 
     def __post_init__(self) -> None:
@@ -176,6 +177,7 @@ def _write_record(root: Path, record: dict[str, Any]) -> None:
 def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage not already done; return the record (also in OUT/pipeline.json)."""
     stages = plan(cfg)  # every section is checked before anything runs
+    analysis = analysis_config(cfg, stages)
     check_run_memory(cfg.model, stages, log, cfg.gpu_memory_gib)  # and refused here when a stage cannot fit its devices
     root = Path(cfg.out).expanduser().resolve()
     record = _read_record(root)
@@ -201,25 +203,33 @@ def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> 
         record["stages"][stage.name].update(status="done", skipped=skipped, seconds=round(time.monotonic() - started, 1),
                                             summary=_brief(summary))
         _write_record(root, record)
-    analysis = analyse_stages(root, stages, log)
-    record["analysis"] = analysis["report"]
+    analysed = analyse(analysis, log)
+    record["analysis"] = analysed["report"]
     report = root / STAGE_DIRS["eval"] / "report.md"
     if report.exists():
-        link_analysis(report, Path(analysis["report"]))
+        link_analysis(report, Path(analysed["report"]))
         record["report"] = str(report)
     _write_record(root, record)
     return record
 
 
-def analyse_stages(root: Path, stages: list[Stage], log: Callable[[str], None]) -> dict[str, Any]:
-    """`cai analyze` over the run's generate, label and eval stages, into ``OUT/analysis``
-    (a few seconds: it streams their output; rerun every time, so it follows the stages)."""
-    from workflows.analyze import AnalyzeConfig, run_analyze
+def analysis_config(cfg: PipelineConfig, stages: list[Stage]):
+    """The config of the `cai analyze` that ends the run: the generate, label and eval stages,
+    into ``OUT/analysis``, with the options of the ``analyze`` section."""
+    from workflows.analyze import AnalyzeConfig
 
-    runs = tuple(str(stage.out) for stage in stages if stage.name in ANALYSED_STAGES)
-    log(f"cai run: analysis of {', '.join(s.name for s in stages if s.name in ANALYSED_STAGES)} → "
-        f"{root / ANALYSIS_DIR}")
-    return run_analyze(AnalyzeConfig(runs=runs, out=str(root / ANALYSIS_DIR)))
+    root = Path(cfg.out).expanduser().resolve()
+    runs = [str(stage.out) for stage in stages if stage.name in ANALYSED_STAGES]
+    return _section(AnalyzeConfig, "analyze", cfg.analyze, dict(runs=runs, out=str(root / ANALYSIS_DIR)))
+
+
+def analyse(config, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run it: a few seconds without a judge (it streams the stages' output). It runs every time,
+    so it follows the stages; a judge's stage resumes like any other."""
+    from workflows.analyze import run_analyze
+
+    log(f"cai run: analysis of {', '.join(Path(r).name for r in config.runs)} → {config.out}")
+    return run_analyze(config)
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from core.config import ConfigError, load_config, read_yaml
 from workflows.cli.main import main
-from workflows.pipeline import PipelineConfig, merge, parse_overrides, plan
+from workflows.pipeline import PipelineConfig, analysis_config, merge, parse_overrides, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +47,17 @@ def test_a_bad_section_names_the_section(tmp_path):
     # YAML 1.1 reads 1e-6 as a string; a float option takes it as the number
     (ppo,) = [s for s in plan(load_config(PipelineConfig, overrides={**base, "ppo": {"lr": "1e-6"}})) if s.name == "ppo"]
     assert ppo.config.learner.lr == 1e-6
+
+
+def test_the_run_ends_with_the_analysis_of_its_generate_label_and_eval_stages(tmp_path):
+    base = dict(model="m", prompts="p.jsonl", eval_prompts="e.jsonl", out=str(tmp_path))
+    cfg = load_config(PipelineConfig, overrides={**base, "analyze": {"judge": "default", "bootstrap": 500}})
+    analysis = analysis_config(cfg, plan(cfg))
+    assert [Path(r).name for r in analysis.runs] == ["sl-cai", "rl-cai", "eval"]
+    assert analysis.out == str(tmp_path.resolve() / "analysis") and analysis.judge == "default"
+    with pytest.raises(ConfigError, match="`analyze.out` is set by the pipeline"):
+        bad = load_config(PipelineConfig, overrides={**base, "analyze": {"out": "x"}})
+        analysis_config(bad, plan(bad))
 
 
 ENGINE = {"enforce_eager": True, "max_model_len": 1024}
