@@ -19,10 +19,10 @@ from typing import Any
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, RowRejected, run_rows
+from actors.shard_work import OccupancySampler, RowRejected, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from core.config import failing, option
+from core.config import Problem, at_least, failing, option
 from core.eval_stats import challenger_win_prob
 from core.preference import comparison_messages
 from core.sampling import SamplingConfig
@@ -40,8 +40,8 @@ class AnswerSettings:
     sampling: SamplingConfig = option(SamplingConfig(temperature=0.0), "how the answers are sampled (greedy by "
                                       "default, usual for evaluation)")
 
-    def problems(self) -> list[str]:
-        return failing({"samples_per_prompt": self.samples_per_prompt >= 1}) + self.sampling.problems()
+    def problems(self) -> list[Problem]:
+        return failing({"samples_per_prompt": at_least(1)(self.samples_per_prompt)}) + self.sampling.problems()
 
 
 class AnswerWorker:
@@ -61,7 +61,7 @@ class AnswerWorker:
         """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="answer",
                               expected=(PromptTooLongError,))
 
@@ -93,8 +93,8 @@ class JudgeSettings:
     feedback_few_shot: bool = option(True, "show the constitution's worked comparisons before each question",
                                      identity=True)
 
-    def problems(self) -> list[str]:
-        return failing({"principles": self.principles >= 1})
+    def problems(self) -> list[Problem]:
+        return failing({"principles": at_least(1)(self.principles)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +141,7 @@ class JudgeWorker:
         """Stop the judge's engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.scorer.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._judge_row, self.sampler, self.metrics, stage="judge",
                               expected=(PromptTooLongError, ValueError))
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from actors.engine_config import EngineConfig
 from actors.process_output import divert_output
 from core.sampling import SamplingConfig, greedy
 
@@ -28,27 +29,44 @@ class PromptTooLongError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to start one engine. Fields mirror vLLM's engine arguments of the same meaning."""
+    """How to start one engine: the user's settings (``config``, the ``--tensor-parallel``, ...
+    flags) and what belongs to this engine alone: its model, its seed, its role's vLLM
+    arguments. :func:`engine_args` turns both into vLLM's engine arguments."""
 
     model: str
+    config: EngineConfig = EngineConfig()
     seed: int = 0
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
+    # a ModelSource (actors/model_source.py): where this node finds the model; None: ``model`` as is
+    model_source: Any = None
+    # How many engines the worker starts on the same GPUs: each gets an equal part of
+    # config.gpu_memory_utilization (see gpu_memory_share).
+    engines_per_worker: int = 1
     enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1
     max_logprobs: int = 20
-    max_num_seqs: int = 256
-    enforce_eager: bool = False
     # "processed_logprobs": sampled tokens' log-probs after temperature (what PPO's learner
     # must reproduce); vLLM's default "raw_logprobs" is the model's own distribution (T = 1)
     logprobs_mode: str = "raw_logprobs"
-    trust_remote_code: bool = False
     worker_extension_cls: str | None = None
+    # any other AsyncEngineArgs field (never one engine_args sets itself)
     extra: dict[str, Any] = field(default_factory=dict)
-    # a ModelSource (actors/model_source.py): where this node finds the model; None: ``model`` as is
-    model_source: Any = None
+
+    def __post_init__(self) -> None:
+        if self.engines_per_worker < 1:
+            raise ValueError(f"EngineOptions.engines_per_worker must be at least 1, not {self.engines_per_worker}")
+
+    @property
+    def gpu_memory_share(self) -> float:
+        """This engine's part of ``config.gpu_memory_utilization``: vLLM's ``gpu_memory_utilization``.
+
+        Each vLLM engine checks at start that the GPU's free memory covers its whole share and
+        then fills that share with KV cache (vllm/v1/worker/utils.py, ``request_memory``), so two
+        engines on the same GPUs asking for 0.85 each cannot both start: each of the
+        ``engines_per_worker`` gets an equal part instead. Equal, not by model size: both roles
+        need a KV pool (the policy samples K long answers, the feedback model scores each pair
+        under several principles), and an equal split needs no model shapes at start; ``cai plan``
+        checks each engine against its part."""
+        return self.config.gpu_memory_utilization / self.engines_per_worker
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ def resolve_dtype(dtype: str) -> str:
 # never one of these: a second value would either raise deep inside vLLM or silently win.
 # The executor and the parallel sizes are reserved even where the fields do not set them:
 # they fix how many GPU processes the engine starts, and the placement reserves exactly
-# ``tensor_parallel_size`` GPUs per engine (workflows/runtime/placement.py).
+# ``config.tensor_parallel`` GPUs per engine (workflows/runtime/placement.py).
 RESERVED_ENGINE_KEYS = frozenset({"distributed_executor_backend", "pipeline_parallel_size", "data_parallel_size"})
 
 
@@ -96,23 +114,24 @@ def engine_args(options: EngineOptions, *, dtype: str) -> dict[str, Any]:
     adds fields; setting a key this function sets, or one of :data:`RESERVED_ENGINE_KEYS`,
     raises ``ValueError`` naming it instead of letting either value win.
     """
+    config = options.config
     args: dict[str, Any] = {
         "model": options.model,
         "seed": options.seed,
-        "max_model_len": options.max_model_len,
+        "max_model_len": config.max_model_len or None,  # None: the model's own
         "dtype": dtype,
-        "tensor_parallel_size": options.tensor_parallel_size,
+        "tensor_parallel_size": config.tensor_parallel,
         "enable_prefix_caching": options.enable_prefix_caching,
-        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "gpu_memory_utilization": options.gpu_memory_share,
         "max_logprobs": options.max_logprobs,
-        "max_num_seqs": options.max_num_seqs,
-        "enforce_eager": options.enforce_eager,
-        "trust_remote_code": options.trust_remote_code,
+        "max_num_seqs": config.max_num_seqs,
+        "enforce_eager": config.enforce_eager,
+        "trust_remote_code": config.trust_remote_code,
         "worker_extension_cls": options.worker_extension_cls or "",
         "logprobs_mode": options.logprobs_mode,
         "disable_log_stats": True,
     }
-    if options.tensor_parallel_size > 1:
+    if config.tensor_parallel > 1:
         # Left unset, vLLM picks its Ray executor whenever the actor sits in a placement group,
         # and that executor refuses a bundle with more than one GPU (ray_utils.initialize_ray_cluster).
         # "mp" starts the TP workers as child processes of this actor, on the GPUs Ray gave it
@@ -122,7 +141,7 @@ def engine_args(options: EngineOptions, *, dtype: str) -> dict[str, Any]:
     if clashes:
         raise ValueError(
             f"EngineOptions.extra sets {clashes}: these are chosen by EngineOptions' own fields "
-            f"(the executor and parallel sizes from tensor_parallel_size); remove them from extra"
+            f"(the executor and parallel sizes from config.tensor_parallel); remove them from extra"
         )
     return {**args, **options.extra}
 
@@ -143,7 +162,7 @@ def engine_environment(options: EngineOptions, *, cpu: bool) -> dict[str, str]:
       per rank).
     """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(options.cpu_kv_cache_gib), "VLLM_LOGGING_LEVEL": "WARNING"}
-    if cpu and options.tensor_parallel_size == 1:
+    if cpu and options.config.tensor_parallel == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
@@ -170,9 +189,9 @@ class VLLMEngineHost:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(
-            options.model, trust_remote_code=options.trust_remote_code
+            options.model, trust_remote_code=options.config.trust_remote_code
         )
-        args = AsyncEngineArgs(**engine_args(options, dtype=resolve_dtype(options.dtype)))
+        args = AsyncEngineArgs(**engine_args(options, dtype=resolve_dtype(options.config.dtype)))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
         self.startup_seconds = time.monotonic() - started

@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
-from core.config import failing, option
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
+from core.config import Problem, at_least, failing, option
 from core.preference import (
     ANSWER_PREFIX,
     COT_ANSWER,
@@ -73,8 +73,8 @@ class ScoringSettings:
     cot_max_new_tokens: int = option(256, "token limit for the chain-of-thought reasoning", identity=True)
     seed: int = option(0, "engine seed", identity=True)
 
-    def problems(self) -> list[str]:
-        return failing({"cot_max_new_tokens": self.cot_max_new_tokens >= 1})
+    def problems(self) -> list[Problem]:
+        return failing({"cot_max_new_tokens": at_least(1)(self.cot_max_new_tokens)})
 
 
 def single_token_split(options: list[list[int]]) -> tuple[list[int], list[int], list[int]] | None:
@@ -215,7 +215,7 @@ class FeedbackWorker:
         """Stop the engine before the actor is killed (workflows/runtime/engine_stop.py)."""
         self.scorer.host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="score",
                               expected=(PromptTooLongError,))
 

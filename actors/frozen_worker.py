@@ -34,7 +34,7 @@ class FrozenWorker:
     ``cpu_share``: how many frozen actors share this node's cores. On CPU, Ray limits an
     actor to one thread (its 1 CPU); but the learners and engines wait while the frozen
     models score, so the actor uses its share of the node's cores instead (as the learners
-    do in ``workflows.ppo_learner``)."""
+    do in ``learners.ppo_loop``)."""
 
     def __init__(self, ref_model: ModelSource | str, reward_model: ModelSource | str = "", reward_fn: str = "", *,
                  dtype: str = "auto", use_gpu: bool = False, trust_remote_code: bool = False, cpu_share: int = 1):

@@ -14,10 +14,10 @@ from typing import Any
 
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import PrincipleDraw, sample_critique_ids
-from core.config import failing, option
+from core.config import Problem, at_least, failing, option
 from core.critique_chain import ChainError, Reply, critique_revision_chain, few_shot_prefix
 from core.sampling import SamplingConfig
 
@@ -40,8 +40,9 @@ class ChainSettings:
     sampling: SamplingConfig = option(SamplingConfig(), "how answers, critiques and revisions are sampled "
                                       "(temperature 1, as the paper samples SL-CAI data)")
 
-    def problems(self) -> list[str]:
-        return failing({"revisions": self.revisions >= 0, "few_shot": self.few_shot >= 0}) + self.sampling.problems()
+    def problems(self) -> list[Problem]:
+        return failing({"revisions": at_least(0)(self.revisions), "few_shot": at_least(0)(self.few_shot)}) + \
+            self.sampling.problems()
 
 
 class GenerationWorker:
@@ -108,7 +109,7 @@ class GenerationWorker:
             "error": "; ".join(chain.notes) or None,
         }]
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         """Run every row's chain; return output rows (input order), rejects and counters."""
         return await run_rows(shard_index, rows, self._row, self.sampler, self.metrics, stage="generate",
                               expected=(PromptTooLongError, ChainError))

@@ -16,10 +16,10 @@ from typing import Any, Literal
 from actors.engine import EngineOptions, PromptTooLongError, VLLMEngineHost
 from actors.feedback_scorer import FeedbackScorer
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, run_rows
+from actors.shard_work import OccupancySampler, ShardResult, run_rows
 from constitutions.loader import parse_constitution
 from constitutions.sampling import sample_feedback_ids
-from core.config import failing, option
+from core.config import Problem, Rule, at_least, failing, option
 from core.preference import label_pair, pair_indices
 from core.sampling import SamplingConfig
 
@@ -45,12 +45,14 @@ class LabelSettings:
     sampling: SamplingConfig = option(SamplingConfig(), "how the K answers are sampled (temperature 1: "
                                       "diversity matters here)")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
+        random_pairs = self.pairs == "random"
         checks = {
-            "samples": self.samples >= 2,
-            "max_pairs": self.max_pairs >= 0 and (self.pairs == "random") == (self.max_pairs > 0),
-            "principles": self.principles >= 1,
-            "cot_max_new_tokens": self.cot_max_new_tokens >= 1,
+            "samples": at_least(2).because("a pair needs two answers")(self.samples),
+            "max_pairs": Rule("above 0 with --pairs random, and 0 with any other --pairs",
+                              lambda n: n > 0 if random_pairs else n == 0)(self.max_pairs),
+            "principles": at_least(1)(self.principles),
+            "cot_max_new_tokens": at_least(1)(self.cot_max_new_tokens),
         }
         return failing(checks) + self.sampling.problems()
 
@@ -91,7 +93,7 @@ class LabelWorker:
         for host in self.hosts:
             host.shutdown()
 
-    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard_index: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard_index, rows, self._label_row, self.sampler, self.metrics, stage="label",
                               expected=(PromptTooLongError, ValueError))
 

@@ -59,6 +59,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("cai_ppo_step_seconds", "gauge", "Seconds of the whole step"),
     MetricSpec("cai_ppo_sync_logprob_diff", "gauge",
                "Largest gap between engine and learner log-probs after the weight sync (0 = exact)"),
+    MetricSpec("cai_ppo_staleness", "gauge", "Versions between the policy that sampled the step's batch and the one "
+               "trained on it (at most --max-staleness)"),
+    MetricSpec("cai_ppo_overlap_seconds", "gauge", "Seconds the next batch was sampled while the learners trained"),
+    MetricSpec("cai_ppo_is_weight_mean", "gauge", "Mean truncated importance weight min(pi_proximal / pi_behaviour, "
+               "--is-cap) over the step's tokens"),
+    MetricSpec("cai_ppo_is_clipped_frac", "gauge", "Share of the step's tokens whose importance ratio exceeded --is-cap"),
+    MetricSpec("cai_ppo_behaviour_gap", "gauge", "Mean |log pi_proximal - log pi_behaviour| per token"),
     # sft / rm / dpo, at each logging step of the trainer
     MetricSpec("cai_train_step", "gauge", "Optimizer step"),
     MetricSpec("cai_train_epoch", "gauge", "Epoch (fractional)"),
@@ -123,7 +130,10 @@ class StepGauges:
 
     PPO = {"step": "cai_ppo_step", "reward": "cai_ppo_reward_mean", "reward_std": "cai_ppo_reward_std",
            "kl": "cai_ppo_kl", "kl_coef": "cai_ppo_kl_coef", "response_length": "cai_ppo_response_length",
-           "step_seconds": "cai_ppo_step_seconds", "sync_logprob_diff": "cai_ppo_sync_logprob_diff"}
+           "step_seconds": "cai_ppo_step_seconds", "sync_logprob_diff": "cai_ppo_sync_logprob_diff",
+           "staleness": "cai_ppo_staleness", "overlap_seconds": "cai_ppo_overlap_seconds",
+           "is_weight_mean": "cai_ppo_is_weight_mean", "is_clipped_frac": "cai_ppo_is_clipped_frac",
+           "behaviour_gap": "cai_ppo_behaviour_gap"}
     TRAIN = {"step": "cai_train_step", "epoch": "cai_train_epoch", "loss": "cai_train_loss",
              "learning_rate": "cai_train_learning_rate", "tokens_per_second": "cai_train_tokens_per_second"}
 

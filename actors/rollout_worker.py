@@ -7,7 +7,9 @@ buckets, gloo or NCCL), or as one safetensors blob through the object store (``l
 the ``blob`` transport). Each request carries the version the learner expects, so an engine
 that was restarted after a crash (and came back with the starting weights) refuses with
 :class:`StaleWeightsError` instead of silently sampling from an old policy; the learners then
-bring it up to date and check it before it serves.
+bring it up to date and check it before it serves. Weights never change under a request: a
+push waits until the requests in flight are answered (with ``--max-staleness`` the learners
+only push between batches anyway), and every answer names the version that sampled it.
 
 Plain class: ``ray.remote(...)(RolloutWorker)`` where the actor is created.
 """
@@ -15,6 +17,8 @@ Plain class: ``ray.remote(...)(RolloutWorker)`` where the actor is created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -37,6 +41,7 @@ class Rollout:
     token_ids: tuple[int, ...]
     finish_reason: str | None
     logprobs: tuple[float, ...] = ()
+    version: int = 0  # the policy version that sampled it (the behaviour policy)
 
 
 class RolloutWorker:
@@ -51,6 +56,9 @@ class RolloutWorker:
         # the current weights, it says so (the learners count it and check it before it serves)
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.node = ray.get_runtime_context().get_node_id()  # the learner's neighbours share memory with it
+        self.requests = 0  # generate calls in flight: a weight push waits until none is
+        self.idle = asyncio.Condition()
+        self.loading = False  # new weights are going in: requests are refused until they serve
 
     def info(self) -> dict:
         return {**self.host.info(), "version": self.version}
@@ -62,9 +70,10 @@ class RolloutWorker:
         """Replace the policy weights (a ``safetensors.torch.save`` blob) and drop cached
         prefixes computed with the old ones."""
         started = time.monotonic()
-        await self.host.engine.collective_rpc("cai_load_weights", args=(blob,))
-        await self.host.engine.reset_prefix_cache()
-        self.version = version
+        async with self.weights_change():
+            await self.host.engine.collective_rpc("cai_load_weights", args=(blob,))
+            await self.host.engine.reset_prefix_cache()
+            self.version = version
         return {"version": version, "seconds": time.monotonic() - started}
 
     def sync_state(self) -> dict:
@@ -83,13 +92,15 @@ class RolloutWorker:
     async def sync_receive(self, generation: str, wire_plan: list[dict], version: int, mode: str = "load") -> dict:
         """Receive and load the policy the learner broadcasts next (call this before it
         sends), then serve it as ``version``."""
-        try:
-            (stats, *_) = await self.host.engine.collective_rpc("cai_receive", args=(generation, wire_plan, mode))
-        except BaseException:
-            self.generation = None  # the engine left the group: the learner forms a new one
-            raise
-        await self.host.engine.reset_prefix_cache()
-        self.version = version
+        async with self.weights_change():
+            try:
+                (stats, *_) = await self.host.engine.collective_rpc("cai_receive",
+                                                                     args=(generation, wire_plan, mode))
+            except BaseException:
+                self.generation = None  # the engine left the group: the learner forms a new one
+                raise
+            await self.host.engine.reset_prefix_cache()
+            self.version = version
         return {**stats, "version": version}
 
     def settled(self) -> None:
@@ -98,16 +109,41 @@ class RolloutWorker:
 
     async def generate(
         self, prompts: list[list[int]], *, version: int, sampling: SamplingConfig, seeds: list[int] | None = None,
+        crash: bool = False,
     ) -> list[Rollout]:
         """One sampled response per prompt (token ids), all submitted at once; with ``seeds``,
-        each from its own seeded random stream."""
-        if version != self.version:
-            raise StaleWeightsError(f"engine holds policy version {self.version}, the request expects {version}")
-        completions = await asyncio.gather(*(
-            self.host.complete(ids, sampling, logprobs=0, seed=None if seeds is None else seed)
-            for ids, seed in zip(prompts, seeds or [None] * len(prompts))
-        ))
-        return [Rollout(c.token_ids, c.finish_reason, c.token_logprobs) for (c,) in completions]
+        each from its own seeded random stream. ``crash`` is the fault drill
+        (``--kill-engine-at-step``): the process exits once it has taken the request, before any
+        answer, so the engine dies under a request in flight (Ray restarts it)."""
+        if version != self.version or self.loading:
+            raise StaleWeightsError(f"engine holds policy version {self.version}"
+                                    f"{' and is loading another' if self.loading else ''}, the request expects "
+                                    f"{version}")
+        self.requests += 1
+        if crash:
+            os._exit(1)
+        try:
+            completions = await asyncio.gather(*(
+                self.host.complete(ids, sampling, logprobs=0, seed=None if seeds is None else seed)
+                for ids, seed in zip(prompts, seeds or [None] * len(prompts))
+            ))
+        finally:
+            async with self.idle:
+                self.requests -= 1
+                self.idle.notify_all()
+        return [Rollout(c.token_ids, c.finish_reason, c.token_logprobs, version) for (c,) in completions]
+
+    @contextlib.asynccontextmanager
+    async def weights_change(self):
+        """Around a weight load: waits until no generate call is in flight, and refuses new
+        ones until the new weights serve. The weights never change under a request."""
+        async with self.idle:
+            await self.idle.wait_for(lambda: self.requests == 0)
+            self.loading = True
+        try:
+            yield
+        finally:
+            self.loading = False
 
     async def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's log-prob of each response token after the prompt: compared with the

@@ -15,12 +15,32 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from actors.metrics import StageMetrics
 
 SAMPLE_SECONDS = 0.05
 RowResult = tuple[list[dict[str, Any]], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker's ``run_shard`` reports for one shard: the rows to write, and how the work
+    went, for the run's manifest (``ShardState``), progress line and summary."""
+
+    shard: int
+    rows: list[dict[str, Any]]  # output rows, in input order
+    rejects: list[dict[str, Any]]  # one per rejected input row: index, id, reason, stage
+    tokens: int  # tokens generated: the output rows' ``generated_tokens``, summed
+    seconds: float  # the shard's own time, start to finish (monotonic)
+    started_at: float  # wall clock (time.time) at the start and the end
+    finished_at: float
+    worker: str  # who did it: ``worker_label()``
+    # requests the worker's engines held, summed over occupancy_samples samples taken since the
+    # worker's previous shard (OccupancySampler): their mean is how full the batch was kept
+    occupancy_sum: int
+    occupancy_samples: int
 
 
 class RowRejected(Exception):
@@ -85,7 +105,7 @@ async def run_rows(
     *,
     stage: str,
     expected: tuple[type[BaseException], ...] = (),
-) -> dict[str, Any]:
+) -> ShardResult:
     """Every row's work at once; output rows in input order, rejects, counters."""
     started, started_at = time.monotonic(), time.time()
     sampler.start()
@@ -104,18 +124,18 @@ async def run_rows(
     occupancy_sum, occupancy_samples = sampler.take()
     if occupancy_samples:
         metrics.running_requests(occupancy_sum / occupancy_samples)
-    return {
-        "shard": shard,
-        "rows": out,
-        "rejects": rejects,
-        "tokens": sum(r.get("generated_tokens", 0) for r in out),
-        "seconds": seconds,
-        "started_at": started_at,
-        "finished_at": time.time(),
-        "worker": worker_label(),
-        "occupancy_sum": occupancy_sum,
-        "occupancy_samples": occupancy_samples,
-    }
+    return ShardResult(
+        shard=shard,
+        rows=out,
+        rejects=rejects,
+        tokens=sum(r.get("generated_tokens", 0) for r in out),
+        seconds=seconds,
+        started_at=started_at,
+        finished_at=time.time(),
+        worker=worker_label(),
+        occupancy_sum=occupancy_sum,
+        occupancy_samples=occupancy_samples,
+    )
 
 
 def worker_label() -> str:

@@ -35,14 +35,16 @@ LAYOUTS = {"mp": "1", "uni": "0"}  # the value of VLLM_ENABLE_V1_MULTIPROCESSING
 
 def trial(args: argparse.Namespace) -> dict:
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
+    from actors.engine_config import EngineConfig
     from workflows.runtime.models import resolve_model
     from core.prompt_data import load_prompts
     from core.sampling import greedy
 
     base = [row.prompt for row in load_prompts(ROOT / "data" / "demo_prompts.jsonl").rows]
     prompts = [[{"role": "user", "content": f"{base[i % len(base)]} (case {i})"}] for i in range(args.prompts)]
-    host = VLLMEngineHost(EngineOptions(model=resolve_model(args.model), max_model_len=1024,
-                                        enforce_eager=args.enforce_eager))
+    host = VLLMEngineHost(EngineOptions(model=resolve_model(args.model),
+                                        config=EngineConfig(max_model_len=1024, enforce_eager=args.enforce_eager)))
 
     async def generate() -> int:
         outs = await asyncio.gather(*(host.complete(p, greedy(args.max_new_tokens), ignore_eos=True) for p in prompts))

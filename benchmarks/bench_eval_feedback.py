@@ -36,6 +36,7 @@ async def score_all(scorer, items: list[dict], scoring: str) -> tuple[float, lis
 
 async def bench(args: argparse.Namespace) -> dict:
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
     from actors.feedback_scorer import FeedbackScorer
     from workflows.eval_feedback import accuracy, read_items
     from workflows.runtime.models import resolve_model
@@ -43,8 +44,8 @@ async def bench(args: argparse.Namespace) -> dict:
     items, rejects = read_items(args.data)
     if rejects:
         raise SystemExit(f"{args.data}: {len(rejects)} malformed lines, e.g. {rejects[0]}")
-    host = VLLMEngineHost(EngineOptions(model=resolve_model(args.model), enforce_eager=args.enforce_eager,
-                                        max_model_len=args.max_model_len or None))
+    host = VLLMEngineHost(EngineOptions(model=resolve_model(args.model), config=EngineConfig(
+        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len or 0)))
     scorer = FeedbackScorer(host)
     await score_all(scorer, items[:2], "exact")  # warm-up: first-request costs out of the timing
     seconds: dict[str, list[float]] = {"exact": [], "fast": []}

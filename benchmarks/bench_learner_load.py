@@ -8,7 +8,7 @@ the other in the same invocation, each in fresh processes:
 
 * ``every-rank`` (before #25): every rank reads the whole ActorCritic (policy and value model,
   float32) into host memory, then shards it (``core.sharding.shard_model``);
-* ``rank-0`` (``workflows/ppo_learner.py`` now): rank 0 alone reads it; every rank shards an
+* ``rank-0`` (``learners/ppo_loop.py`` now): rank 0 alone reads it; every rank shards an
   ActorCritic built on ``meta`` and receives its shards from rank 0
   (``core.sharding.load_from_rank0``).
 
@@ -18,8 +18,8 @@ has prepared the model (its ``on_train_begin``, before the first step):
 
 * ``every-rank`` (before #25): every rank reads the whole model (``from_pretrained``), and
   accelerate shards it in place (``cpu_ram_efficient_loading`` off);
-* ``rank-0`` (``workflows/runtime/hf_sharding.py`` now): rank 0 alone reads it; the others build it on
-  storage that is never written (``workflows/runtime/hf_sharding.py`` ``skeleton``) and accelerate sends them their shards from
+* ``rank-0`` (``learners/hf_sharding.py`` now): rank 0 alone reads it; the others build it on
+  storage that is never written (``learners/hf_sharding.py`` ``skeleton``) and accelerate sends them their shards from
   rank 0.
 
 Measured per rank: the RSS once the libraries are imported, just before the load (``start``),

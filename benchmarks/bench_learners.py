@@ -102,8 +102,8 @@ def run_learner(rank: int, strategy: str, port: int, options: dict, out: str) ->
     from core.frozen_models import FrozenModels
     from core.ppo_policy import load_actor_critic
     from core.sharding import shard_bytes, shard_model
-    from workflows.ppo import PPOConfig
-    from workflows.ppo_learner import ppo_update, score_rollouts
+    from learners.ppo_config import PPOConfig
+    from learners.ppo_update import ppo_update, score_rollouts
 
     torch.set_num_threads(options["threads"])
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}",

@@ -3,6 +3,15 @@
     .venv/bin/python benchmarks/bench_ppo.py --model default --steps 5 --rollout-batch 8 --max-new-tokens 64 \
         --rollout-workers 2 --sync-transport shm
 
+Synchronous against overlapped (``--max-staleness N``), side by side: ``--vs-staleness N``
+runs the job ``--pairs`` times in each schedule, alternating, and reports each pair's ratio of
+mean step seconds. ``--pin`` gives the learner one core and the rollout engine another: the
+benchmark process (and so Ray's raylet, the learner and the engine actor it starts) runs on core
+1, and the engine's compute threads are bound to core 0 (``VLLM_CPU_OMP_THREADS_BIND``):
+
+    .venv/bin/python benchmarks/bench_ppo.py --model default --steps 6 --rollout-batch 8 --max-new-tokens 64 \
+        --vs-staleness 1 --pairs 2 --pin
+
 Runs the real job (Ray Train learners, vLLM rollout actors) on the given policy with a reward
 model of the same size: the policy's weights under a fresh one-output sequence-classification
 head, so scoring costs what a real reward model of that size costs. The first step (engine
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,11 +58,29 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="skip vLLM's torch.compile warm-up")
     parser.add_argument("--sync-transport", default="auto", choices=("auto", "shm", "gloo", "blob"))
     parser.add_argument("--sync-check-every", type=int, default=10)
+    parser.add_argument("--max-staleness", type=int, default=0, help="the schedule of a single run")
+    parser.add_argument("--vs-staleness", type=int, default=0,
+                        help="compare the synchronous schedule with --max-staleness N, --pairs times each")
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--pin", action="store_true", help="the learner on core 1, the engine's threads on core 0")
     args = parser.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, {1})  # inherited by Ray's processes started below: the learner gets core 1
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the engine's compute threads: core 0
+    if args.vs_staleness:
+        return compare_schedules(args)
+    history = run_once(args, args.max_staleness)
+    report(args, history)
+    return 0
 
+
+def run_once(args, max_staleness: int) -> list[dict]:
+    """One `cai train ppo` job on a local Ray instance (started once, kept for the next run);
+    its metrics.jsonl rows."""
     from core.config import load_config
+    from learners.ppo_config import PPOConfig
+    from workflows.ppo import run_ppo
     from workflows.runtime.models import resolve_model
-    from workflows.ppo import PPOConfig, run_ppo
 
     policy = str(resolve_model(args.model))
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,14 +93,50 @@ def main() -> int:
             ppo_epochs=1, max_new_tokens=args.max_new_tokens, learners=args.learners,
             rollout_workers=args.rollout_workers, save_steps=args.steps + 1, enforce_eager=args.eager,
             max_model_len=2048, lr=1e-6, sync_transport=args.sync_transport,
-            sync_check_every=args.sync_check_every))
+            sync_check_every=args.sync_check_every, max_staleness=max_staleness))
         from workflows.runtime.ray_session import connect_ray
 
         # a local instance with a logical CPU per process (2 engines + 1 learner > 2 cores: they take turns)
         connect_ray(num_cpus=max(2, args.learners + args.rollout_workers), include_dashboard=False)
         run_ppo(config)
-        history = [json.loads(line) for line in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
+
+OVERLAP = ("rollout_sample_seconds", "overlap_seconds")
+
+
+def compare_schedules(args) -> int:
+    """The synchronous schedule and --max-staleness N in turn, ``--pairs`` times; each pair's
+    ratio of mean step seconds over steps 2.. (the first step warms the engine up)."""
+    runs: dict[int, list[list[dict]]] = {0: [], args.vs_staleness: []}
+    for pair in range(args.pairs):
+        for staleness in runs:
+            history = run_once(args, staleness)
+            runs[staleness].append(history)
+            steps = [row["step_seconds"] for row in history[1:]]
+            print(f"pair {pair + 1}, max-staleness {staleness}: mean step {sum(steps) / len(steps):.2f} s", flush=True)
+    where = "learner on core 1, engine threads on core 0" if args.pin else "learner and engine sharing both cores"
+    print(f"\nmodel {args.model}, {args.steps} steps of {args.rollout_batch} prompts x {args.max_new_tokens} new "
+          f"tokens, {args.learners} learner(s), {args.rollout_workers} engine(s), {where}; means of steps 2-{args.steps}\n")
+    print("| pair | schedule | rollout wait s | engine sampling s | scoring s | training s | sync s | overlap s | "
+          "step s | staleness |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    mean = lambda rows, key: sum(row.get(key, 0.0) for row in rows) / len(rows)  # noqa: E731
+    ratios = []
+    for pair in range(args.pairs):
+        for staleness, histories in runs.items():
+            rest = histories[pair][1:]
+            print(f"| {pair + 1} | {'synchronous' if not staleness else f'--max-staleness {staleness}'} | "
+                  + " | ".join(f"{mean(rest, k):.2f}" for k in (*PHASES[:1], OVERLAP[0], *PHASES[1:], OVERLAP[1],
+                                                                  "step_seconds"))
+                  + f" | {max(row['staleness'] for row in rest):g} |")
+        sync, overlapped = (mean(runs[k][pair][1:], "step_seconds") for k in runs)
+        ratios.append(overlapped / sync)
+    print("\noverlapped / synchronous step seconds, pair by pair: " + ", ".join(f"{r:.3f}" for r in ratios))
+    return 0
+
+
+def report(args, history: list[dict]) -> None:
     rest = history[1:] or history
     mean = {k: sum(row[k] for row in rest) / len(rest) for k in PHASES}
     print(f"\nmodel {args.model}, {args.steps} steps of {args.rollout_batch} prompts x {args.max_new_tokens} new "
@@ -97,7 +161,6 @@ def main() -> int:
               f" | {row['sync_seconds']:.2f} | {total:.2f} | {row['sync_seconds'] / total:.1%} |")
     share = sum(r["sync_seconds"] for r in rest) / sum(sum(r[k] for k in PHASES) for r in rest)
     print(f"\nsync share of the step over steps 2-{len(history)}: {share:.1%}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def main() -> None:
 
     from core.config import load_config
     from workflows.runtime.models import resolve_model
-    from workflows.train import RMConfig, SFTConfig, run_train
+    from learners.hf_configs import RMConfig, SFTConfig
+    from workflows.train import run_train
 
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -39,16 +39,17 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from actors.engine import EngineOptions
+    from actors.engine_config import EngineConfig
     from actors.rollout_worker import RolloutWorker
     from core.policy_source import PolicySource
     from workflows.runtime.models import resolve_model
     from workflows.runtime.ray_session import connect_ray
-    from workflows.runtime.weight_sync import SyncOptions, WeightSync
+    from learners.weight_sync import SyncOptions, WeightSync
 
     policy = str(resolve_model(args.model))
     connect_ray(num_cpus=4, include_dashboard=False)
-    engines = [ray.remote(num_cpus=1)(RolloutWorker).remote(EngineOptions(model=policy, max_model_len=2048))
-               for _ in range(2)]
+    options = EngineOptions(model=policy, config=EngineConfig(max_model_len=2048))
+    engines = [ray.remote(num_cpus=1)(RolloutWorker).remote(options) for _ in range(2)]
     ray.get([e.info.remote() for e in engines])
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     reference = ([1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16])

@@ -46,16 +46,96 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or invalid. The message names the field and source."""
 
 
-def failing(checks: dict[str, bool]) -> list[str]:
-    """Names of the fields whose check is False (for a config's ``problems()``)."""
-    return [name for name, ok in checks.items() if not ok]
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a setting's value must be: its test and the words that state it, written once.
+
+    ``at_least(2).because("a pair needs two answers")`` tests ``>= 2`` and says "at least 2: a
+    pair needs two answers"; ``above(0) & at_most(1)`` says "above 0 and at most 1". Applied to
+    a value it gives the :class:`Check` that :func:`failing` reads."""
+
+    text: str
+    test: Callable[[Any], bool]
+
+    def __call__(self, value) -> Check:
+        return Check(bool(self.test(value)), value, self.text)
+
+    def __and__(self, other: Rule) -> Rule:
+        return Rule(f"{self.text} and {other.text}", lambda v: self.test(v) and other.test(v))
+
+    def because(self, why: str) -> Rule:
+        return Rule(f"{self.text}: {why}", self.test)
+
+    def or_none(self) -> Rule:
+        """The rule, or no value at all (a setting whose None means "let the cluster decide")."""
+        return Rule(f"{self.text}, or unset", lambda v: v is None or self.test(v))
 
 
-def require_valid(*problem_lists: list[str], hint: str = "") -> None:
-    """Raise one :class:`ConfigError` naming every invalid field as its flag."""
-    bad = [name for problems in problem_lists for name in problems]
+def at_least(low) -> Rule:
+    return Rule(f"at least {low}", lambda v: v >= low)
+
+
+def above(low) -> Rule:
+    return Rule(f"above {low}", lambda v: v > low)
+
+
+def at_most(high) -> Rule:
+    return Rule(f"at most {high}", lambda v: v <= high)
+
+
+def below(high) -> Rule:
+    return Rule(f"below {high}", lambda v: v < high)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A rule applied to a setting's value."""
+
+    ok: bool
+    value: Any
+    rule: str
+
+
+_UNSHOWN: Any = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A setting whose value breaks its rule; ``str()`` gives "--flag: value (rule)"."""
+
+    name: str
+    value: Any = _UNSHOWN
+    rule: str = ""
+
+    def __str__(self) -> str:
+        flag = "--" + self.name.replace("_", "-")
+        if self.value is _UNSHOWN:
+            return flag
+        shown = repr(self.value) if isinstance(self.value, str) else json.dumps(as_recorded(self.value))
+        return f"{flag}: {shown} ({self.rule})" if self.rule else f"{flag}: {shown}"
+
+
+def failing(checks: dict[str, bool | Check]) -> list[Problem]:
+    """The settings whose check fails (for a config's ``problems()``). Give each its rule applied
+    to its value, ``{"samples": at_least(2)(self.samples)}``, so the message says the value and
+    the range; a bare bool names the setting alone."""
+    problems = []
+    for name, check in checks.items():
+        if isinstance(check, Check):
+            if not check.ok:
+                problems.append(Problem(name, check.value, check.rule))
+        elif not check:
+            problems.append(Problem(name))
+    return problems
+
+
+def require_valid(*problem_lists: list[Problem | str]) -> None:
+    """Raise one :class:`ConfigError` naming every invalid setting as its flag, with its value
+    and rule: "invalid value for --samples: 1 (at least 2: a pair needs two answers)". A plain
+    string in a list is a setting's name."""
+    bad = [p if isinstance(p, Problem) else Problem(p) for problems in problem_lists for p in problems]
     if bad:
-        raise ConfigError(f"invalid value for {', '.join('--' + b.replace('_', '-') for b in bad)}{hint}")
+        raise ConfigError("invalid value for " + "; ".join(map(str, bad)))
 
 
 def option(default, help: str, *, choices=None, flag: str | None = None, positional: bool = False,

@@ -6,7 +6,7 @@ They only run forward passes, so each holds no gradients and no optimizer state,
 (``PPOConfig.frozen_on``), behind one interface, :class:`FrozenScorer`:
 
 * ``learners``: each learner holds a :class:`FrozenModels` beside its policy and value model;
-* ``actors``: a learner holds a ``workflows.runtime.frozen_group.FrozenClient``, which sends
+* ``actors``: a learner holds a ``learners.frozen_client.FrozenClient``, which sends
   the same calls to its own ``actors.frozen_worker.FrozenWorker`` actor (itself a host for a
   :class:`FrozenModels`), as OpenRLHF keeps its reference and reward models in their own Ray
   actor groups. The learners then hold only the models they train.

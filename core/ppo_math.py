@@ -189,11 +189,15 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimize:
 
-        masked mean of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),   ρ = exp(logprobs − old_logprobs)
+        masked mean of w·max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),   ρ = exp(logprobs − old_logprobs)
 
+    ``old_logprobs`` are the proximal policy's (the learner's own, recomputed before the
+    update); ``weights`` ``w`` the per-token behaviour correction of
+    :func:`truncated_is_weights` (constants: no gradient flows through them), 1 when None.
     All inputs ``(batch, T)``; returns a scalar and stats: ``clipfrac`` (share of tokens where
     the clipped term wins, so their gradient is 0), ``approx_kl`` (½·mean (log ρ)², between
     the old and current policy) and ``ratio_mean``.
@@ -203,13 +207,52 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = masked_mean(per_token, mask)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).to(loss.dtype), mask).item(),
         "approx_kl": (0.5 * masked_mean(log_ratio.detach() ** 2, mask)).item(),
         "ratio_mean": masked_mean(ratio.detach(), mask).item(),
     }
     return loss, stats
+
+
+def truncated_is_weights(
+    proximal: torch.Tensor,
+    behaviour: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The decoupled-PPO behaviour correction (Hilton et al. 2022, "Batch size-invariance for
+    policy optimization"; AReaL; TRL's ``vllm_importance_sampling_correction``): each token's
+    loss is weighted by the truncated importance ratio
+
+        w = min(exp(proximal − behaviour), cap)
+
+    of the proximal policy (the learner's log-probs, recomputed before the update) over the
+    behaviour policy that sampled the token (the engine's log-probs: an older version when
+    rollouts overlap training, a bf16 engine's rounding on GPUs). The weights are constants:
+    computed without gradient, and 0 outside the mask.
+
+    Returns the weights ``(batch, T)`` and stats over the masked tokens: ``is_weight_mean``
+    (of the truncated weights), ``is_clipped_frac`` (share of tokens whose ratio exceeded
+    ``cap``) and ``behaviour_gap`` (mean |proximal − behaviour|, nats per token).
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be positive, got {cap}")
+    with torch.no_grad():
+        keep = mask.bool()
+        log_ratio = torch.where(keep, proximal - behaviour, 0.0)  # masked first: no overflow at padding
+        ratio = torch.exp(log_ratio)
+        weights = torch.where(keep, ratio.clamp(max=cap), 0.0)
+        stats = {
+            "is_weight_mean": masked_mean(weights, mask).item(),
+            "is_clipped_frac": masked_mean((ratio > cap).to(weights.dtype), mask).item(),
+            "behaviour_gap": masked_mean(log_ratio.abs(), mask).item(),
+        }
+    return weights, stats
 
 
 def value_loss(

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 RUN_FILE = "run.json"
+# the Ray namespace every ray-cai actor is named in (cai-<job>-<run>-<role>-<i>), drivers and learners alike
+NAMESPACE = "cai"
 # Identity keys renamed since runs first recorded them (old -> new): a folder recorded under
 # the old name still matches. `cai eval compare`'s answer stage said "samples" until its
 # settings became the AnswerSettings group.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import failing, option
+from core.config import Problem, above, at_least, at_most, failing, option
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,10 @@ class SamplingConfig:
     repetition_penalty: float = option(1.0, "vLLM repetition penalty (>1 discourages repeats; small models loop)",
                                        identity=True)
 
-    def problems(self) -> list[str]:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
-                  "top_p": 0 < self.top_p <= 1, "repetition_penalty": self.repetition_penalty > 0}
+    def problems(self) -> list[Problem]:
+        checks = {"max_new_tokens": at_least(1)(self.max_new_tokens), "temperature": at_least(0)(self.temperature),
+                  "top_p": (above(0) & at_most(1))(self.top_p),
+                  "repetition_penalty": above(0)(self.repetition_penalty)}
         return failing(checks)
 
 

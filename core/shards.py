@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.prompt_data import Reject, iter_prompts
+from core.prompt_data import PromptOptions, Reject, iter_prompts
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 INPUT_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("messages", pa.list_(MESSAGE))])
@@ -85,8 +85,9 @@ class StagedInputs:
     rejected: int
 
 
-def stage_inputs(source: str | Path, run_dir: Path, shard_size: int, *, limit: int | None = None) -> StagedInputs:
-    """Stream the prompt file once: usable rows into ``inputs/`` shards, the rest into
+def stage_inputs(source: str | Path, run_dir: Path, shard_size: int, options: PromptOptions | None = None, *,
+                 limit: int | None = None) -> StagedInputs:
+    """Stream the prompt source once (``options``: its split and column): usable rows into ``inputs/`` shards, the rest into
     ``rejects/input.jsonl``. Memory holds one shard of rows at a time."""
     inputs_dir = run_dir / "inputs"
     shards: list[ShardSpec] = []
@@ -102,7 +103,7 @@ def stage_inputs(source: str | Path, run_dir: Path, shard_size: int, *, limit: i
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
     partial = rejects_path.with_name(f".{rejects_path.name}.tmp-{os.getpid()}")
     with partial.open("w", encoding="utf-8") as rejects:  # streamed, renamed when complete
-        for item in iter_prompts(source, limit=limit):
+        for item in iter_prompts(source, options, limit=limit):
             total += 1
             if isinstance(item, Reject):
                 rejected += 1

@@ -8,6 +8,8 @@ inside the functions, so importing this module stays light.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +125,18 @@ def _dataset_files(path: Path) -> tuple[str, dict[str, Any]]:
     return "parquet", {"data_files": [str(f) for f in files]}
 
 
+@contextlib.contextmanager
+def _quiet_progress(datasets):
+    """datasets' progress bars off for a while (back as they were after)."""
+    was_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 def load_training_data(paths: Sequence[str], required: Sequence[str], *, keep: Sequence[str] = ()):
     """Concatenate the --data sources, checking each has the required columns and rows.
     Keeps only ``required`` and ``keep`` columns, so mixed sources line up."""
@@ -140,7 +154,8 @@ def load_training_data(paths: Sequence[str], required: Sequence[str], *, keep: S
             if kind == "json":
                 check_json_rows(path, required, keep)
             try:
-                part = datasets.load_dataset(kind, split="train", **files)
+                with _quiet_progress(datasets):  # "Generating train split" is no news to the user
+                    part = datasets.load_dataset(kind, split="train", **files)
             except Exception as exc:  # noqa: BLE001 - pyarrow/datasets errors span many types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise TrainingDataError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {first[:200]})") \

@@ -90,7 +90,8 @@ def trained_reward_model(ray_local, tiny_model, tmp_path_factory) -> dict:
     import random
 
     from core.config import load_config
-    from workflows.train import RMConfig, run_train
+    from learners.hf_configs import RMConfig
+    from workflows.train import run_train
 
     rng = random.Random(0)
     words = ["the", "model", "answer", "question", "safe", "risk", "law", "recipe", "honest", "help", "user", "refuses"]
@@ -135,12 +136,51 @@ def tiny_engine(ray_local, tiny_model):
     import ray
 
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
 
     host = (
         ray.remote(num_cpus=1)(VLLMEngineHost)
         .options(name="cai-test-engine-0", namespace="cai")
-        .remote(EngineOptions(model=tiny_model, max_model_len=1024, enforce_eager=True))
+        .remote(EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=1024, enforce_eager=True)))
     )
     ray.get(host.info.remote())
     yield host
     ray.kill(host)
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """``add(repo, files)``: put a Hub dataset into a fresh ``HF_HOME`` the way ``hf download``
+    leaves it (blobs, a snapshot of links to them, ``refs/main``; docs/prompts.md), and return
+    the environment for a process that reads it offline. ``files``: path in the repo -> rows,
+    written as Parquet (``.parquet``) or JSON lines (``.jsonl``)."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    home = tmp_path / "hf-home"
+
+    def add(repo: str, files: dict[str, list[dict]]) -> dict[str, str]:
+        root = home / "hub" / f"datasets--{repo.replace('/', '--')}"
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(commit)
+        (root / "blobs").mkdir(exist_ok=True)
+        for name, rows in files.items():
+            staged = tmp_path / "staged" / name
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".parquet"):
+                pq.write_table(pa.Table.from_pylist(rows), staged)
+            else:
+                staged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            blob = root / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
+            staged.replace(blob)
+            link = root / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(home / "hub"),
+                "HF_DATASETS_CACHE": str(home / "datasets")}
+
+    return add

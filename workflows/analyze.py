@@ -30,6 +30,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 
 from actors.compare_worker import Contest, JudgeSettings, JudgeWorker
+from actors.engine_config import EngineConfig
 from constitutions.loader import ConstitutionError, load_constitution
 from constitutions.schema import Constitution, FeedbackPrinciple
 from core.analysis import LABEL_COLUMNS, ORDER_COLUMNS, LabelAnalysis
@@ -45,13 +46,12 @@ from core.analysis_runs import (
     revision_key,
 )
 from core.analysis_stats import whitespace_tokens
+from core.cluster_options import ClusterOptions
 from core.config import REQUIRED, config_to_dict, failing, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
 from core.shards import write_jsonl
-from workflows.eval_compare import JUDGEMENT_SCHEMA
 from workflows.analyze_report import write_figures, write_report
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from workflows.eval_compare import JUDGEMENT_SCHEMA
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage

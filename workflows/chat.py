@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine import EngineOptions, VLLMEngineHost
-from core.config import REQUIRED, failing, option, require_valid
+from actors.engine_config import EngineConfig
+from core.config import REQUIRED, Rule, at_least, failing, option, require_valid
 from core.sampling import SamplingConfig, greedy
 from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.models import resolve_model
-from workflows.runtime.ray_session import NAMESPACE, connect_ray
+from core.run_identity import NAMESPACE
+from workflows.runtime.ray_session import connect_ray
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class ChatConfig:
     enforce_eager: bool = option(False, "skip CUDA graph capture (faster start, slower decoding)")
 
     def __post_init__(self) -> None:
-        require_valid(failing({"prompts": len(self.prompts) >= 1, "gpus": self.gpus >= 0}), self.sampling.problems())
+        require_valid(failing({"prompts": Rule("at least one prompt", bool)(self.prompts),
+                               "gpus": at_least(0)(self.gpus)}), self.sampling.problems())
 
 
 def run_chat(config: ChatConfig) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def run_chat(config: ChatConfig) -> dict[str, Any]:
     host = (
         ray.remote(VLLMEngineHost)
         .options(name=f"cai-chat-{int(time.time())}", namespace=NAMESPACE, num_cpus=1, num_gpus=config.gpus)
-        .remote(EngineOptions(model=model_path, enforce_eager=config.enforce_eager))
+        .remote(EngineOptions(model_path, EngineConfig(enforce_eager=config.enforce_eager)))
     )
     try:
         refs = [host.complete.remote([{"role": "user", "content": p}], config.sampling) for p in config.prompts]

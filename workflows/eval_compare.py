@@ -36,16 +36,17 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from actors.compare_worker import AnswerSettings, AnswerWorker, Contest, JudgeSettings, JudgeWorker
+from actors.engine import EngineOptions
 from constitutions.loader import load_constitution
 from constitutions.schema import Constitution
-from core.config import REQUIRED, ConfigError, config_to_dict, failing, identity, option, require_valid
+from core.config import REQUIRED, ConfigError, Rule, at_least, config_to_dict, failing, identity, option, require_valid
 from core.eval_stats import CATEGORIES, summarize
 from core.manifest import file_fingerprint
-from core.prompt_data import PromptDataError, Reject, iter_prompts, iter_records
+from core.prompt_data import PromptDataError, PromptOptions, Reject, iter_prompts, iter_records
 from core.shards import MESSAGE, read_stage_output, write_jsonl
 from workflows.eval_report import write_markdown, write_plot
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
@@ -78,7 +79,9 @@ class EvalCompareConfig:
     helpful_constitution: str = option(
         "helpful_honest", "constitution whose feedback principles judge helpful prompts; give the "
         "--constitution file again to judge every prompt under one constitution")
-    prompts: str = option(REQUIRED, "held-out prompts: id, prompt (or messages), category (red_team or helpful)")
+    prompts: str = option(REQUIRED, "held-out prompts (a file, a saved dataset directory or hf:ORG/NAME): id, "
+                          "prompt (or messages, or an HH-RLHF transcript), category (red_team or helpful)")
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     missing_category: Literal["reject", "red_team", "helpful"] = option(
         "reject", "rows without a category: reject them (with a reason), or count them as red_team or helpful")
     out: str = option(REQUIRED, "run directory for answers, judgements, results.json and report.md; reruns resume")
@@ -90,17 +93,15 @@ class EvalCompareConfig:
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        names_ok = not self.names or (len(self.names) == 1 + len(self.model_b) and all(n.strip() for n in self.names)
-                                      and len(set(self.names)) == len(self.names))
+        names = Rule("empty, or one distinct name for A, then one per --model-b", lambda names: not names or (
+            len(names) == 1 + len(self.model_b) and all(n.strip() for n in names) and len(set(names)) == len(names)))
         checks = {
-            "model_b": len(self.model_b) >= 1,
-            "names": names_ok,
-            "report_samples": self.report_samples >= 0,
+            "model_b": Rule("at least one challenger", bool)(self.model_b),
+            "names": names(self.names),
+            "report_samples": at_least(0)(self.report_samples),
         }
-        bad = failing(checks)
-        hint = " (--names: one distinct name for A, then one per --model-b)" if "names" in bad else ""
-        require_valid(bad, self.answers.problems(), self.judging.problems(), self.pool.problems(), self.engine.problems(),
-                      self.cluster.problems(), hint=hint)
+        require_valid(failing(checks), self.answers.problems(), self.judging.problems(), self.pool.problems(),
+                      self.engine.problems(), self.cluster.problems())
         if self.answers.samples_per_prompt > 1 and self.answers.sampling.temperature == 0:
             raise ConfigError("--samples-per-prompt above 1 needs --temperature above 0 (greedy answers are identical)")
         if self.pool.gpus_per_worker and self.pool.gpus_per_worker < self.engine.tensor_parallel:
@@ -155,8 +156,8 @@ def stage_prompts(config: EvalCompareConfig, out: Path) -> dict[str, Any]:
     """Write the usable rows (with their category) and the rejects; count both."""
     usable, rejects = [], []
     limit = config.pool.limit or None
-    records = iter_records(Path(config.prompts).expanduser())
-    for item, (record, _) in zip(iter_prompts(config.prompts, limit=limit), records):
+    records = iter_records(config.prompts, config.prompt_source)
+    for item, (record, _) in zip(iter_prompts(config.prompts, config.prompt_source, limit=limit), records):
         if isinstance(item, Reject):
             rejects.append({**item.to_dict(), "stage": "input"})
             continue
@@ -200,7 +201,7 @@ def generate_answers(config: EvalCompareConfig, model: ComparedModel, prompts: d
         config=config_to_dict(config),
         output_schema=ANSWER_SCHEMA,
         worker_cls=AnswerWorker,
-        worker_args=(config.engine.options(model.path, config.answers.seed, source), config.answers),
+        worker_args=(EngineOptions(model.path, config.engine, seed=config.answers.seed, model_source=source), config.answers),
         worker_kwargs={"model_name": model.name},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=_sub_run(config.cluster, model.slug),
@@ -250,7 +251,7 @@ def judge_answers(config: EvalCompareConfig, models: list[ComparedModel], judge:
         config=config_to_dict(config),
         output_schema=JUDGEMENT_SCHEMA,
         worker_cls=JudgeWorker,
-        worker_args=(config.engine.options(judge, config.answers.seed, source),
+        worker_args=(EngineOptions(judge, config.engine, seed=config.answers.seed, model_source=source),
                      {c: k.to_dict() for c, k in constitutions.items()}, items, config.judging, contest),
         worker_kwargs={"judge_name": config.judge},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,

@@ -35,12 +35,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.engine import EngineOptions
 from actors.feedback_scorer import FeedbackWorker, ScoringSettings
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
 from core.shards import read_stage_output, write_jsonl
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
@@ -164,7 +165,7 @@ def run_eval_feedback(config: EvalFeedbackConfig) -> dict[str, Any]:
         config=config_to_dict(config),
         output_schema=RESULT_SCHEMA,
         worker_cls=FeedbackWorker,
-        worker_args=(config.engine.options(model, config.scorer.seed, source), config.scorer,
+        worker_args=(EngineOptions(model, config.engine, seed=config.scorer.seed, model_source=source), config.scorer,
                      {i["id"]: i for i in items}),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,

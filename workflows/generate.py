@@ -13,13 +13,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.engine import EngineOptions
 from actors.generation_worker import ChainSettings, GenerationWorker
 from constitutions.loader import load_constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
-from core.manifest import file_fingerprint
+from core.prompt_data import PROMPTS_HELP, PromptOptions, prompt_fingerprint
 from core.shards import MESSAGE
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
@@ -54,7 +55,8 @@ OUTPUT_SCHEMA = pa.schema(
 class GenerateConfig:
     model: str = option(REQUIRED, "policy model: a local directory, a hub id, or 'default'")
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    prompts: str = option(REQUIRED, PROMPTS_HELP)
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
     chain: ChainSettings = option(ChainSettings(), "the critique/revision chain of each prompt")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
@@ -80,13 +82,14 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         stage="generate",
         out=Path(config.out).expanduser(),
         prompts=config.prompts,
+        prompt_source=config.prompt_source,
         pool=config.pool,
         identity=identity(config, model=model_path, constitution_sha256=constitution.sha256,
-                          prompts=file_fingerprint(config.prompts)),
+                          prompts=prompt_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=GenerationWorker,
-        worker_args=(config.engine.options(model_path, chain.seed, source), constitution.to_dict(), chain),
+        worker_args=(EngineOptions(model_path, config.engine, seed=chain.seed, model_source=source), constitution.to_dict(), chain),
         worker_kwargs={"model_name": config.model},
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=config.cluster,

@@ -17,10 +17,10 @@ from actors.engine import EngineOptions
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from core.config import REQUIRED, ConfigError, config_to_dict, identity, option, require_valid
-from core.manifest import file_fingerprint
+from core.prompt_data import PROMPTS_HELP, PromptOptions, prompt_fingerprint
 from core.shards import MESSAGE
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.cluster_options import ClusterOptions
+from actors.engine_config import EngineConfig
 from workflows.runtime.model_preflight import prepare_model
 from workflows.runtime.models import resolve_model
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
@@ -61,7 +61,8 @@ class LabelConfig:
     policy: str = option(REQUIRED, "policy model that samples the answers (typically the SL-CAI model)")
     feedback_model: str = option("", "model that compares answers; default: the policy")
     constitution: str = option(REQUIRED, "constitution YAML file, or a bundled name such as 'harmless'")
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory")
+    prompts: str = option(REQUIRED, PROMPTS_HELP)
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of --prompts are read")
     out: str = option(REQUIRED, "run directory; rerunning into it resumes")
     labelling: LabelSettings = option(LabelSettings(), "how each prompt's answers are sampled and compared")
     pool: PoolConfig = option(PoolConfig(), "how the work fans out over Ray actors")
@@ -69,9 +70,7 @@ class LabelConfig:
     cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
 
     def __post_init__(self) -> None:
-        bad = self.labelling.problems()
-        hint = " (--max-pairs N goes with --pairs random, and only with it)" if "max_pairs" in bad else ""
-        require_valid(bad, self.pool.problems(), self.engine.problems(), self.cluster.problems(), hint=hint)
+        require_valid(self.labelling.problems(), self.pool.problems(), self.engine.problems(), self.cluster.problems())
 
 
 def run_label(config: LabelConfig) -> dict[str, Any]:
@@ -88,9 +87,10 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         stage="label",
         out=Path(config.out).expanduser(),
         prompts=config.prompts,
+        prompt_source=config.prompt_source,
         pool=config.pool,
         identity=identity(config, policy=policy, feedback_model=feedback, constitution_sha256=constitution.sha256,
-                          prompts=file_fingerprint(config.prompts)),
+                          prompts=prompt_fingerprint(config.prompts)),
         config=config_to_dict(config),
         output_schema=OUTPUT_SCHEMA,
         worker_cls=LabelWorker,
@@ -111,13 +111,13 @@ def worker_engines(config: LabelConfig, policy: str, policy_source: Any, feedbac
     """The engines each label worker starts (``policy`` and ``feedback``: resolved paths). One
     model in both roles: one engine, which the worker uses for both (feedback options None).
     Another feedback model: its own engine on the same GPUs, and the two split
-    ``--gpu-memory-utilization`` in halves (``EngineConfig.options``); each asking for the
+    ``--gpu-memory-utilization`` in halves (``EngineOptions.gpu_memory_share``); each asking for the
     whole share, vLLM would refuse the second for lack of free memory."""
     seed = config.labelling.seed
     if feedback == policy:
-        return config.engine.options(policy, seed, policy_source), None
-    return (config.engine.options(policy, seed, policy_source, engines_per_worker=2),
-            config.engine.options(feedback, seed, feedback_source, engines_per_worker=2))
+        return EngineOptions(policy, config.engine, seed=seed, model_source=policy_source), None
+    return (EngineOptions(policy, config.engine, seed=seed, model_source=policy_source, engines_per_worker=2),
+            EngineOptions(feedback, config.engine, seed=seed, model_source=feedback_source, engines_per_worker=2))
 
 
 def label_statistics(out: Path) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
+from core.hub_datasets import is_hub_source
+from core.prompt_data import PromptOptions
 from workflows.eval_report import link_analysis
 from workflows.plan import check_run_memory
 from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
@@ -37,7 +39,10 @@ ANALYSED_STAGES = ("generate", "label", "eval")
 class PipelineConfig:
     model: str = option(REQUIRED, "base model: a local directory, a hub id, or 'default'")
     constitution: str = option("harmless", "constitution YAML file, or a bundled name")
-    prompts: str = option(REQUIRED, "training prompts for SL-CAI generation and RL-CAI labelling")
+    prompts: str = option(REQUIRED, "training prompts for SL-CAI generation and RL-CAI labelling (a file, a saved "
+                          "dataset directory or hf:ORG/NAME)")
+    prompt_source: PromptOptions = option(PromptOptions(), "which split and column of `prompts` generate, label and ppo "
+                                          "read (a stage's own section may set them instead)")
     eval_prompts: str = option("", "held-out prompts (with a category column) for the evaluation; empty: no eval")
     out: str = option(REQUIRED, "run directory; each stage writes into its own subdirectory")
     rl: Literal["ppo", "dpo"] = option("ppo", "the RL step: PPO against the reward model, or DPO on the pairs")
@@ -92,7 +97,7 @@ def load_pipeline_config(path, overrides: list[str], *, base_dir: Path | None = 
     data = merge(read_yaml(path), parse_overrides(overrides))
     if base_dir is not None:
         for key in ("prompts", "eval_prompts"):
-            if data.get(key) and not Path(data[key]).is_absolute():
+            if data.get(key) and not is_hub_source(data[key]) and not Path(data[key]).is_absolute():
                 data[key] = str(base_dir / data[key])
     return load_config(PipelineConfig, overrides=data)
 
@@ -119,22 +124,26 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     """The stages in order, each with its full config."""
     from workflows.generate import GenerateConfig, run_generate
     from workflows.label import LabelConfig, run_label
-    from workflows.ppo import PPOConfig, run_ppo
-    from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
+    from learners.ppo_config import PPOConfig
+    from workflows.ppo import run_ppo
+    from learners.hf_configs import DPOConfig, RMConfig, SFTConfig
+    from workflows.train import run_train
 
     root = Path(cfg.out).expanduser().resolve()
     out = {name: root / directory for name, directory in STAGE_DIRS.items()}
     base = cfg.model
+    # only when set, so that a stage's section may set them instead (both: "given twice")
+    source = {} if cfg.prompt_source == PromptOptions() else {"prompt_source": config_to_dict(cfg.prompt_source)}
     stages = [
         Stage("generate", _section(GenerateConfig, "generate", cfg.generate, dict(
-            model=base, constitution=cfg.constitution, prompts=cfg.prompts, out=str(out["generate"]))),
+            model=base, constitution=cfg.constitution, prompts=cfg.prompts, **source, out=str(out["generate"]))),
             run_generate, out["generate"]),
         Stage("sft", _section(SFTConfig, "sft", cfg.sft, dict(
             model=base, data=[str(out["generate"])], out=str(out["sft"]))),
             run_train, out["sft"]),
         Stage("label", _section(LabelConfig, "label", cfg.label, dict(
             policy=str(out["sft"]), feedback_model=cfg.feedback_model or base, constitution=cfg.constitution,
-            prompts=cfg.prompts, out=str(out["label"]))),
+            prompts=cfg.prompts, **source, out=str(out["label"]))),
             run_label, out["label"]),
     ]
     if cfg.rl == "ppo":
@@ -144,7 +153,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 model=base, data=[str(out["label"])], out=str(out["rm"]))),
                 run_train, out["rm"]),
             Stage("ppo", _section(PPOConfig, "ppo", cfg.ppo, dict(
-                policy=str(out["sft"]), reward_model=str(out["rm"]), prompts=cfg.prompts, out=str(out["ppo"]))),
+                policy=str(out["sft"]), reward_model=str(out["rm"]), prompts=cfg.prompts, **source,
+                out=str(out["ppo"]))),
                 run_ppo, out["ppo"]),
         ]
     else:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from actors.engine import EngineOptions
 from core.memory_plan import (GIB, MemoryPlanError, ModelShape, StagePlan, TrainedModel, check_fits, dtype_bytes,
                               engine_terms, kv_bytes_per_token, known_shape, learner_terms, logits_bytes, read_shape,
                               sync_bytes)
@@ -89,16 +90,16 @@ def _engine_dtype_bytes(engine, shape: ModelShape, gpu: bool) -> int:
 def engine_plan(stage: str, device: str, engine, shape: ModelShape, *, gpu: bool, count: int,
                 engines_per_worker: int = 1) -> StagePlan:
     """One vLLM engine of each worker, checked against its part of the GPU: the
-    ``gpu_memory_utilization`` that ``EngineConfig.options`` gives it when ``engines_per_worker``
-    engines share the worker's GPUs (what the workers themselves start with)."""
-    options = engine.options("plan", 0, engines_per_worker=engines_per_worker)
+    ``EngineOptions.gpu_memory_share`` it has when ``engines_per_worker`` engines share the
+    worker's GPUs (what the workers themselves start with)."""
+    options = EngineOptions("plan", engine, engines_per_worker=engines_per_worker)
     terms = engine_terms(shape, gpu=gpu, dtype_bytes=_engine_dtype_bytes(engine, shape, gpu),
                          tensor_parallel=engine.tensor_parallel,
                          max_model_len=engine.max_model_len or shape.max_position_embeddings,
                          cpu_kv_cache_gib=options.cpu_kv_cache_gib)
     if engine.tensor_parallel > 1:
         device += f" tp{engine.tensor_parallel}"
-    return StagePlan(stage, device, gpu, count, terms, options.gpu_memory_utilization if gpu else 1.0)
+    return StagePlan(stage, device, gpu, count, terms, options.gpu_memory_share if gpu else 1.0)
 
 
 def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
@@ -119,7 +120,7 @@ def label_plans(cfg, shape_of: Callable[[str], ModelShape]) -> list[StagePlan]:
 def learner_plan(stage: str, cfg, trained: list[TrainedModel], *, sequences: int, frozen=()) -> StagePlan:
     """An HF/TRL job's learners: ``sequences`` rows of ``max_length`` tokens per forward. A
     frozen reference (DPO's) is TRL's under DDP, a whole copy in the masters' dtype; under FSDP
-    it is sharded like the policy and stored in the compute dtype (workflows/runtime/hf_sharding.py)."""
+    it is sharded like the policy and stored in the compute dtype (learners/hf_sharding.py)."""
     gpu, workers = bool(cfg.learner.use_gpu), cfg.training.workers
     compute, master = precision_bytes(cfg.learner)
     fsdp = cfg.learner.strategy == "fsdp"

@@ -2,7 +2,7 @@
 
 Reads top to bottom: config → check models, reward and prompts → render the prompts →
 start the rollout actors (vLLM engines whose weights follow the policy) → the learners as a
-Ray Train job (``workflows.ppo_learner``) → the final policy, ``training_summary.json`` and
+Ray Train job (``learners/ppo_loop.py``) → the final policy, ``training_summary.json`` and
 ``metrics.jsonl`` (one line per PPO step) in ``--out``. Rerunning the same command resumes
 from the last checkpoint; ``--max-failures`` restarts the learners after one dies.
 """
@@ -11,125 +11,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from core.config import REQUIRED, ConfigError, failing, option, require_valid
+from core.config import ConfigError
 from core.prompt_data import load_prompts
-from core.sampling import SamplingConfig
-from workflows.ppo_learner import ppo_loop
-from workflows.runtime.cluster_options import ClusterOptions
-from workflows.runtime.engine_config import EngineConfig
+from core.run_identity import NAMESPACE
+from learners.ppo_config import PPOConfig
+from learners.ppo_loop import PPOInputs, ppo_loop
 from workflows.runtime.engine_stop import stop_engine_actors
 from workflows.runtime.frozen_group import frozen_demand, start_frozen_actors
 from workflows.runtime.models import resolve_model
 from workflows.runtime.placement import WorkerResources, bundle_options, check_total_fits, release, reserve_workers
-from workflows.runtime.ray_session import NAMESPACE
-from workflows.runtime.training import (
-    SUMMARY,
-    LearnerOptions,
-    LoraOptions,
-    TrainJob,
-    learner_demand,
-    open_training_run,
-    run_training,
-)
-from workflows.runtime.weight_sync import SyncOptions
+from workflows.runtime.training import SUMMARY, TrainJob, learner_demand, open_training_run, run_training
 
 METRICS = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    policy: str = option(REQUIRED, "starting policy (typically the SL-CAI SFT model): directory, hub id or 'default'", identity=True)
-    prompts: str = option(REQUIRED, "prompt file: JSONL, JSON, Parquet, CSV or a saved dataset directory", identity=True)
-    out: str = option(REQUIRED, "directory for the final policy, training_summary.json and metrics.jsonl")
-    reward_model: str = option("", "reward model from `cai train rm` (a one-output sequence classifier)", identity=True)
-    reward_fn: str = option("", "or a reward function 'package.module:function' (built in: vowel_share, brevity)", identity=True)
-    value_model: str = option("", "value model: a reward model (backbone and head, so values start at its scores) "
-                              "or a causal LM (backbone, zero head); default: the reward model, else the policy", identity=True)
-    ref_model: str = option("", "frozen reference for the KL penalty; default: the starting policy", identity=True)
-    steps: int = option(20, "PPO steps (one rollout batch and its update each)", identity=True)
-    rollout_batch: int = option(16, "prompts per step, over all learners (one sampled answer each)", identity=True)
-    minibatch: int = option(8, "answers per gradient step on each learner", identity=True)
-    ppo_epochs: int = option(2, "passes over each rollout batch", identity=True)
-    kl_coef: float = option(0.05, "β: per-token penalty on log π − log π_ref (the starting value when adaptive)", identity=True)
-    target_kl: float = option(0.0, "adaptive KL controller target (Ziegler et al. 2019); 0 = fixed β", identity=True)
-    kl_horizon: int = option(10000, "adaptive KL controller horizon, in samples", identity=True)
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "per-token KL estimator in the reward", identity=True)
-    clip_range: float = option(0.2, "ε of the clipped policy loss", identity=True)
-    clip_range_value: float = option(0.2, "clip range of the value loss", identity=True)
-    vf_coef: float = option(0.1, "weight of the value loss", identity=True)
-    gamma: float = option(1.0, "discount", identity=True)
-    lam: float = option(0.95, "GAE λ", identity=True)
-    lr_schedule: Literal["linear", "constant"] = option("linear", "learning rate over the run: decaying linearly to 0 "
-                                                      "(TRL's PPO) or constant", identity=True)
-    missing_eos_penalty: float = option(0.0, "subtract this from the score of an answer cut off at --max-new-tokens "
-                                        "before its end of sequence (TRL's missing_eos_penalty); 0 = off",
-                                        identity=True)
-    reward_center: bool = option(False, "subtract the reward model's mean score on its training pairs "
-                                 "(train_reward_mean in its training_summary.json, written by cai train rm) from "
-                                 "every score, so that 0 is a typical answer", identity=True)
-    max_grad_norm: float = option(1.0, "gradient clipping", identity=True)
-    learners: int = option(1, "Ray Train workers holding policy and value models (DDP replicas or FSDP shards, "
-                           "--strategy), and the frozen reference and reward models unless --frozen-on actors",
-                           identity=True)
-    frozen_on: Literal["learners", "actors"] = option("learners", "where the frozen reference and reward models run: "
-                                                      "in every learner, or in their own Ray actors (one per "
-                                                      "learner; a GPU each with --use-gpu) that the learners call",
-                                                      identity=True)
-    frozen_dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "dtype of the frozen reference and reward "
-                                                                  "models; auto: bfloat16 on GPU, float32 on CPU",
-                                                                  identity=True)
-    lora: LoraOptions = option(LoraOptions(), "LoRA adapters on the policy instead of training every weight (the "
-                               "engines get merged weights; the saved policy is merged)")
-    rollout_workers: int = option(1, "vLLM rollout actors")
-    kill_engine_at_step: int = option(0, "fault drill (tests set it): as step N begins, learner rank 0 kills the "
-                                      "last rollout engine (Ray restarts it) and waits until it is down, once per "
-                                      "run; 0 = never")
-    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64), "how rollouts are sampled: the learner's "
-                                      "log-probs are log softmax(logits/T) over the whole vocabulary, so --top-p and "
-                                      "--repetition-penalty stay 1")
-    learner: LearnerOptions = option(LearnerOptions(lr=1e-5, save_steps=10), "the Ray Train learners: optimizer "
-                                     "(one learning rate for policy and value), devices, checkpoints")
-    engine: EngineConfig = option(EngineConfig(), "rollout engines")
-    sync: SyncOptions = option(SyncOptions(), "how each new policy reaches the rollout engines (weight sync)")
-    cluster: ClusterOptions = option(ClusterOptions(), "run id, placement waiting and model staging on a shared cluster")
-
-    def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "rollout_batch": self.rollout_batch >= 1, "minibatch": self.minibatch >= 1,
-            "ppo_epochs": self.ppo_epochs >= 1, "temperature": self.sampling.temperature > 0,
-            "kl_coef": self.kl_coef >= 0, "missing_eos_penalty": self.missing_eos_penalty >= 0,
-            "target_kl": self.target_kl >= 0, "kl_horizon": self.kl_horizon >= 1, "clip_range": self.clip_range > 0,
-            "clip_range_value": self.clip_range_value > 0, "vf_coef": self.vf_coef >= 0,
-            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
-            "max_grad_norm": self.max_grad_norm > 0, "learners": self.learners >= 1,
-            "rollout_workers": self.rollout_workers >= 1, "kill_engine_at_step": self.kill_engine_at_step >= 0,
-        }
-        require_valid(failing(checks), self.sampling.problems(), self.learner.problems(), self.engine.problems(),
-                      self.cluster.problems(), self.lora.problems(), self.sync.problems())
-        if self.sampling.top_p < 1 or self.sampling.repetition_penalty != 1:
-            flag = "--top-p" if self.sampling.top_p < 1 else "--repetition-penalty"
-            value = self.sampling.top_p if self.sampling.top_p < 1 else self.sampling.repetition_penalty
-            raise ConfigError(
-                f"{flag} {value}: PPO rollouts sample the whole tempered distribution. The learner's "
-                "log-probs are log softmax(logits/T) over the full vocabulary, so an engine sampling a nucleus "
-                "(or penalizing repeats) would train a policy other than the one that produced the rollouts "
-                "(TRL forces top_p=1 too)")
-        if self.sync.sync_transport == "nccl" and self.learner.use_gpu is False:  # None: decided on the cluster
-            raise ConfigError("--sync-transport nccl needs --use-gpu (NCCL moves GPU tensors); on CPU use gloo "
-                              "or blob")
-        if bool(self.reward_model) == bool(self.reward_fn):
-            raise ConfigError("give exactly one of --reward-model and --reward-fn")
-        if self.reward_center and not self.reward_model:
-            raise ConfigError("--reward-center needs --reward-model: it centres a reward model's scores")
-        if self.rollout_batch % self.learners:
-            raise ConfigError(f"--rollout-batch {self.rollout_batch} must divide evenly over --learners {self.learners}")
-        if self.minibatch > self.rollout_batch // self.learners:
-            raise ConfigError(f"--minibatch {self.minibatch} is larger than each learner's share of the rollout "
-                              f"batch ({self.rollout_batch // self.learners})")
 
 
 def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[list[list[int]], list[list[dict]], list[dict]]:
@@ -137,7 +34,7 @@ def render_prompts(cfg: PPOConfig, policy: str, max_model_len: int) -> tuple[lis
     scores the whole conversation); rejects with reasons."""
     from transformers import AutoTokenizer
 
-    prompt_set = load_prompts(cfg.prompts)
+    prompt_set = load_prompts(cfg.prompts, cfg.prompt_source)
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.engine.trust_remote_code)
     ids, conversations, rejects = [], [], [r.to_dict() for r in prompt_set.rejects]
     for row in prompt_set.rows:
@@ -166,11 +63,12 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
     Ray ends an actor once no handle to it is left."""
     import ray
 
+    from actors.engine import EngineOptions
     from actors.rollout_worker import RolloutWorker
 
     resources = rollout_resources(cfg)
     pg = reserve_workers(cfg.rollout_workers, resources, name=f"cai-ppo-{run}-rollout",
-                         timeout_s=cfg.cluster.placement_timeout, report=report)
+                         timeout_s=cfg.cluster.wait_s, report=report)
     try:
         if source is not None:
             from workflows.runtime.model_preflight import nodes_of_placement_group, preflight_models
@@ -180,7 +78,7 @@ def start_rollout_actors(cfg: PPOConfig, policy: str, run: str, source: Any = No
         actors = [
             ray.remote(RolloutWorker).options(name=name, namespace=NAMESPACE, max_restarts=3, max_task_retries=0,
                                               **bundle_options(pg, i, resources))
-            .remote(cfg.engine.options(policy, cfg.learner.seed, source))
+            .remote(EngineOptions(policy, cfg.engine, seed=cfg.learner.seed, model_source=source))
             for i, name in enumerate(names)
         ]
         ray.get([actor.info.remote() for actor in actors])
@@ -210,7 +108,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     models = {key: pair for key, pair in models.items() if pair[0]}
     cfg = joined_on_devices(cfg)  # --use-gpu left unset: GPUs when the cluster has them
     # the learners get the config itself, its model fields resolved to folders (on each node,
-    # training.local_models swaps in that node's copy)
+    # LearnerContext.local_settings swaps in that node's copy)
     resolved = replace(cfg, **{key: path for key, (path, _) in models.items()})
     max_model_len = cfg.engine.max_model_len or _model_context(policy)
     prompt_ids, prompt_messages, rejects = render_prompts(cfg, policy, max_model_len)
@@ -248,16 +146,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
     rollout, pg = start_rollout_actors(cfg, policy, run_id, prepare_model(policy, cfg.policy, cfg.cluster), note)
     frozen: dict[str, Any] = {}
     groups = [pg]
-    loop_data = {"prompt_ids": prompt_ids, "prompt_messages": prompt_messages, "rollout_actors": list(rollout),
-                 "reward_offset": reward_offset}
     try:
         if frozen_actors:
             frozen, frozen_pg = start_frozen_actors(resolved, run_id, cfg.learners, note)
             groups.append(frozen_pg)
-            loop_data["frozen_actors"] = list(frozen)
+        inputs = PPOInputs(prompt_ids=prompt_ids, prompt_messages=prompt_messages, rollout_actors=list(rollout),
+                           frozen_actors=list(frozen), reward_offset=reward_offset)
         return run_training(TrainJob(
             kind="ppo", out=out, workers=cfg.learners, learner=cfg.learner, loop=ppo_loop, config=cfg,
-            settings=resolved, loop_data=loop_data, data=[cfg.prompts], extra_outputs=write_outputs,
+            settings=resolved, inputs=inputs, data=[cfg.prompts], extra_outputs=write_outputs,
             cluster=cfg.cluster, models=models, run_id=run_id,
         ))
     finally:

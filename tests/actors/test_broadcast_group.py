@@ -1,6 +1,6 @@
 """The broadcast channel's GPU path (NCCL) without a GPU: the arguments it hands vLLM, and
 that a communicator which disabled itself is refused instead of "sending" nothing. The gloo
-path runs for real in tests/workflows/runtime/test_weight_sync.py."""
+path runs for real in tests/learners/test_weight_sync.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from actors import broadcast_group
 from actors.broadcast_group import Channel, GroupSpec, TransportError, TransportUnavailable
 from core.weight_plan import plan_buckets
-from workflows.runtime.weight_sync import SyncOptions
+from learners.weight_sync import SyncOptions
 
 SPEC = GroupSpec("nccl", "10.0.0.5", 29500, world_size=3, timeout_s=60.0, generation="ab12cd34-1")
 

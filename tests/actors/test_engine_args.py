@@ -12,16 +12,20 @@ import pytest
 
 from actors import label_worker
 from actors.engine import EngineOptions, engine_args, engine_environment
+from actors.engine_config import EngineConfig
 from actors.label_worker import LabelSettings, LabelWorker
 from constitutions.loader import load_constitution
 from core.config import ConfigError
 from workflows.label import LabelConfig, worker_engines
-from workflows.runtime.engine_config import EngineConfig
+
+
+def tp_engine(tp: int, **own) -> EngineOptions:
+    return EngineOptions(model="m", config=EngineConfig(tensor_parallel=tp), **own)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_engines_use_the_multiprocessing_executor(tp):
-    args = engine_args(EngineOptions(model="m", tensor_parallel_size=tp), dtype="bfloat16")
+    args = engine_args(tp_engine(tp), dtype="bfloat16")
     assert args["distributed_executor_backend"] == "mp"
     assert args["tensor_parallel_size"] == tp
 
@@ -39,25 +43,34 @@ def test_cpu_engines_at_tp_1_run_the_model_inside_the_engine_core():
                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     # tensor parallel keeps a process per rank; GPUs keep vLLM's own layout
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_environment(
-        EngineOptions(model="m", tensor_parallel_size=2), cpu=True)
+        tp_engine(2), cpu=True)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_environment(EngineOptions(model="m"), cpu=False)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_fields_pass_through_unchanged(tp):
-    options = EngineOptions(
-        model="/models/tiny", seed=7, max_model_len=1024, dtype="auto", tensor_parallel_size=tp,
-        trust_remote_code=True, enforce_eager=True, max_num_seqs=8, worker_extension_cls="pkg.Ext",
-    )
+    config = EngineConfig(max_model_len=1024, dtype="auto", tensor_parallel=tp, trust_remote_code=True,
+                          enforce_eager=True, max_num_seqs=8)
+    options = EngineOptions(model="/models/tiny", config=config, seed=7, worker_extension_cls="pkg.Ext")
     args = engine_args(options, dtype="float32")
     assert args["model"] == "/models/tiny"
     assert args["seed"] == 7
     assert args["dtype"] == "float32"  # the resolved dtype, not the option's "auto"
     assert args["trust_remote_code"] is True
     assert args["max_model_len"] == 1024
+    assert args["tensor_parallel_size"] == tp
     assert args["enforce_eager"] is True and args["max_num_seqs"] == 8
     assert args["worker_extension_cls"] == "pkg.Ext"
     assert args["disable_log_stats"] is True
+
+
+def test_max_model_len_0_leaves_the_context_to_the_model():
+    assert engine_args(EngineOptions(model="m"), dtype="float32")["max_model_len"] is None
+
+
+def test_an_engine_shares_its_gpus_with_at_least_itself():
+    with pytest.raises(ValueError, match="engines_per_worker"):
+        EngineOptions(model="m", engines_per_worker=0)
 
 
 def test_no_worker_extension_is_an_empty_string():
@@ -65,7 +78,7 @@ def test_no_worker_extension_is_an_empty_string():
 
 
 def test_extra_adds_new_fields():
-    options = EngineOptions(model="m", tensor_parallel_size=2, extra={"swap_space": 2, "quantization": "fp8"})
+    options = tp_engine(2, extra={"swap_space": 2, "quantization": "fp8"})
     args = engine_args(options, dtype="bfloat16")
     assert args["swap_space"] == 2 and args["quantization"] == "fp8"
     assert args["distributed_executor_backend"] == "mp"
@@ -75,7 +88,7 @@ def test_extra_adds_new_fields():
 @pytest.mark.parametrize("key, value", [("distributed_executor_backend", "ray"),
                                         ("pipeline_parallel_size", 2), ("data_parallel_size", 2)])
 def test_extra_cannot_change_the_executor_or_the_gpu_count(tp, key, value):
-    options = EngineOptions(model="m", tensor_parallel_size=tp, extra={key: value})
+    options = tp_engine(tp, extra={key: value})
     with pytest.raises(ValueError, match=f"EngineOptions.extra sets \\['{key}'\\]"):
         engine_args(options, dtype="bfloat16")
 
@@ -110,7 +123,7 @@ def test_a_label_worker_with_one_model_starts_one_engine_with_the_whole_share():
     assert feedback is None
     assert engine_args(policy, dtype="bfloat16")["gpu_memory_utilization"] == 0.85
     # every other stage's single engine keeps the whole share too
-    assert EngineConfig(gpu_memory_utilization=0.7).options("m", 0).gpu_memory_utilization == 0.7
+    assert EngineOptions("m", EngineConfig(gpu_memory_utilization=0.7)).gpu_memory_share == 0.7
 
 
 def test_the_label_worker_shares_its_policy_engine_when_there_are_no_feedback_options(monkeypatch):
@@ -128,7 +141,7 @@ def test_the_label_worker_shares_its_policy_engine_when_there_are_no_feedback_op
     started.clear()
     two = LabelWorker(*worker_engines(label_config(), "/m/sft", None, "/m/base", None), constitution, LabelSettings())
     assert two.scorer.host is not two.policy
-    assert [(o.model, o.gpu_memory_utilization) for o in started] == [("/m/sft", 0.425), ("/m/base", 0.425)]
+    assert [(o.model, o.gpu_memory_share) for o in started] == [("/m/sft", 0.425), ("/m/base", 0.425)]
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5])
@@ -145,7 +158,7 @@ def test_every_key_is_an_engine_argument_of_the_installed_vllm(tp):
 
     from vllm import AsyncEngineArgs
 
-    args = engine_args(EngineOptions(model="m", tensor_parallel_size=tp), dtype="float32")
+    args = engine_args(tp_engine(tp), dtype="float32")
     assert set(args) <= {f.name for f in fields(AsyncEngineArgs)}
 
 
@@ -179,7 +192,7 @@ def resolved_in_placement_group(ray_local, tiny_model) -> dict:
             }
             found["in_placement_group"] = ray.util.get_current_placement_group() is not None
             for tp in (1, 2):
-                ours = engine_args(EngineOptions(model=model, tensor_parallel_size=tp), dtype="float32")
+                ours = engine_args(EngineOptions(model=model, config=EngineConfig(tensor_parallel=tp)), dtype="float32")
                 found[f"tp{tp}"] = backend(ours)
                 found[f"tp{tp}_vllm_default"] = backend({k: v for k, v in ours.items()
                                                          if k != "distributed_executor_backend"})

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from actors.engine import EngineOptions, VLLMEngineHost
+from actors.engine_config import EngineConfig
 from core.sampling import greedy
 from workflows.runtime.engine_stop import ENGINE_SHUTDOWN_GRACE_S, stop_engine_actors
 
@@ -52,7 +53,7 @@ def wait_until_gone(processes: list[psutil.Process]) -> list[psutil.Process]:
 @pytest.mark.parametrize("ending", ["shutdown then kill", "ray.kill", "SIGKILL"])
 def test_a_tensor_parallel_engine_leaves_no_process_behind(ray_local, tiny_model, ending):
     host = ray.remote(num_cpus=1)(VLLMEngineHost).options(runtime_env=TP2_ON_ONE_NUMA_NODE).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True, tensor_parallel_size=2))
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True, tensor_parallel=2)))
     info = ray.get(host.info.remote())
     (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "Hello"}], greedy(4)))
     assert len(completion.token_ids) == 4, "both ranks serve"

@@ -10,8 +10,9 @@ import torch
 
 from core.frozen_models import FrozenModels
 from core.ppo_policy import pack_rollouts
-from workflows.ppo import PPOConfig
-from workflows.runtime.frozen_group import FrozenActorError, FrozenClient, frozen_demand, start_frozen_actors
+from learners.ppo_config import PPOConfig
+from learners.frozen_client import FrozenActorError, FrozenClient
+from workflows.runtime.frozen_group import frozen_demand, start_frozen_actors
 from workflows.runtime.placement import release
 
 pytestmark = pytest.mark.slow

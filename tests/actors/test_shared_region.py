@@ -1,7 +1,7 @@
 """The shm transport's shared region (#16) between two real processes: what the learner packs,
 another process reads in place, bucket by bucket; it refuses a region that is not the
 learner's, and a path it cannot open names the way out. The whole transport runs with real
-engines in tests/workflows/runtime/test_weight_sync.py."""
+engines in tests/learners/test_weight_sync.py."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def ray_cai_images() -> dict[str, tuple[str, str | None]]:
 
 def stage_placement_timeouts() -> list[float]:
     """placement_timeout of every stage of configs/cluster.yaml, the default where none is set."""
-    from workflows.runtime.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
+    from core.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
 
     config = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
     everywhere = config.get("placement_timeout", DEFAULT_PLACEMENT_TIMEOUT_S)

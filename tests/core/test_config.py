@@ -270,3 +270,20 @@ def test_tuple_dict_and_path_fields_and_required_nested_options(tmp_path):
         load_config(Typed, overrides={"engine": {"engine_model": "m", "engine_kwargs": {"a": "b"}}})
     with pytest.raises(ConfigError, match="missing required option --engine-model"):
         load_config(Typed)
+
+
+def test_range_checks_state_the_value_and_the_range_once():
+    from core.config import Rule, above, at_least, at_most, below, failing, require_valid
+
+    checks = {"samples": at_least(2).because("a pair needs two answers")(1), "top_p": (above(0) & at_most(1))(1.5),
+              "eval_split": (at_least(0) & below(1))(0.5), "gpus": at_least(0).or_none()(None),
+              "name": Rule("an absolute path", lambda p: p.startswith("/"))("rel"), "legacy": False, "fine": True}
+    problems = failing(checks)
+    assert [str(p) for p in problems] == ["--samples: 1 (at least 2: a pair needs two answers)",
+                                          "--top-p: 1.5 (above 0 and at most 1)", "--name: 'rel' (an absolute path)",
+                                          "--legacy"]
+    with pytest.raises(ConfigError, match=r"^invalid value for --samples: 1 \(at least 2: a pair needs two answers\); "
+                                          r"--top-p: 1\.5 \(above 0 and at most 1\); --name: 'rel' \(an absolute "
+                                          r"path\); --legacy; --beta$"):
+        require_valid(problems, ["beta"])
+    require_valid([], failing({"fine": at_least(0)(0)}))  # nothing to say

@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from core.ppo_math import (
+    truncated_is_weights,
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
@@ -281,3 +282,39 @@ def test_learning_rate_schedules():
     assert [learning_rate("linear", 1.0, u, 4) for u in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match="schedule must be"):
         learning_rate("cosine", 1.0, 0, 4)
+
+
+def test_truncated_is_weights_by_hand():
+    """w = min(exp(proximal − behaviour), cap) per token; 0 at padding; the stats over the mask."""
+    proximal = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
+    behaviour = torch.log(torch.tensor([[0.25, 0.4, 0.3, 1e-30]]))  # ratios 2, 0.5, 3 (capped), padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    weights, stats = truncated_is_weights(proximal, behaviour, mask, cap=2.0)
+    assert_close(weights, torch.tensor([[2.0, 0.5, 2.0, 0.0]]))
+    assert stats["is_weight_mean"] == pytest.approx((2.0 + 0.5 + 2.0) / 3)
+    assert stats["is_clipped_frac"] == pytest.approx(1 / 3)  # ratio 2 is not above the cap; 3 is
+    assert stats["behaviour_gap"] == pytest.approx((math.log(2) + math.log(2) + math.log(3)) / 3)
+    with pytest.raises(ValueError, match="cap must be positive"):
+        truncated_is_weights(proximal, behaviour, mask, cap=0.0)
+
+
+def test_the_behaviour_weights_carry_no_gradient_and_scale_each_tokens_policy_gradient():
+    """The weights are constants: computed from a proximal tensor that requires grad, they have
+    none; in the loss, each token's gradient is the unweighted one times its weight."""
+    proximal = torch.tensor([[-0.7, -1.2]], requires_grad=True)
+    weights, _ = truncated_is_weights(proximal, torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), cap=2.0)
+    assert not weights.requires_grad
+    advantages, mask = torch.tensor([[1.0, -2.0]]), torch.ones(1, 2)
+    old = torch.tensor([[-0.7, -1.2]])
+
+    def gradient(token_weights):
+        logprobs = old.clone().requires_grad_(True)
+        loss, _ = policy_loss(logprobs, old, advantages, mask, clip_range=0.2, weights=token_weights)
+        loss.backward()
+        return logprobs.grad
+
+    plain = gradient(None)
+    assert_close(gradient(weights), plain * weights)
+    assert_close(gradient(torch.ones(1, 2)), plain)
+    # a weight that requires grad is still a constant in the loss
+    assert_close(gradient(weights.clone().requires_grad_(True)), plain * weights)

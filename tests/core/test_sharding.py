@@ -64,8 +64,8 @@ def ppo_update_once(model_dir: str, wrap, gather) -> dict[str, torch.Tensor] | N
     it; then its state as ``gather`` returns it."""
     from core.config import load_config
     from core.ppo_policy import load_actor_critic, pack_rollouts
-    from workflows.ppo import PPOConfig
-    from workflows.ppo_learner import ppo_update, score_rollouts
+    from learners.ppo_config import PPOConfig
+    from learners.ppo_update import ppo_update, score_rollouts
 
     cfg = load_config(PPOConfig, overrides=dict(
         policy=model_dir, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=2, minibatch=1,
@@ -190,7 +190,7 @@ def test_the_ppo_update_on_shards_matches_the_unsharded_one(ranks, tiny_model):
     from core.sharding import full_state
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("workflows.ppo_learner.all_ranks_sum", lambda tensor: tensor * WORLD)
+        patch.setattr("learners.ppo_update.all_ranks_sum", lambda tensor: tensor * WORLD)
         expected = ppo_update_once(tiny_model, lambda m: m, full_state)
     gathered = ranks[0]["ppo"]
     assert gathered.keys() == expected.keys()

@@ -116,3 +116,17 @@ def test_identity_keys_recorded_under_an_old_name_still_match():
     recorded = {"samples": 2, "seed": 0}  # eval compare's answer stage before AnswerSettings
     assert same_identity(recorded, {"samples_per_prompt": 2, "seed": 0})
     assert not same_identity(recorded, {"samples_per_prompt": 3, "seed": 0})
+
+
+def test_staging_reads_the_column_the_options_name(tmp_path):
+    from core.prompt_data import PromptOptions
+
+    rows = [{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": f"\n\nHuman: r{i}\n\nAssistant: b"} for i in range(3)]
+    rows.append({"chosen": "\n\nHuman: q", "rejected": "Assistant: no"})
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    staged = stage_inputs(tmp_path / "hh.jsonl", tmp_path / "run", 2, PromptOptions(prompt_column="rejected"))
+    assert (staged.total_rows, staged.rejected) == (4, 1)
+    assert [r["messages"] for r in read_shard_inputs(tmp_path / "run", 1)] == [[{"role": "user", "content": "r2"}]]
+    (reject,) = [json.loads(line) for line in (tmp_path / "run/rejects/input.jsonl").read_text().splitlines()]
+    assert (reject["index"], reject["reason"]) == (3, "'rejected' does not start with a 'Human:' turn (starts with "
+                                                      "'Assistant: no')")

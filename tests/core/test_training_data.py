@@ -83,3 +83,13 @@ def test_the_cli_prints_one_line_and_exits_2(tiny_model, tmp_path, capsys):
         assert err == (f"cai: error: {data}, line 2: 'rejected' must be a string or a list of {{role, content}} "
                        f"strings, got {{\"text\": \"x\"}}\n")
     assert not (tmp_path / "dpo").exists(), "nothing was written before the data was checked"
+
+
+def test_a_file_missing_its_columns_is_one_line_without_a_progress_bar(tiny_model, tmp_path, capfd):
+    """datasets reads the file before the columns can be checked; its "Generating train split"
+    bar stays off the terminal, so the error is all the user sees."""
+    data = jsonl(tmp_path / "pairs.jsonl", [json.dumps({"prompt": "a", "answer": "b"})] * 2)
+    code = main(["train", "rm", "--model", tiny_model, "--data", str(data), "--out", str(tmp_path / "rm")])
+    err = capfd.readouterr().err
+    assert code == 2 and err == f"cai: error: {data}: missing column(s) ['chosen', 'rejected'] (columns: ['prompt', " \
+                                "'answer'])\n", err

@@ -20,7 +20,7 @@ needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA only")
 
 def ppo_config(tiny_model, **values):
     from core.config import load_config
-    from workflows.ppo import PPOConfig
+    from learners.ppo_config import PPOConfig
 
     return load_config(PPOConfig, overrides=dict(
         policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=4, minibatch=2,
@@ -33,7 +33,7 @@ def test_a_bf16_ppo_learner_step_starts_at_kl_0_and_steps_float32_masters(tiny_m
     is 0; the float32 masters change."""
     from core.frozen_models import FrozenModels
     from core.ppo_policy import load_actor_critic
-    from workflows.ppo_learner import learn_from_rollouts
+    from learners.ppo_update import learn_from_rollouts
 
     cfg = ppo_config(tiny_model, compute_dtype="bfloat16", frozen_dtype="bfloat16")
     core = load_actor_critic(tiny_model, tiny_model).to(DEVICE)

@@ -167,3 +167,13 @@ def test_compare_reports_win_rates_elo_and_resumes(ray_local, tiny_model, challe
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     manifest = json.loads((out / "judgements" / "manifest.json").read_text())
     assert all(s["attempts"] == 1 for s in manifest["shards"].values())
+
+
+def test_held_out_prompts_may_be_hh_transcripts_with_a_category(tmp_path):
+    rows = [{"transcript": f"\n\nHuman: {p}\n\nAssistant: Sure.", "category": "red_team"} for p in RED_TEAM]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(EvalCompareConfig, overrides=base_overrides(tmp_path, prompt_column="transcript"))
+    staged = stage_prompts(config, tmp_path / "out")
+    assert (staged["usable"], set(staged["categories"].values())) == (3, {"red_team"})
+    usable = [json.loads(line) for line in (tmp_path / "out/prompts/usable.jsonl").read_text().splitlines()]
+    assert usable[0]["messages"] == [{"role": "user", "content": RED_TEAM[0]}]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from core.config import load_config
-from workflows.runtime.hf_sharding import FSDP_CONFIG, model_dtype
-from workflows.train import SFTConfig, _common_args
+from learners.hf_sharding import FSDP_CONFIG, model_dtype
+from learners.hf_configs import SFTConfig
+from learners.hf_trainers import _common_args
 
 
 def sft(**values) -> SFTConfig:
@@ -71,14 +72,14 @@ def test_gpu_mixed_precision_computes_in_bf16_over_float32_shards(tiny_model, on
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fsdp_learners_but_rank_0_build_the_model_without_its_weights(tiny_model, tmp_path, tied):
-    """workflows.runtime.hf_sharding.skeleton, what every FSDP learner but rank 0 builds before accelerate sends
+    """learners.hf_sharding.skeleton, what every FSDP learner but rank 0 builds before accelerate sends
     it its shards: the same parameters as the model read from disk, tied embeddings still one
     parameter (accelerate maps parameters to their shards by name, and a rank whose head was a
     parameter of its own failed), each with storage of its own on the CPU (accelerate also maps
     them by data pointer, and every ``meta`` tensor has the same one), and the real rotary buffers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workflows.runtime.hf_sharding import skeleton as skeleton_of
+    from learners.hf_sharding import skeleton as skeleton_of
 
     config = AutoConfig.from_pretrained(tiny_model)
     config.tie_word_embeddings = tied

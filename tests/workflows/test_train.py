@@ -19,7 +19,8 @@ import torch
 
 from core.config import load_config
 from core.training_data import TrainingDataError
-from workflows.train import DPOConfig, RMConfig, SFTConfig, TrainJobConfig, run_train
+from learners.hf_configs import DPOConfig, RMConfig, SFTConfig, TrainJobConfig
+from workflows.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +59,12 @@ def weights_digest(directory) -> str:
 
 def assert_served_by_vllm(model_dir) -> None:
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
+    from actors.engine_config import EngineConfig
     from core.sampling import SamplingConfig
 
     host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
-        EngineOptions(model=str(model_dir), max_model_len=1024, enforce_eager=True))
+        EngineOptions(model=str(model_dir), config=EngineConfig(max_model_len=1024, enforce_eager=True)))
     try:
         (completion,) = ray.get(host.complete.remote([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)))
         assert len(completion.token_ids) > 0
@@ -273,7 +276,7 @@ def test_sl_cai_rows_give_one_sft_example_per_revision_round(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workflows.train import _sft_data
+    from learners.hf_trainers import sft_data
 
     run = tmp_path / "sl-cai" / "data"
     run.mkdir(parents=True)
@@ -286,8 +289,8 @@ def test_sl_cai_rows_give_one_sft_example_per_revision_round(tmp_path):
     plain.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "hello"}]}) + "\n")
 
-    every = _sft_data([str(run.parent), str(plain)], "all")["messages"]
+    every = sft_data([str(run.parent), str(plain)], "all")["messages"]
     assert [m[-1]["content"] for m in every] == ["r0-1", "r0-2", "r0-3", "r1-1", "r1-2", "r1-3", "hello"]
     assert all(m[:2] == prompt for m in every[:6]), "each example keeps the whole prompt"
-    final = _sft_data([str(run.parent), str(plain)], "final")["messages"]
+    final = sft_data([str(run.parent), str(plain)], "final")["messages"]
     assert [m[-1]["content"] for m in final] == ["r0-3", "r1-3", "hello"]

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from constitutions.importers import import_anthropic, import_llm_swarm
 from constitutions.loader import ConstitutionError, dump_constitution, load_constitution, save_constitution
-from core.config import ConfigError
-from core.prompt_data import load_prompts
+from core.config import ConfigError, add_config_arguments, load_config
+from core.hub_datasets import is_hub_source
+from core.prompt_data import PROMPTS_HELP, PromptOptions, load_prompts
 from workflows.runtime.models import build_tiny_model, materialize_default_model
 
 
@@ -120,19 +122,36 @@ def constitution_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_prompts_check(args: argparse.Namespace) -> int:
-    prompt_set = load_prompts(args.file)
+    options = load_config(PromptOptions, args)
+    prompt_set = load_prompts(args.source, options)
+    first = prompt_set.rows[0] if prompt_set.rows else None
     print_json(
         {
             "source": prompt_set.source,
+            **({"split": options.prompt_split} if is_hub_source(args.source) else {}),
+            **prompt_set.layout.describe(),
             "rows": prompt_set.total,
             "usable": len(prompt_set.rows),
             "rejected": len(prompt_set.rejects),
-            "rejects": [{"row": r.index, "reason": r.reason} for r in prompt_set.rejects[: args.show]],
+            "rejects_by_reason": rejects_by_reason(prompt_set.rejects)[: args.show],
+            "first_prompt": {"row": first.index, "id": first.id, "messages": list(first.messages)} if first else None,
         }
     )
     return 0
 
 
+def rejects_by_reason(rejects: list, examples: int = 3) -> list[dict]:
+    """Rejects grouped by reason, most frequent first, each with its first rows. A reason's
+    details (after ": " or " (") are left out of the grouping: "invalid JSON: …" is one reason."""
+    groups: dict[str, list] = {}
+    for reject in rejects:
+        groups.setdefault(re.split(r": | \(", reject.reason, maxsplit=1)[0], []).append(reject)
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return [{"reason": reason, "count": len(group), "rows": [r.index for r in group[:examples]],
+             "example": group[0].reason} for reason, group in ordered]
+
+
 def prompts_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="JSONL, JSON, Parquet, CSV or saved-dataset directory")
-    parser.add_argument("--show", type=int, default=20, help="how many rejects to list")
+    parser.add_argument("source", metavar="SOURCE", help=PROMPTS_HELP)
+    add_config_arguments(parser, PromptOptions)
+    parser.add_argument("--show", type=int, default=20, help="reject reasons to list, each with its first rows")

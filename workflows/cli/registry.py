@@ -23,8 +23,10 @@ from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
 from workflows.generate import GenerateConfig, run_generate
 from workflows.label import LabelConfig, run_label
 from workflows.plan import plan_arguments
-from workflows.ppo import PPOConfig, run_ppo
-from workflows.train import DPOConfig, RMConfig, SFTConfig, run_train
+from learners.ppo_config import PPOConfig
+from workflows.ppo import run_ppo
+from learners.hf_configs import DPOConfig, RMConfig, SFTConfig
+from workflows.train import run_train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +66,7 @@ class Command:
 GROUPS = {
     "models": "build or materialize local models",
     "constitution": "import, validate and show constitutions",
-    "prompts": "inspect prompt files",
+    "prompts": "inspect prompt sources (files, saved datasets, hf:ORG/NAME)",
     "train": "train models on Ray Train: sft, rm, dpo, ppo",
     "eval": "evaluate feedback models and policies",
     "jobs": "list, inspect, follow and stop Ray Jobs",
@@ -134,7 +136,10 @@ COMMANDS: tuple[Command, ...] = (
             "labels agree with the others, how useful it is alone, the feedback model's position bias; print where "
             "the report is."),
     Command(words=("prompts", "check"), run=commands.cmd_prompts_check, arguments=commands.prompts_check_arguments,
-            help="count usable and rejected rows of a prompt file, with reasons"),
+            help="what a job would read from a prompt source: rows, rejects by reason, the column and a first prompt",
+            description="Read SOURCE (a file, a saved dataset directory or hf:ORG/NAME) as generate, label and "
+            "eval compare do, and print as JSON: rows read, usable, rejected, the commonest reject reasons with "
+            "their first rows, the column and format the prompts were found in, and the first prompt's messages."),
     Command(words=("submit",), run=functools.partial(operations.cmd_submit, known=command_names),
             arguments=operations.submit_arguments, usage="cai submit [options] -- COMMAND [ARGS...]",
             help="run a cai command as a Ray Job on a cluster and follow its logs",

@@ -2,7 +2,7 @@
 
 The driver starts ``count`` named actors (``cai-ppo-<run>-frozen-<i>``, one per learner) in a
 placement group of their own: one CPU each, and one GPU each with ``--use-gpu``. Learner rank
-``r`` reaches actor ``r % count`` through a :class:`FrozenClient`, which answers the same two
+``r`` reaches actor ``r % count`` through a ``learners.frozen_client.FrozenClient``, which answers the same two
 calls as an in-learner ``core.frozen_models.FrozenModels`` (the ``FrozenScorer`` interface):
 
 * ``ref_logprobs(batch: RolloutBatch, temperature) -> (B, T) float32`` on the batch's device;
@@ -13,31 +13,21 @@ So the learner code is the same for both homes. The client sends the batch as to
 
 Ray restarts an actor that dies (up to ``FROZEN_MAX_RESTARTS`` times, in its bundle) and runs
 the interrupted call again there: both calls are pure functions of their arguments. A call
-that still fails, or outlasts the client's timeout, raises :class:`FrozenActorError` naming
+that still fails, or outlasts the client's timeout, raises ``learners.frozen_client.FrozenActorError`` naming
 the actor and what the learner waited for.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from core.frozen_models import unpack_rollouts
-from core.ppo_policy import RolloutBatch
+from actors.model_source import ModelSource
+from core.run_identity import NAMESPACE
+from learners.frozen_client import FROZEN_MAX_RESTARTS, FROZEN_TASK_RETRIES
+from learners.ppo_config import PPOConfig
 from workflows.runtime.placement import WorkerResources, bundle_options, release, reserve_workers
-from workflows.runtime.ray_session import NAMESPACE
-
-if TYPE_CHECKING:  # workflows.ppo is a layer above
-    from actors.model_source import ModelSource
-    from workflows.ppo import PPOConfig
-
-FROZEN_MAX_RESTARTS = 3  # as the rollout actors
-FROZEN_TASK_RETRIES = 2  # a call interrupted by a crash runs again on the restarted actor
-
-
-class FrozenActorError(RuntimeError):
-    """A learner's frozen actor did not answer (dead for good, or past the timeout)."""
 
 
 def frozen_actor_names(run: str, count: int) -> list[str]:
@@ -74,7 +64,7 @@ def start_frozen_actors(cfg: PPOConfig, run: str, count: int, report: Callable[[
     if sources is None:
         sources = {key: prepare_model(path, path, cfg.cluster) for key, path in paths.items() if path}
     resources = frozen_resources(cfg)
-    pg = reserve_workers(count, resources, name=f"cai-ppo-{run}-frozen", timeout_s=cfg.cluster.placement_timeout,
+    pg = reserve_workers(count, resources, name=f"cai-ppo-{run}-frozen", timeout_s=cfg.cluster.wait_s,
                          report=report)
     try:
         preflight_models(tuple(sources.values()), nodes_of_placement_group(pg),
@@ -90,7 +80,7 @@ def start_frozen_actors(cfg: PPOConfig, run: str, count: int, report: Callable[[
                     cpu_share=per_node[nodes[i]])
             for i, name in enumerate(names)
         ]
-        infos = ray.get([actor.ready.remote() for actor in actors], timeout=cfg.cluster.placement_timeout or None)
+        infos = ray.get([actor.ready.remote() for actor in actors], timeout=cfg.cluster.wait_s)
     except BaseException:
         release(pg)
         raise
@@ -99,43 +89,3 @@ def start_frozen_actors(cfg: PPOConfig, run: str, count: int, report: Callable[[
             report(f"{name}: reference and reward in {info['dtype']} on {info['device']} ({info['node']}), "
                    f"{info['parameter_bytes'] / 2**20:.1f} MiB of frozen weights")
     return dict(zip(names, actors)), pg
-
-
-class FrozenClient:
-    """A learner's frozen models in its own actor: rank ``r`` uses actor ``r % len(names)``.
-
-    ``timeout`` (seconds, None: no limit) bounds each call, a restart of the actor included
-    (which may wait for a node: pass ``--placement-timeout``)."""
-
-    def __init__(self, names: Sequence[str], rank: int, *, timeout: float | None = None):
-        import ray
-
-        if not names:
-            raise ValueError("FrozenClient: no frozen actors to call (--frozen-on actors starts one per learner)")
-        self.name = names[rank % len(names)]
-        self.actor = ray.get_actor(self.name, namespace=NAMESPACE)
-        self.timeout = timeout
-
-    def ref_logprobs(self, batch: RolloutBatch, temperature: float = 1.0):
-        """(B, T) float32 on the batch's device (``core.frozen_models.FrozenScorer``)."""
-        prompts, responses, pad_id = unpack_rollouts(batch)
-        ref = self.actor.ref_logprobs.remote(prompts, responses, pad_id, temperature)
-        return self._get(ref, f"reference log-probs of {len(prompts)} rollouts").to(batch.input_ids.device)
-
-    def score(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
-        return self._get(self.actor.score.remote(list(prompts), list(completions)),
-                         f"reward scores of {len(completions)} answers")
-
-    def _get(self, ref, what: str):
-        import ray
-
-        try:
-            return ray.get(ref, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            ray.cancel(ref)
-            raise FrozenActorError(f"waited {self.timeout:g} s for {what} from frozen actor {self.name}: it is "
-                                   "restarting, waiting for a node, or too slow (see `ray status` and its log; "
-                                   "--placement-timeout sets this limit)") from None
-        except ray.exceptions.RayActorError as error:
-            raise FrozenActorError(f"frozen actor {self.name} died computing {what} and Ray did not bring it back "
-                                   f"({FROZEN_MAX_RESTARTS} restarts at most): {error}") from error

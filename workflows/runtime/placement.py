@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workflows.runtime.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
+from core.cluster_options import DEFAULT_PLACEMENT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
@@ -83,14 +83,14 @@ def reserve_workers(
     resources: WorkerResources,
     *,
     strategy: str = "SPREAD",
-    timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
+    timeout_s: float | None = DEFAULT_PLACEMENT_TIMEOUT_S,
     name: str | None = None,
     report: Callable[[str], None] | None = None,
     report_every_s: float = REPORT_EVERY_S,
 ) -> PlacementGroup:
     """Create a placement group with one bundle per worker and wait until it is placed.
 
-    Waits the full ``timeout_s`` (0: forever) even when the cluster is too small now, because
+    Waits the full ``timeout_s`` (None: forever; ``ClusterOptions.wait_s``) even when the cluster is too small now, because
     an autoscaling cluster may still add nodes; every ``report_every_s`` it tells ``report``
     what is pending and what the cluster has. On timeout the group is removed (so it does
     not hold a partial reservation) and :class:`PlacementError` says what was asked and what
@@ -103,21 +103,21 @@ def reserve_workers(
         raise ValueError(f"reserve_workers: n_workers must be >= 1, got {n_workers}")
     if strategy not in STRATEGIES:
         raise ValueError(f"reserve_workers: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if timeout_s < 0:
-        raise ValueError(f"reserve_workers: timeout_s must be >= 0 (0 waits forever), got {timeout_s}")
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"reserve_workers: timeout_s must be > 0 (None waits forever), got {timeout_s}")
     pg = placement_group([resources.bundle() for _ in range(n_workers)], strategy=strategy, name=name or "")
     ready_ref = pg.ready()
     started = time.monotonic()
     interval = min(FIRST_REPORT_S, report_every_s)  # say soon that it waits, then every report_every_s
     while True:
         waited = time.monotonic() - started
-        left = interval if not timeout_s else min(interval, timeout_s - waited)
+        left = interval if timeout_s is None else min(interval, timeout_s - waited)
         interval = report_every_s
         ready, _ = ray.wait([ready_ref], timeout=max(left, 0))
         if ready:
             return pg
         waited = time.monotonic() - started
-        if timeout_s and waited >= timeout_s:
+        if timeout_s is not None and waited >= timeout_s:
             release(pg)
             raise PlacementError(_unplaceable_message(n_workers, resources, strategy, timeout_s))
         if report is not None:
@@ -135,12 +135,12 @@ def unplaced_bundles(pg: PlacementGroup) -> list[int]:
     return [i for i in range(pg.bundle_count) if not placed.get(i)]
 
 
-def pending_message(pg: PlacementGroup, waited_s: float, timeout_s: float) -> str:
+def pending_message(pg: PlacementGroup, waited_s: float, timeout_s: float | None) -> str:
     """One line: how long the group has waited, which bundles wait, what the nodes have."""
     from ray.util import placement_group_table
 
     table = placement_group_table(pg)
-    limit = f"of {timeout_s:g} s" if timeout_s else "(no timeout)"
+    limit = "(no timeout)" if timeout_s is None else f"of {timeout_s:g} s"
     return (f"waiting {waited_s:.0f} s {limit} for placement group {table.get('name') or pg.id.hex()[:8]} "
             f"({table.get('state', '?')}): {pending_detail(pg)}")
 

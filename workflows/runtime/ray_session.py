@@ -40,10 +40,10 @@ import sys
 from typing import Any
 
 from actors.process_output import with_log_level
+from core.run_identity import NAMESPACE
 from workflows.runtime import ray_auth
 from workflows.runtime.ray_auth import FoundToken
 
-NAMESPACE = "cai"
 DASHBOARD_ENV = "RAY_CAI_DASHBOARD"
 # read by each raylet when it starts (a RayConfig entry, Ray 2.60): see the module doc
 REAP_CHILDREN_ENV = "RAY_process_group_cleanup_enabled"

@@ -137,7 +137,7 @@ def run_shard_pool(
     inflight_per_worker: int = 2,
     poll_seconds: float = 5.0,
     unplaced: Callable[[], str | None] = lambda: None,
-    placement_timeout_s: float = 0.0,
+    placement_timeout_s: float | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
     report_every_s: float = 30.0,
     hold: Callable[[], bool] = lambda: False,
@@ -155,7 +155,7 @@ def run_shard_pool(
     ``unplaced()`` describes the pool's workers that have no node now (None when all are
     placed). While no worker is up and some are unplaced, the pool is waiting for capacity:
     it says so through ``on_wait`` every ``report_every_s`` and raises :class:`NoCapacityError`
-    after ``placement_timeout_s`` (0: waits forever).
+    after ``placement_timeout_s`` (None: waits forever; ``ClusterOptions.wait_s``).
 
     While ``hold()`` is true (a fault drill), the pool hands out no shard: the ones in flight
     finish and the workers idle. Held workers count as not up, so once their nodes are gone
@@ -261,7 +261,7 @@ def run_shard_pool(
                 continue
             stalled_since = stalled_since or now
             waited = now - stalled_since
-            if placement_timeout_s and waited >= placement_timeout_s:
+            if placement_timeout_s is not None and waited >= placement_timeout_s:
                 raise NoCapacityError(
                     f"no worker could be placed for {waited:.0f} s (--placement-timeout {placement_timeout_s:g}): "
                     f"{missing}. {len(queue.pending) + len(inflight)} shard(s) are not done; finished shards "

@@ -6,8 +6,7 @@ every input row is accounted for → summary. A stage brings its worker class (a
 with ``ready()`` and ``async run_shard(shard, rows)``), its output schema and the settings
 that identify a run.
 
-``run_shard`` returns ``{"rows", "rejects", "tokens", "seconds", "worker",
-"occupancy_sum", "occupancy_samples"}``.
+``run_shard`` returns an ``actors.shard_work.ShardResult``.
 """
 
 from __future__ import annotations
@@ -21,15 +20,18 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from core.config import ConfigError, failing, option
+from actors.shard_work import ShardResult
+from core.config import ConfigError, Problem, at_least, failing, option
 from core.manifest import RunManifest, ShardState
+from core.prompt_data import PromptOptions
 from core.shards import completed_shards, read_shard_inputs, stage_inputs, verify_run, write_shard_output
-from workflows.runtime.cluster_options import ClusterOptions
+from core.cluster_options import ClusterOptions
 from workflows.runtime.devices import pool_on_devices
 from workflows.runtime.placement import (PoolPlacements, WorkerResources, refuse_unplaceable, reserve_workers,
                                         workers_that_fit)
 from workflows.runtime.progress import RunProgress
-from workflows.runtime.ray_session import NAMESPACE, connect_ray
+from core.run_identity import NAMESPACE
+from workflows.runtime.ray_session import connect_ray
 from workflows.runtime.shard_pool import ShardQueue, run_shard_pool
 
 
@@ -65,25 +67,25 @@ class PoolConfig:
                                      "the pool hands out no more until N workers are up (an elastic pool that "
                                      "must grow first); 0 = never")
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         checks = {
-            "shard_size": self.shard_size >= 1,
-            "limit": self.limit >= 0,
-            "workers": self.workers >= 0,
-            "cpus_per_worker": self.cpus_per_worker >= 0,
-            "gpus_per_worker": self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-            "inflight_shards": self.inflight_shards >= 1,
-            "max_attempts": self.max_attempts >= 1,
-            "kill_worker_at_shard": self.kill_worker_at_shard >= 0,
-            "crash_after_shard": self.crash_after_shard >= 0,
-            "hold_after_shard": self.hold_after_shard >= 0,
-            "hold_until_workers": self.hold_until_workers >= 0,
-            "max_workers": self.max_workers >= 0,
+            "shard_size": at_least(1)(self.shard_size),
+            "limit": at_least(0)(self.limit),
+            "workers": at_least(0)(self.workers),
+            "cpus_per_worker": at_least(0)(self.cpus_per_worker),
+            "gpus_per_worker": at_least(0).or_none()(self.gpus_per_worker),
+            "inflight_shards": at_least(1)(self.inflight_shards),
+            "max_attempts": at_least(1)(self.max_attempts),
+            "kill_worker_at_shard": at_least(0)(self.kill_worker_at_shard),
+            "crash_after_shard": at_least(0)(self.crash_after_shard),
+            "hold_after_shard": at_least(0)(self.hold_after_shard),
+            "hold_until_workers": at_least(0)(self.hold_until_workers),
+            "max_workers": at_least(0)(self.max_workers),
         }
         return failing(checks)
 
     def __post_init__(self) -> None:
-        if self.max_workers and self.workers:
+        if self.max_workers > 0 and self.workers > 0:
             raise ConfigError(f"--max-workers {self.max_workers} limits an elastic pool (--workers 0), "
                               f"but --workers is {self.workers}: drop one of them")
 
@@ -105,12 +107,14 @@ class StageJob:
     cluster: ClusterOptions = ClusterOptions()
     models: tuple = ()  # ModelSources the workers load: checked (or staged) on their nodes first
     tensor_parallel: int = 1  # of each worker's engine: its GPUs when --gpus-per-worker is left to the cluster
+    prompt_source: PromptOptions = PromptOptions()  # the split and column of ``prompts``
 
 
 def _open_manifest(job: StageJob) -> RunManifest:
     manifest = RunManifest.open(job.out, job.stage, job.identity, job.config, run_name=job.cluster.run_name)
     if not manifest.input:
-        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, limit=job.pool.limit or None)
+        staged = stage_inputs(job.prompts, job.out, job.pool.shard_size, job.prompt_source,
+                              limit=job.pool.limit or None)
         manifest.input = {"source": str(job.prompts), "total_rows": staged.total_rows,
                           "rejected": staged.rejected, "shards": len(staged.shards)}
         manifest.shards = {s.index: ShardState(rows=s.rows) for s in staged.shards}
@@ -172,7 +176,7 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
     progress.note(f"{len(pending)} of {len(manifest.shards)} shards to do on {n_workers} worker(s) x {shape}"
                   + (f", more as nodes join (up to {limit})" if elastic and limit > n_workers else "")
                   + f"; Ray {cluster['address']}, dashboard {cluster['dashboard_url'] or 'off'}")
-    timeout = job.cluster.placement_timeout
+    timeout = job.cluster.wait_s
     placements = PoolPlacements(resources, name=f"cai-{job.stage}-{run_name}", limit=limit, elastic=elastic,
                                 note=progress.note)
     placements.ask_autoscaler(pool.max_workers, have=n_workers)
@@ -212,15 +216,15 @@ def _run_pool(job: StageJob, manifest: RunManifest, pending: list[int], run_name
             ray.kill(actor, no_restart=True)
         return ref
 
-    def on_result(shard: int, result: dict[str, Any]) -> None:
-        write_shard_output(job.out, shard, result["rows"], result["rejects"], job.output_schema)
+    def on_result(shard: int, result: ShardResult) -> None:
+        write_shard_output(job.out, shard, result.rows, result.rejects, job.output_schema)
         state = manifest.shards[shard]
-        state.status, state.rows_out, state.rejected = "done", len(result["rows"]), len(result["rejects"])
-        state.seconds, state.tokens, state.worker = round(result["seconds"], 3), result["tokens"], result["worker"]
-        state.started_at, state.finished_at = result["started_at"], result["finished_at"]
-        occupancy[0] += result["occupancy_sum"]
-        occupancy[1] += result["occupancy_samples"]
-        progress.shard_done(state.rows, result["tokens"])
+        state.status, state.rows_out, state.rejected = "done", len(result.rows), len(result.rejects)
+        state.seconds, state.tokens, state.worker = round(result.seconds, 3), result.tokens, result.worker
+        state.started_at, state.finished_at = result.started_at, result.finished_at
+        occupancy[0] += result.occupancy_sum
+        occupancy[1] += result.occupancy_samples
+        progress.shard_done(state.rows, result.tokens)
         manifest.save(force=False)
         finished[0] += 1
         if finished[0] == pool.crash_after_shard:  # the fault drill: the driver dies between shards

@@ -4,12 +4,15 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from core.config import config_help, config_options
 from workflows.cli.main import main
 from workflows.cli.registry import COMMANDS, command_names
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def help_text(capsys, words) -> str:
@@ -121,3 +124,37 @@ def test_help_exits_zero(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+HH = ["\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No.", "Assistant: first", "\n\nHuman: alone",
+      "Assistant: again"]
+
+
+def test_prompts_check_reports_column_rejects_by_reason_and_the_first_prompt(tmp_path, capsys):
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps({"chosen": text, "rejected": text}) + "\n" for text in HH))
+    assert main(["prompts", "check", str(path), "--prompt-column", "rejected"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["column"], report["format"]) == ("rejected", "transcript")
+    assert (report["rows"], report["usable"], report["rejected"]) == (4, 1, 3)
+    assert report["rejects_by_reason"][0] == {
+        "reason": "'rejected' does not start with a 'Human:' turn", "count": 2, "rows": [1, 3],
+        "example": "'rejected' does not start with a 'Human:' turn (starts with 'Assistant: first')"}
+    assert report["rejects_by_reason"][1]["reason"] == "'rejected' has no 'Assistant:' turn to cut"
+    assert report["first_prompt"]["messages"] == [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello!"},
+                                                  {"role": "user", "content": "A joke?"}]
+
+
+def test_prompts_check_reads_a_hub_dataset_offline_from_the_hub_cache(hub_cache):
+    env = hub_cache("acme/red-team", {"data/train-00000-of-00001.parquet": [{"transcript": HH[0]}],
+                                      "data/test-00000-of-00001.parquet": [{"transcript": t} for t in HH[1:]]})
+    check = [sys.executable, "-m", "workflows.cli", "prompts", "check", "hf:acme/red-team"]  # this checkout's code
+    result = subprocess.run([*check, "--prompt-split", "test"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert (report["source"], report["split"], report["column"]) == ("hf:acme/red-team", "test", "transcript")
+    assert (report["rows"], report["usable"], report["first_prompt"]) == (3, 0, None)
+    assert [r["reason"] for r in report["rejects_by_reason"]] == [
+        "'transcript' does not start with a 'Human:' turn", "'transcript' has no 'Assistant:' turn to cut"]

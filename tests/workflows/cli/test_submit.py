@@ -372,7 +372,9 @@ def test_generate_and_ppo_metrics_reach_prometheus_with_their_run_tag(ray_head, 
     assert metrics.series("ray_cai_shard_seconds_count", run=run, stage="generate")
     assert max(metrics.series("ray_cai_ppo_step", run=ppo_run, stage="ppo")) >= 2
     for name in ("ray_cai_ppo_reward_mean", "ray_cai_ppo_kl", "ray_cai_ppo_kl_coef", "ray_cai_ppo_response_length",
-                 "ray_cai_ppo_step_seconds", "ray_cai_ppo_sync_logprob_diff"):
+                 "ray_cai_ppo_step_seconds", "ray_cai_ppo_sync_logprob_diff", "ray_cai_ppo_staleness",
+                 "ray_cai_ppo_overlap_seconds", "ray_cai_ppo_is_weight_mean", "ray_cai_ppo_is_clipped_frac",
+                 "ray_cai_ppo_behaviour_gap"):
         assert metrics.series(name, run=ppo_run, stage="ppo"), name
     for phase in ("rollout", "scoring", "training", "sync"):
         assert metrics.series("ray_cai_ppo_phase_seconds", run=ppo_run, phase=phase), phase

@@ -34,7 +34,7 @@ from ray.cluster_utils import Cluster
 from tests.workflows.runtime.cluster_scenario import REPO, generate_config
 from workflows.cli.main import main as cai
 from workflows.generate import run_generate
-from workflows.ppo import PPOConfig
+from learners.ppo_config import PPOConfig
 from workflows.runtime.devices import GPU_MEMORY_LABEL, joined_on_devices
 from workflows.runtime.ray_session import connect_ray
 

@@ -21,6 +21,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from actors.engine import EngineOptions, engine_args
+from actors.engine_config import EngineConfig
 from workflows.runtime.placement import (
     PlacementError,
     WorkerResources,
@@ -57,7 +58,7 @@ def probe_pool(n_workers: int, resources: WorkerResources, tensor_parallel: int)
     ``tensor_parallel`` (the engine options) and ``resources`` (the pool's bundle)."""
     pg = reserve_workers(n_workers, resources, timeout_s=30, name=f"probe-{resources.gpus:g}")
     try:
-        engine = EngineOptions(model="unused", tensor_parallel_size=tensor_parallel)
+        engine = EngineOptions(model="unused", config=EngineConfig(tensor_parallel=tensor_parallel))
         options = [bundle_options(pg, i, resources) for i in range(n_workers)]
         probes = [Probe.options(**option).remote() for option in options]
         placed = ray.get([p.where.remote(engine) for p in probes], timeout=30)

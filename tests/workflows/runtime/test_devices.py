@@ -18,9 +18,9 @@ import pytest
 from core.config import ConfigError, load_config
 from tests.workflows.runtime.cluster_scenario import REPO, run_scenario
 from workflows.generate import GenerateConfig
-from workflows.ppo import PPOConfig
+from learners.ppo_config import PPOConfig
 from workflows.runtime.devices import GpuNode, gpu_budget, gpu_memory_setting, on_devices, parse_smi_memory
-from workflows.train import SFTConfig
+from learners.hf_configs import SFTConfig
 
 
 def generate(**values) -> GenerateConfig:

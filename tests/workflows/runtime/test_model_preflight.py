@@ -195,10 +195,11 @@ def test_staging_copies_into_the_nodes_temp_folder_once_and_clears_a_dead_writer
 
 
 def test_stage_dir_must_be_absolute():
-    from workflows.runtime.cluster_options import ClusterOptions
+    from core.cluster_options import ClusterOptions
 
     assert ClusterOptions(stage_dir="/mnt/nvme/cai").problems() == []
-    assert ClusterOptions(stage_dir="relative/dir").problems() == ["stage_dir"]
+    assert [str(p) for p in ClusterOptions(stage_dir="relative/dir").problems()] == [
+        "--stage-dir: 'relative/dir' (an absolute path, or empty)"]
 
 
 # --- a fake cluster: two worker nodes with their own caches, in a subprocess --------------
@@ -299,7 +300,7 @@ def test_a_removed_node_is_reported_not_waited_on(scenario):
 def test_the_preflight_gives_each_node_at_least_a_minute_and_forever_with_no_placement_timeout():
     """A short --placement-timeout (how long to wait for nodes) must not cut short a busy node's
     answer (test_join.py's 3 s saw "no answer within 3 s" on a loaded machine)."""
-    from workflows.runtime.cluster_options import PREFLIGHT_MIN_TIMEOUT_S, ClusterOptions
+    from core.cluster_options import PREFLIGHT_MIN_TIMEOUT_S, ClusterOptions
 
     assert ClusterOptions(placement_timeout=3).preflight_timeout == PREFLIGHT_MIN_TIMEOUT_S
     assert ClusterOptions(placement_timeout=1800).preflight_timeout == 1800

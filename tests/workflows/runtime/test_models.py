@@ -73,6 +73,7 @@ def test_default_model_materializes_once_and_vllm_serves_it(ray_local):
     import ray
 
     from actors.engine import EngineOptions, VLLMEngineHost
+    from actors.engine_config import EngineConfig
     from core.sampling import greedy
     from workflows.runtime.models import COMPLETE_MARKER, materialize_default_model
 
@@ -83,7 +84,7 @@ def test_default_model_materializes_once_and_vllm_serves_it(ray_local):
     assert time.monotonic() - started < 1.0, "a second call is instant"
 
     host = ray.remote(num_cpus=1)(VLLMEngineHost).remote(
-        EngineOptions(model=str(path), max_model_len=2048, enforce_eager=True)
+        EngineOptions(model=str(path), config=EngineConfig(max_model_len=2048, enforce_eager=True))
     )
     try:
         (completion,) = ray.get(

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from actors.metrics import StageMetrics
-from actors.shard_work import OccupancySampler, RowRejected, run_rows
+from actors.shard_work import OccupancySampler, RowRejected, ShardResult, run_rows
 from core.run_identity import RunMismatchError
 from workflows.runtime.stage_runner import PoolConfig, StageJob, run_stage
 
@@ -30,7 +30,7 @@ class Shouter:
     def shutdown(self) -> None:
         """What the pool asks before it kills a worker; no engine here to stop."""
 
-    async def run_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    async def run_shard(self, shard: int, rows: list[dict[str, Any]]) -> ShardResult:
         return await run_rows(shard, rows, self._row, self.sampler, self.metrics, stage="shout",
                               expected=(KeyError,))
 

@@ -20,8 +20,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import AutoModelForCausalLM
 
 from actors.engine import EngineOptions
+from actors.engine_config import EngineConfig
 from actors.rollout_worker import RolloutWorker
-from tests.workflows.runtime.test_weight_sync import REFERENCE, engine_gap, perturb, weight_sync
+from tests.learners.test_weight_sync import REFERENCE, engine_gap, perturb, weight_sync
 
 
 def main(result_path: str, model: str) -> None:
@@ -31,7 +32,7 @@ def main(result_path: str, model: str) -> None:
     try:
         head = ray.get_runtime_context().get_node_id()
         engines = [ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))(
-            RolloutWorker).remote(EngineOptions(model=model, max_model_len=512, enforce_eager=True))
+            RolloutWorker).remote(EngineOptions(model=model, config=EngineConfig(max_model_len=512, enforce_eager=True)))
             for node in (head, other.node_id)]
         nodes = [ray.get(engine.sync_state.remote())["node"] for engine in engines]
         learner = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)

@@ -22,7 +22,7 @@ the same points), over four transports chosen explicitly by ``--sync-transport``
   ``load_weights`` (the path before #16; kept as the baseline of ``bench_ppo``).
 
 This module decides (which engines, whether to check, retry or stop); the transfers
-themselves are ``workflows.runtime.weight_push``. Under FSDP every learner takes part: each bucket's parameters are all-gathered just before it
+themselves are ``learners.weight_push``. Under FSDP every learner takes part: each bucket's parameters are all-gathered just before it
 is sent (``core.policy_source``), so no rank holds the whole policy. Rank 0 decides what to
 push and shares its decision over the learners' own group.
 
@@ -37,72 +37,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from actors.broadcast_group import TransportError, TransportUnavailable
-from core.config import failing, option
 from core.policy_source import PolicySource
-from workflows.runtime.weight_push import Attempt, EngineLink, Pusher
+from learners.options import TRANSPORTS, SyncOptions
+from learners.weight_push import Attempt, EngineLink, Pusher
 
-TRANSPORTS = ("shm", "gloo", "nccl", "blob")
-# A 16-bit engine's log-probs of a sequence differ from the learner's by up to this much with
-# the same weights (kernels and rounding); measured in docs/weight-sync.md.
-STALE_NOISE_16BIT = 0.1
 STALE_RATIO = 0.5  # a sync must remove at least half of a gap above the noise
 Reference = tuple[list[int], list[int]]  # (prompt ids, response ids): what the check scores
 
 
 class PeerFailed(RuntimeError):
     """Learner rank 0 failed in a step only it takes; the other learners stop with it."""
-
-
-@dataclass(frozen=True)
-class SyncOptions:
-    """How learner rank 0 brings the rollout engines to each new policy (``cai train ppo``)."""
-
-    sync_transport: Literal["auto", "shm", "gloo", "nccl", "blob"] = option(
-        "auto", "how the policy reaches the engines: a broadcast group per engine over gloo (CPU) or NCCL (GPU); "
-        "shm: gloo, but the engines on learner rank 0's machine read the weights from shared memory it writes "
-        "once; or a safetensors blob through the object store. auto: nccl with --use-gpu, else shm. Never "
-        "replaced by another when it cannot work: it fails")
-    sync_bucket_mb: int = option(64, "size of the packed buckets the weights travel in (MiB; a larger tensor "
-                                 "travels alone)")
-    sync_load: Literal["load", "reload"] = option("load", "how an engine takes each bucket: the model's "
-                                                  "load_weights, or vLLM's reload_weights over the whole policy")
-    sync_timeout: float = option(120.0, "seconds a join or transfer may take before the engine counts as failed")
-    sync_check_every: int = option(10, "check that an engine computes the learner's log-probs at the first sync, "
-                                   "then every N versions (and always after an engine restarts)")
-    sync_check_tol: float = option(0.0, "largest log-prob gap the check accepts (relative where |log-prob| > 1); "
-                                   "0: 1e-4 for engines in float32, 0.5 for 16-bit engines. Beside it, an engine "
-                                   "whose gap after the sync is not below half its gap before (when that was above "
-                                   "the precision's noise) fails: it kept stale weights")
-    sync_fail_at_version: int = option(0, "fault drill (tests set it): learner rank 0 alone fails as it prepares "
-                                       "the push of weights version N, as a refused shared region or a failed "
-                                       "join would; every learner must stop at once; 0 = never")
-
-    def transport(self, use_gpu: bool) -> str:
-        if self.sync_transport == "auto":
-            return "nccl" if use_gpu else "shm"
-        return self.sync_transport
-
-    def tolerance(self, engine_dtype: str | None) -> float:
-        if self.sync_check_tol > 0:
-            return self.sync_check_tol
-        return 1e-4 if engine_dtype in (None, "float32", "float64") else 0.5
-
-    @staticmethod
-    def noise(engine_dtype: str | None) -> float:
-        """The log-prob gap a correctly synced engine may still show from precision alone
-        (docs/weight-sync.md): below it, a sync's effect cannot be told from noise."""
-        return 1e-4 if engine_dtype in (None, "float32", "float64") else STALE_NOISE_16BIT
-
-    def problems(self) -> list[str]:
-        return failing({"sync_bucket_mb": self.sync_bucket_mb >= 1, "sync_timeout": self.sync_timeout > 0,
-                        "sync_check_every": self.sync_check_every >= 1, "sync_check_tol": self.sync_check_tol >= 0,
-                        "sync_fail_at_version": self.sync_fail_at_version >= 0})
 
 
 class WeightSync:
@@ -227,7 +176,7 @@ class WeightSync:
     def _ping(self) -> dict[int, dict]:
         """``sync_state`` of every engine that answers within the ping timeout; when none
         does, wait (up to --placement-timeout) for the first one back."""
-        from workflows.runtime.rollout_client import answers
+        from learners.rollout_client import answers
 
         return answers([link.actor for link in self.engines], "sync_state", ping_timeout=self.ping_timeout,
                        wait_timeout=self.wait_timeout)

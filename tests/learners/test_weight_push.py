@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from actors.broadcast_group import TransportUnavailable
-from workflows.runtime.weight_push import refuse_unless_free
+from learners.weight_push import refuse_unless_free
 
 
 def test_a_region_larger_than_free_memory_is_refused_with_the_way_out():

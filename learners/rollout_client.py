@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from core.sampling import SamplingConfig
-from workflows.runtime.ray_session import NAMESPACE
+from core.run_identity import NAMESPACE
 
 
 class RolloutClient:
@@ -16,7 +16,7 @@ class RolloutClient:
     Each round pings every actor: one that does not answer within ``ping_timeout`` (dead, or
     restarting after a crash) sits the round out, and so does one that answers with another
     weights version (back from a restart: the learners bring it up to date together,
-    ``workflows.runtime.weight_sync``). A request that fails because its actor died or
+    ``learners.weight_sync``). A request that fails because its actor died or
     restarted is sent again to another actor, so a crash costs time, not rows. When no actor
     holds the version, :meth:`generate` returns what it has, and the learners sync.
     """
@@ -35,17 +35,20 @@ class RolloutClient:
         return [self.actors[i] for i, answer in held.items() if answer == version]
 
     def generate(self, prompts: list[list[int]], version: int, sampling: SamplingConfig,
-                 seeds: list[int] | None = None, results: list[Any] | None = None) -> list[Any]:
+                 seeds: list[int] | None = None, results: list[Any] | None = None,
+                 crash: int | None = None) -> list[Any]:
         """One rollout per prompt, filled into ``results`` (where still ``None``); ``seeds``
         (one per prompt) make each answer reproducible, on whichever engine it lands, and
         again after a resend. Returns ``results``: complete, or with ``None`` left where no
-        actor held ``version`` (the caller syncs the engines and calls again)."""
+        actor held ``version`` (the caller syncs the engines and calls again). ``crash``: the
+        fault drill, the index of an actor that dies under its first request here."""
         import ray
 
         from actors.rollout_worker import StaleWeightsError
 
         results = [None] * len(prompts) if results is None else results
         todo = [i for i, r in enumerate(results) if r is None]
+        doomed = None if crash is None else self.actors[crash]
         for _ in range(len(self.actors) + 2):
             if not todo:
                 break
@@ -56,10 +59,11 @@ class RolloutClient:
             chunks = [todo[i::len(actors)] for i in range(len(actors))]
             calls = {
                 actor.generate.remote([prompts[i] for i in chunk], version=version, sampling=sampling,
-                                      seeds=None if seeds is None else [seeds[i] for i in chunk]): chunk
+                                      seeds=None if seeds is None else [seeds[i] for i in chunk],
+                                      crash=actor is doomed): chunk
                 for actor, chunk in zip(actors, chunks) if chunk
             }
-            todo = []
+            doomed, todo = None, []
             for ref, chunk in calls.items():
                 try:
                     for i, rollout in zip(chunk, ray.get(ref)):

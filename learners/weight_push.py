@@ -3,7 +3,7 @@ bucket loop (gather, pack, send, one bucket on the wire while the next is packed
 every engine echoes, the shared region of the ``shm`` transport (the buckets packed once into
 memory the engines on this machine read in place; each of their groups carries one "bucket k
 is ready" message per bucket) and the ``blob`` baseline. What to push, when to check and what to do
-about failures is ``workflows.runtime.weight_sync``'s part.
+about failures is ``learners.weight_sync``'s part.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,9 +21,7 @@ from actors.broadcast_group import Channel, GroupSpec, TransportUnavailable, lis
 from actors.shared_region import SharedRegion, offsets
 from core.policy_source import PolicySource
 from core.weight_plan import Bucket, Buffers, from_wire, pack, plan_buckets, to_wire
-
-if TYPE_CHECKING:  # workflows.runtime.weight_sync imports this module
-    from workflows.runtime.weight_sync import SyncOptions
+from learners.options import SyncOptions
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import failing, option
+from core.config import Problem, Rule, at_least, failing, option
 
 DEFAULT_PLACEMENT_TIMEOUT_S = 1800.0
 # The least time a node gets to answer the model preflight (a task that starts a worker process
@@ -31,12 +31,21 @@ class ClusterOptions:
                             "shared volume); default: ray-cai-staged in each node's temp folder ($TMPDIR or /tmp)")
 
     @property
-    def preflight_timeout(self) -> float | None:
-        """Seconds the model preflight waits for each node: the placement timeout, at least
-        ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) when the placement timeout is 0."""
-        return max(self.placement_timeout, PREFLIGHT_MIN_TIMEOUT_S) if self.placement_timeout else None
+    def wait_s(self) -> float | None:
+        """How long to wait for the cluster, in seconds: for placement, for an actor that restarts
+        (it may wait for a node), for the learners to start. None waits forever
+        (``--placement-timeout 0``). Every wait reads this, never the flag itself."""
+        return self.placement_timeout or None
 
-    def problems(self) -> list[str]:
-        name_ok = all(c.isalnum() or c in "-_." for c in self.run_name) and len(self.run_name) <= 48
-        return failing({"run_name": name_ok, "placement_timeout": self.placement_timeout >= 0,
-                        "stage_dir": not self.stage_dir or self.stage_dir.startswith("/")})
+    @property
+    def preflight_timeout(self) -> float | None:
+        """Seconds the model preflight waits for each node: :attr:`wait_s`, at least
+        ``PREFLIGHT_MIN_TIMEOUT_S``; None (forever) with it."""
+        return None if self.wait_s is None else max(self.wait_s, PREFLIGHT_MIN_TIMEOUT_S)
+
+    def problems(self) -> list[Problem]:
+        run_name = Rule("at most 48 letters, digits, '-', '_' or '.'",
+                        lambda name: all(c.isalnum() or c in "-_." for c in name) and len(name) <= 48)
+        stage_dir = Rule("an absolute path, or empty", lambda path: not path or path.startswith("/"))
+        return failing({"run_name": run_name(self.run_name), "placement_timeout": at_least(0)(self.placement_timeout),
+                        "stage_dir": stage_dir(self.stage_dir)})

@@ -4,11 +4,8 @@ load under FSDP, where rank 0 alone reads the weights (docs/memory.md)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from workflows.runtime.training import LearnerOptions
-
-TrainJobConfig = Any  # workflows.train's job configs (a layer above this one)
+from learners.hf_configs import TrainJobConfig
+from learners.options import LearnerOptions
 
 
 def model_dtype(learner: LearnerOptions):

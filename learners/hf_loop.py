@@ -1,7 +1,7 @@
 """The worker side of a Hugging Face / TRL trainer job (sft, rm, dpo): its callbacks (steps to
 ``metrics.jsonl``, the fault drill, measurements once training begins), resuming from Ray
 Train's checkpoint, and the final model saved as one ordinary safetensors model (gathered from
-FSDP shards, LoRA merged). The shared learner plumbing is in :mod:`workflows.runtime.training`."""
+FSDP shards, LoRA merged). The shared learner plumbing is in :mod:`learners.context`."""
 
 from __future__ import annotations
 
@@ -13,20 +13,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workflows.runtime.training import (
-    FINAL_MODEL, LearnerOptions, WorkerContext, hold_if_drilled, local_models, log_step, register_worker,
-    report_final, worker_output_dir,
+from learners.context import (
+    FINAL_MODEL, LearnerContext, hold_if_drilled, log_step, register_worker, report_final, worker_output_dir,
 )
+from learners.options import LearnerOptions
 
 
-def step_log_callback(worker: WorkerContext):
-    """A Hugging Face trainer callback: at each logging step, rank 0 logs the loss, learning
-    rate, epoch and input tokens per second since the previous log."""
+def step_log_callback(context: LearnerContext):
+    """A Hugging Face trainer callback: at each logging step, and at the last step whatever
+    ``--logging-steps`` says (a run shorter than it still leaves a row), rank 0 logs the loss,
+    learning rate, epoch and input tokens per second since the previous log."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         def __init__(self):
             self.last = (time.monotonic(), 0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the trainer logs this step's loss next, then on_log runs
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -34,14 +39,14 @@ def step_log_callback(worker: WorkerContext):
             now, tokens = time.monotonic(), int(state.num_input_tokens_seen or 0)
             rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9) if tokens else None
             self.last = (now, tokens)
-            log_step(worker, {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+            log_step(context, {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
                               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                               "tokens_per_second": rate, "time": time.time()})
 
     return StepLog()
 
 
-def hold_callback(worker: WorkerContext, learner: LearnerOptions):
+def hold_callback(context: LearnerContext, learner: LearnerOptions):
     """The fault drill as a Hugging Face trainer callback, or None when no drill is asked."""
     from transformers import TrainerCallback
 
@@ -51,7 +56,7 @@ def hold_callback(worker: WorkerContext, learner: LearnerOptions):
     class HoldAfterCheckpoint(TrainerCallback):
         # on_step_begin of step N+1: checkpoint N has been saved and reported by now
         def on_step_begin(self, args, state, control, **kwargs):
-            hold_if_drilled(worker, learner, state.global_step)
+            hold_if_drilled(context, learner, state.global_step)
 
     return HoldAfterCheckpoint()
 
@@ -94,11 +99,11 @@ def evaluate_split(trainer) -> dict[str, float]:
     return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
 
 
-def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple[Any, Any, Any]]) -> None:
+def hf_train_loop(context: LearnerContext, build: Callable[[Any, str], tuple[Any, Any, Any]]) -> None:
     """The body of every job's train loop, on each worker: resume or start, train a
     Hugging Face / TRL trainer wired to Ray Train, report the final model.
 
-    ``loop_config`` holds the job's frozen ``config`` and the run's ``worker`` context.
+    ``context`` holds the job's frozen config (``settings``) and the run's facts.
     ``build(config, output_dir)`` returns (trainer, tokenizer, measure), where
     ``measure(trainer) -> metrics`` runs before and after training."""
     import ray.train
@@ -106,9 +111,8 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
 
     from core.sharding import full_state
 
-    worker: WorkerContext = loop_config["worker"]
-    config = local_models(loop_config["config"], worker.model_sources)
-    register_worker(worker)
+    config = context.local_settings()
+    register_worker(context)
     # Ray Train's latest checkpoint (a restart or a rerun), read through as_directory(): in place
     # on local or shared storage; from remote storage one download per node, deleted after
     checkpoint = ray.train.get_checkpoint()
@@ -122,10 +126,10 @@ def hf_train_loop(loop_config: dict[str, Any], build: Callable[[Any, str], tuple
         if finished:  # a rerun after the job completed: hand back the same model
             report_final(lambda target: shutil.copytree(finished, target), {"resumed_from_step": -1})
             return
-        trainer, tokenizer, measure = build(config, worker_output_dir(worker.name))
+        trainer, tokenizer, measure = build(config, worker_output_dir(context.name))
         trainer.add_callback(RayTrainReportCallback())
-        trainer.add_callback(step_log_callback(worker))
-        hold = hold_callback(worker, config.learner)
+        trainer.add_callback(step_log_callback(context))
+        hold = hold_callback(context, config.learner)
         if hold is not None:
             trainer.add_callback(hold)
         before: dict[str, float] = {}

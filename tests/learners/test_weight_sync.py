@@ -16,10 +16,11 @@ import ray
 import torch
 
 from actors.engine import EngineOptions
+from actors.engine_config import EngineConfig
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from core.policy_source import PolicySource
 from core.sampling import SamplingConfig
-from workflows.runtime.weight_sync import SyncOptions, TransportError, WeightSync
+from learners.weight_sync import SyncOptions, TransportError, WeightSync
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 REFERENCE = ([10, 11, 12, 13], [20, 21, 22, 23, 24])
@@ -29,7 +30,7 @@ STALE_PERTURBATION = 0.02  # moves the reference's log-probs by more than bf16's
 @pytest.fixture(scope="module")
 def engines(ray_local, tiny_model):
     actors = [ray.remote(num_cpus=1, max_restarts=1, max_task_retries=0)(RolloutWorker).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True)) for _ in range(2)]
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True))) for _ in range(2)]
     ray.get([a.info.remote() for a in actors])
     yield actors
     for actor in actors:
@@ -191,7 +192,7 @@ def test_a_group_whose_peer_is_gone_raises_within_the_timeout(engines, learner):
 @pytest.fixture(scope="module")
 def bf16_engine(ray_local, tiny_model):
     actor = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker).remote(
-        EngineOptions(model=tiny_model, max_model_len=512, enforce_eager=True, dtype="bfloat16"))
+        EngineOptions(model=tiny_model, config=EngineConfig(max_model_len=512, enforce_eager=True, dtype="bfloat16")))
     ray.get(actor.info.remote())
     yield actor
     ray.kill(actor, no_restart=True)
@@ -218,7 +219,7 @@ def test_at_bf16_a_push_that_skips_a_tensor_or_leaves_the_engine_stale_fails(bf1
     """A bf16 engine, where the check's tolerance (0.5) is wider than what a step moves: a plan
     without one tensor is refused by the engine (a parameter got nothing), and an engine still
     holding the previous weights fails the check (its gap did not shrink)."""
-    from workflows.runtime.weight_sync import STALE_NOISE_16BIT
+    from learners.weight_sync import STALE_NOISE_16BIT
 
     def sync_with(source):
         return WeightSync(SyncOptions(sync_bucket_mb=1, sync_timeout=20.0), [bf16_engine], source, rank=0, world=1,

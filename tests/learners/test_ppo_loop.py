@@ -7,7 +7,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from core.ppo_policy import ActorCritic, pack_rollouts, sequence_logprobs
-from workflows.ppo_learner import step_prompts
+from learners.rollout_schedule import step_prompts
 
 
 def test_step_prompts_split_a_seeded_order_over_ranks():
@@ -46,8 +46,8 @@ def test_the_learner_step_moves_every_tensor_to_the_models_device(tiny_model):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from core.config import load_config
-    from workflows.ppo import PPOConfig
-    from workflows.ppo_learner import learn_from_rollouts, score_rollouts
+    from learners.ppo_config import PPOConfig
+    from learners.ppo_update import learn_from_rollouts, score_rollouts
 
     config = AutoConfig.from_pretrained(tiny_model)
     with torch.device("meta"):
@@ -76,8 +76,8 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model):
 
     from core.config import load_config
     from core.ppo_policy import load_actor_critic
-    from workflows.ppo import PPOConfig
-    from workflows.ppo_learner import learn_from_rollouts
+    from learners.ppo_config import PPOConfig
+    from learners.ppo_update import learn_from_rollouts
 
     settings = load_config(PPOConfig, overrides=dict(
         policy=tiny_model, prompts="p.jsonl", out="o", reward_fn="vowel_share", rollout_batch=4, minibatch=2,
