@@ -47,7 +47,7 @@ from core.analysis_runs import (
 )
 from core.analysis_stats import whitespace_tokens
 from core.cluster_options import ClusterOptions
-from core.config import REQUIRED, config_to_dict, failing, identity, option, require_valid
+from core.config import REQUIRED, at_least, config_to_dict, failing, identity, option, require_valid
 from core.manifest import MANIFEST, file_fingerprint
 from core.shards import write_jsonl
 from workflows.analyze_report import write_figures, write_report
@@ -82,7 +82,9 @@ class AnalyzeConfig:
     cluster: ClusterOptions = option(ClusterOptions(), "with --judge: run id, placement waiting and model staging")
 
     def __post_init__(self) -> None:
-        checks = {"runs": len(self.runs) >= 1, "bootstrap": self.bootstrap >= 100, "batch_rows": self.batch_rows >= 1}
+        checks = {"runs": len(self.runs) >= 1,
+                  "bootstrap": at_least(100).because("percentiles of fewer resamples are noise")(self.bootstrap),
+                  "batch_rows": at_least(1)(self.batch_rows)}
         require_valid(failing(checks), self.pool.problems(), self.engine.problems(), self.cluster.problems())
 
 
