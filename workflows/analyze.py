@@ -30,6 +30,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 
 from actors.compare_worker import Contest, JudgeSettings, JudgeWorker
+from actors.engine import EngineOptions
 from actors.engine_config import EngineConfig
 from constitutions.loader import ConstitutionError, load_constitution
 from constitutions.schema import Constitution, FeedbackPrinciple
@@ -245,8 +246,8 @@ def judge_revisions(config: AnalyzeConfig, run: RunFolder, name: str, out: Path)
         stage="analyze-judge", out=folder, prompts=str(items_path), pool=config.pool,
         identity=identity(config, judge=model, steps=file_fingerprint(items_path), principle=LESS_HARMFUL.sha256),
         config=config_to_dict(config), output_schema=JUDGEMENT_SCHEMA, worker_cls=JudgeWorker,
-        worker_args=(config.engine.options(model, config.seed, source), {"red_team": LESS_HARMFUL.to_dict()}, steps,
-                     settings, contest),
+        worker_args=(EngineOptions(model, config.engine, seed=config.seed, model_source=source),
+                     {"red_team": LESS_HARMFUL.to_dict()}, steps, settings, contest),
         worker_kwargs={"judge_name": config.judge}, many_per_input=True,
         max_num_seqs=config.engine.max_num_seqs, tensor_parallel=config.engine.tensor_parallel,
         cluster=config.cluster, models=(source,),
