@@ -59,7 +59,8 @@ def synthetic_shard(rng: np.random.Generator, start: int, n: int, ids: list[str]
     prob_a = probs.mean(axis=1)
     index = np.arange(start, start + n)
     texts = pa.array([f"An answer of about this length, number {i}." for i in range(n)])
-    chosen = pa.array([[{"role": "assistant", "content": f"chosen {i}"}] for i in range(n)], OUTPUT_SCHEMA.field("chosen").type)
+    chosen = pa.array([[{"role": "assistant", "content": f"chosen {i}"}] for i in range(n)],
+                      OUTPUT_SCHEMA.field("chosen").type)
     scorings = per_row * 2
     columns = {
         "index": index, "id": [f"p{i}/0-1" for i in index], "prompt_id": [f"p{i}" for i in index],
@@ -105,7 +106,8 @@ def write_run(folder: Path, rows: int, shard_rows: int, per_row: int, seed: int 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--shard-rows", type=int, default=4096, help="rows per data shard, as --shard-size prompts give")
+    parser.add_argument("--shard-rows", type=int, default=4096,
+                        help="rows per data shard (cai label writes one row per pair of --shard-size prompts)")
     parser.add_argument("--principles", type=int, default=3, help="feedback principles per pair")
     parser.add_argument("--limit-seconds", type=float, default=120.0)
     parser.add_argument("--limit-rss-mb", type=float, default=2048.0)
@@ -128,7 +130,8 @@ def main() -> int:
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         summary = json.loads(result.stdout)
         report = {"rows": args.rows, "principles_per_row": args.principles, "data_mb": round(data_mb),
-                  "wall_seconds": round(wall, 1), "analysis_seconds": summary["seconds"], "stream_seconds": summary.get("stream_seconds"),
+                  "wall_seconds": round(wall, 1), "analysis_seconds": summary["seconds"],
+                  "stream_seconds": summary["stream_seconds"],
                   "rows_per_second": round(args.rows / wall), "stream_rows_per_second": summary["rows_per_second"],
                   "peak_rss_mb": round(rss_mb), "figures": len(summary["figures"])}
         print(json.dumps(report, indent=2))

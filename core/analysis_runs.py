@@ -151,7 +151,8 @@ class GenerateAnalysis:
 
     def add(self, batch: pa.RecordBatch) -> None:
         rows = batch.to_pylist()
-        texts = [t for r in rows for t in [r["initial_response"] or "", *((v["revision"] or "") for v in r["revisions"] or ())]]
+        texts = [text for r in rows
+                 for text in [r["initial_response"] or "", *((v["revision"] or "") for v in r["revisions"] or ())]]
         tokens = iter(self.tokenize(texts))
         steps = self.steps
         for r in rows:

@@ -244,7 +244,8 @@ def _effect(effect: Mapping[str, Any] | None) -> str:
 def _generate_section(run: Mapping[str, Any]) -> list[str]:
     t = run["totals"]
     lines = [f"- prompts: {t['rows']}; revisions: {t['revisions']}; unchanged revisions: "
-             f"{_fmt(t['unchanged_share'])}; final answer equals the initial one: {_fmt(t['final_equals_initial_share'])}",
+             f"{_fmt(t['unchanged_share'])}; final answer equals the initial one: "
+             f"{_fmt(t['final_equals_initial_share'])}",
              f"- tokens: {t['prompt_tokens']} prompt, {t['generated_tokens']} generated; rows with notes (an empty "
              f"revision kept the answer before it): {t['rows_with_notes']}",
              f"- edit distances count {run['tokens']}"]

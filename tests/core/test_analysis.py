@@ -254,7 +254,8 @@ def test_run_folders_are_checked_with_one_clear_message(tmp_path):
         open_run(str(tmp_path))
     (tmp_path / "manifest.json").write_text(json.dumps({"stage": "label"}))
     (tmp_path / "data").mkdir()
-    pq.write_table(pa.table({"principle_ids": [["P"]], "identical": [False]}), tmp_path / "data" / "shard-00000.parquet")
+    shard = tmp_path / "data" / "shard-00000.parquet"
+    pq.write_table(pa.table({"principle_ids": [["P"]], "identical": [False]}), shard)
     with pytest.raises(AnalysisInputError, match="no column 'principle_probs'"):
         open_run(str(tmp_path))
 
