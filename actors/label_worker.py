@@ -146,6 +146,8 @@ class LabelWorker:
             "principle_ids": list(label.principle_ids),
             "principle_probs": [p[0] for p in label.per_principle],
             "option_orders": [list(o) for o in label.orders],
+            "order_prob_a": list(label.display_probs_a),
+            "order_fallbacks": list(label.fallback_flags),
             "reasoning": list(label.reasonings),
             "identical": texts[0] == texts[1],
             "cot": self.settings.cot,

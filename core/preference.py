@@ -234,6 +234,10 @@ class PairLabel:
     orders: tuple[tuple[int, ...], ...]  # display order of each scoring (per principle, both orders: 2 each)
     reasonings: tuple[str, ...]  # per scoring; '' without CoT
     fallbacks: int  # scorings whose letters were not all in the top-k
+    # per scoring, P(option A) as the model gave it (before any CoT clamp): with ``orders``
+    # it shows the position bias that averaging both orders cancels (`cai analyze`)
+    display_probs_a: tuple[float, ...] = ()
+    fallback_flags: tuple[bool, ...] = ()  # per scoring, whether it needed the exact fallback
 
     @property
     def chosen(self) -> int:
@@ -267,8 +271,8 @@ async def label_pair(
     With ``both_orders`` every principle is scored as (first, second) and (second, first)
     and its label is the mean of the two; otherwise in one order drawn from ``rng`` (drawn
     before any scoring, one per principle in order, so the label depends only on the seed).
-    ``orders``, ``reasonings`` and ``fallbacks`` count scorings: two per principle with
-    ``both_orders``.
+    ``orders``, ``reasonings``, ``display_probs_a``, ``fallback_flags`` and ``fallbacks`` count
+    scorings: two per principle with ``both_orders``.
     """
     if len(responses) != 2:
         raise ValueError(f"label_pair compares exactly 2 responses, got {len(responses)}")
@@ -282,8 +286,10 @@ async def label_pair(
     ]
     results = await asyncio.gather(*(score(prompt, 2, cot) for prompt in prompts))
     labels: list[tuple[float, float]] = []
+    display_a: list[float] = []
     for (probs, _, _), (_, order) in zip(results, scorings):
         display = _checked(probs, 2)
+        display_a.append(display[0])
         if cot:
             # [0.4, 0.6] is symmetric about 0.5, so the clamped pair still sums to one.
             first = clamp(display[0])
@@ -300,4 +306,6 @@ async def label_pair(
         orders=tuple(tuple(order) for _, order in scorings),
         reasonings=tuple(reasoning for _, reasoning, _ in results),
         fallbacks=sum(1 for _, _, used_fallback in results if used_fallback),
+        display_probs_a=tuple(display_a),
+        fallback_flags=tuple(bool(used_fallback) for _, _, used_fallback in results),
     )

@@ -32,7 +32,8 @@ RAY_FIXTURES = {"ray_local", "tiny_engine", "ray_head", "token_head"}
 LONGEST_FIRST = ("tests/workflows/test_ppo.py", "tests/workflows/runtime/test_node_loss.py",
                  "tests/workflows/runtime/test_elastic.py",
                  "tests/workflows/test_train.py", "tests/workflows/cli/test_submit.py",
-                 "tests/workflows/test_pipeline.py", "tests/workflows/test_generate.py")
+                 "tests/workflows/test_pipeline.py", "tests/workflows/test_generate.py",
+                 "tests/workflows/test_analyze.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== stages")
     for name, stage in stages.items():
         print(f"  {name:<9} {'skipped (done before)' if stage.get('skipped') else stage['status']:<22} {stage['out']}")
+    if record.get("analysis"):
+        print(f"\nconstitution analytics: {record['analysis']}")
     if record.get("report"):
-        print(f"\nreport: {record['report']}")
+        print(f"report: {record['report']}")
     return 0
 
 

@@ -10,6 +10,7 @@ accounting and a few answers side by side, escaped so model text cannot break th
 from __future__ import annotations
 
 import html
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -156,3 +157,18 @@ def write_markdown(path: Path, results: Mapping[str, Any], rows: Sequence[Mappin
              "## Method", "", method.strip(), "", *(_samples(rows, per_category) if per_category else [])]
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+ANALYSIS_HEADING = "## Constitution analytics"
+
+
+def link_analysis(report: Path, analysis_report: Path) -> Path:
+    """Point the evaluation report at `cai analyze`'s report of the same run (``cai run`` does
+    this after its analysis), replacing the section an earlier run added."""
+    text = report.read_text(encoding="utf-8").split(f"\n{ANALYSIS_HEADING}\n", 1)[0].rstrip()
+    link = os.path.relpath(analysis_report, report.parent)
+    text += (f"\n\n{ANALYSIS_HEADING}\n\nWhat each principle of the constitution did in this run's stages (how "
+             "often drawn, how much its revisions changed the answers, how its labels agree with the others, how "
+             f"useful it is alone, the feedback model's position bias): [{link}]({link})\n")
+    report.write_text(text, encoding="utf-8")
+    return report

@@ -41,6 +41,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("principle_ids", pa.list_(pa.string())),
         ("principle_probs", pa.list_(pa.float64())),
         ("option_orders", pa.list_(pa.list_(pa.int64()))),
+        ("order_prob_a", pa.list_(pa.float64())),
+        ("order_fallbacks", pa.list_(pa.bool_())),
         ("reasoning", pa.list_(pa.string())),
         ("identical", pa.bool_()),
         ("cot", pa.bool_()),

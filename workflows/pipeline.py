@@ -2,6 +2,7 @@
 
     generate (SL-CAI) → train sft → label (RL-CAI, the SFT model as policy) → train rm
     → train ppo (or dpo) → eval compare (the base model against each trained stage)
+    → cai analyze (what each principle did in generate, label and eval), linked from the eval report
 
 Each stage is the same job its own command runs (``cai generate``, ``cai train sft``, ...),
 configured from one section of the pipeline config and writing into ``OUT/<stage>``.
@@ -23,12 +24,15 @@ from typing import Any, Literal
 from core.config import REQUIRED, ConfigError, config_to_dict, load_config, option
 from core.hub_datasets import is_hub_source
 from core.prompt_data import PromptOptions
+from workflows.eval_report import link_analysis
 from workflows.plan import check_run_memory
 from workflows.runtime.devices import GPU_MEMORY_HELP, GpuMemory, gpu_memory_setting
 
 RECORD = "pipeline.json"
 STAGE_DIRS = {"generate": "sl-cai", "sft": "sft", "label": "rl-cai", "rm": "rm", "ppo": "ppo", "dpo": "dpo",
               "eval": "eval"}
+ANALYSIS_DIR = "analysis"
+ANALYSED_STAGES = ("generate", "label", "eval")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class PipelineConfig:
     ppo: dict[str, Any] = option({}, "options of `cai train ppo`")
     dpo: dict[str, Any] = option({}, "options of `cai train dpo`")
     eval: dict[str, Any] = option({}, "options of `cai eval compare`")
+    analyze: dict[str, Any] = option({}, "options of `cai analyze`, which ends the run (e.g. judge: default)")
     gpu_memory_gib: GpuMemory = option("auto", GPU_MEMORY_HELP)
 
     def __post_init__(self) -> None:
@@ -182,6 +187,7 @@ def _write_record(root: Path, record: dict[str, Any]) -> None:
 def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage not already done; return the record (also in OUT/pipeline.json)."""
     stages = plan(cfg)  # every section is checked before anything runs
+    analysis = analysis_config(cfg, stages)
     check_run_memory(cfg.model, stages, log, cfg.gpu_memory_gib)  # and refused here when a stage cannot fit its devices
     root = Path(cfg.out).expanduser().resolve()
     record = _read_record(root)
@@ -207,11 +213,33 @@ def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> 
         record["stages"][stage.name].update(status="done", skipped=skipped, seconds=round(time.monotonic() - started, 1),
                                             summary=_brief(summary))
         _write_record(root, record)
+    analysed = analyse(analysis, log)
+    record["analysis"] = analysed["report"]
     report = root / STAGE_DIRS["eval"] / "report.md"
     if report.exists():
+        link_analysis(report, Path(analysed["report"]))
         record["report"] = str(report)
-        _write_record(root, record)
+    _write_record(root, record)
     return record
+
+
+def analysis_config(cfg: PipelineConfig, stages: list[Stage]):
+    """The config of the `cai analyze` that ends the run: the generate, label and eval stages,
+    into ``OUT/analysis``, with the options of the ``analyze`` section."""
+    from workflows.analyze import AnalyzeConfig
+
+    root = Path(cfg.out).expanduser().resolve()
+    runs = [str(stage.out) for stage in stages if stage.name in ANALYSED_STAGES]
+    return _section(AnalyzeConfig, "analyze", cfg.analyze, dict(runs=runs, out=str(root / ANALYSIS_DIR)))
+
+
+def analyse(config, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run it: a few seconds without a judge (it streams the stages' output). It runs every time,
+    so it follows the stages; a judge's stage resumes like any other."""
+    from workflows.analyze import run_analyze
+
+    log(f"cai run: analysis of {', '.join(Path(r).name for r in config.runs)} → {config.out}")
+    return run_analyze(config)
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:

@@ -273,6 +273,8 @@ def test_both_orders_cancel_a_pure_position_bias_exactly(cot):
         result = label(score=FirstSlot(p), cot=cot)
         assert all(pair == pytest.approx((0.5, 0.5)) for pair in result.per_principle)
         assert result.probs == pytest.approx((0.5, 0.5))
+        # the raw P(A) of each scoring is kept, so the bias the average cancels can still be measured
+        assert result.display_probs_a == pytest.approx((p,) * 6) and result.fallback_flags == (False,) * 6
     # and a judge that sees the answers keeps its verdict, whichever slot it is in
     assert label(score=PrefersGood(0.9)).probs == pytest.approx((0.9, 0.1))
 
@@ -306,7 +308,7 @@ def test_ensemble_of_principles_is_the_mean():
               for order, first in zip(result.orders, [0.9, 0.6, 0.3])]
     assert [p[0] for p in result.per_principle] == pytest.approx(undone)
     assert result.probs[0] == pytest.approx(sum(undone) / 3)
-    assert result.fallbacks == 1
+    assert result.fallbacks == 1 and result.fallback_flags == (False, False, True)
 
 
 def test_label_pair_passes_few_shot_and_two_options():

@@ -52,6 +52,11 @@ def test_label_pairs_soft_labels_and_accounting(ray_local, tiny_model, tmp_path,
         assert len(row["principle_ids"]) == 2 and set(row["principle_ids"]) <= feedback_ids
         assert len(row["principle_probs"]) == 2
         assert row["option_orders"] == [[0, 1], [1, 0]] * 2, "each principle scored in both orders"
+        assert len(row["order_prob_a"]) == 4 and len(row["order_fallbacks"]) == 4
+        assert sum(row["order_fallbacks"]) == row["scoring_fallbacks"]
+        if not cot:  # each principle's label is the mean of its two orders' P(first answer)
+            first = [a if order == [0, 1] else 1 - a for a, order in zip(row["order_prob_a"], row["option_orders"])]
+            assert row["principle_probs"] == pytest.approx([(first[0] + first[1]) / 2, (first[2] + first[3]) / 2])
         assert row["prob_a"] == pytest.approx(sum(row["principle_probs"]) / 2), "the ensemble is the mean"
         texts = (row["response_a"], row["response_b"])
         chosen = 0 if row["prob_a"] >= 0.5 else 1

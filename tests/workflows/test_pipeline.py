@@ -11,7 +11,7 @@ import pytest
 from core.config import ConfigError, load_config, read_yaml
 from core.prompt_data import PromptOptions
 from workflows.cli.main import main
-from workflows.pipeline import PipelineConfig, load_pipeline_config, merge, parse_overrides, plan
+from workflows.pipeline import PipelineConfig, analysis_config, load_pipeline_config, merge, parse_overrides, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,16 @@ def test_a_bad_section_names_the_section(tmp_path):
     (ppo,) = [s for s in plan(load_config(PipelineConfig, overrides={**base, "ppo": {"lr": "1e-6"}})) if s.name == "ppo"]
     assert ppo.config.learner.lr == 1e-6
 
+
+def test_the_run_ends_with_the_analysis_of_its_generate_label_and_eval_stages(tmp_path):
+    base = dict(model="m", prompts="p.jsonl", eval_prompts="e.jsonl", out=str(tmp_path))
+    cfg = load_config(PipelineConfig, overrides={**base, "analyze": {"judge": "default", "bootstrap": 500}})
+    analysis = analysis_config(cfg, plan(cfg))
+    assert [Path(r).name for r in analysis.runs] == ["sl-cai", "rl-cai", "eval"]
+    assert analysis.out == str(tmp_path.resolve() / "analysis") and analysis.judge == "default"
+    with pytest.raises(ConfigError, match="`analyze.out` is set by the pipeline"):
+        bad = load_config(PipelineConfig, overrides={**base, "analyze": {"out": "x"}})
+        analysis_config(bad, plan(bad))
 
 
 def test_the_prompt_split_and_column_reach_the_stages_that_read_prompts(tmp_path):
@@ -107,6 +117,10 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert labelled and {Path(r["policy_model"]).name for r in labelled} == {"sft"}, "the SFT policy sampled them"
     dpo = json.loads((run / "dpo" / "training_summary.json").read_text())
     assert dpo["metrics"]["global_step"] == 2
+    # `cai run` ends with the analysis of its stages
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert [r["kind"] for r in analysis["runs"]] == ["generate", "label"]
+    assert Path(record["analysis"]).exists() and len(analysis["figures"]) >= 3
     first = dpo["history"][0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5), first
 
@@ -119,3 +133,4 @@ def test_cai_run_goes_through_every_stage_and_a_rerun_skips_them(ray_local, tiny
     assert main(["status", str(run)]) == 0
     status = capsys.readouterr().out
     assert "generate  done" in status and "shards 1/1" in status and "dpo" in status
+    assert f"analysis: {run / 'analysis' / 'report.md'}" in status

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from actors.process_output import LOG_LEVEL_ENV
 from constitutions.importers import ConstitutionImportError
 from constitutions.loader import ConstitutionError
+from core.analysis import AnalysisInputError
 from core.config import ConfigError
 from core.prompt_data import PromptDataError
 from core.rewards import RewardError
@@ -31,7 +32,7 @@ from workflows.runtime.training import LearnerFailed
 
 USER_ERRORS = (ConfigError, RewardError, EvalDataError, TrainingDataError, RunMismatchError, ConstitutionError,
                ConstitutionImportError, ModelNotFoundError, PromptDataError, FileNotFoundError, JobClientError,
-               RayAuthError, PlacementError, NoCapacityError)
+               RayAuthError, PlacementError, NoCapacityError, AnalysisInputError)
 RUN_FAILURES = (LearnerFailed,)
 
 

@@ -140,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     record = run_pipeline(pipeline_config(args))
     for name, stage in record["stages"].items():
         print(f"{name:<9} {'skipped' if stage.get('skipped') else stage['status']:<8} {stage['out']}")
+    if record.get("analysis"):
+        print(f"analysis: {record['analysis']}")
     if record.get("report"):
         print(f"report: {record['report']}")
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from core.config import add_config_arguments, load_config
 from workflows.cli import commands, operations
+from workflows.analyze import AnalyzeConfig, run_analyze
 from workflows.chat import ChatConfig, run_chat
 from workflows.eval_compare import EvalCompareConfig, run_eval_compare
 from workflows.eval_feedback import EvalFeedbackConfig, run_eval_feedback
@@ -128,6 +129,12 @@ COMMANDS: tuple[Command, ...] = (
             help="baseline model A against challengers, judged under a constitution: win rates, Elo, report",
             description="Answer held-out prompts with every model, judge each (A, challenger) pair in both option "
             "orders, write results.json, report.md and a plot." + _RESUME),
+    Command(words=("analyze",), config=AnalyzeConfig, job=run_analyze,
+            help="what each principle did in generate, label and eval runs: report.md, analysis.json, plots",
+            description="Stream the given run folders (any mix of cai generate, label, eval feedback and eval "
+            "compare) and write per principle: how often drawn, how much its revisions change the answer, how its "
+            "labels agree with the others, how useful it is alone, the feedback model's position bias; print where "
+            "the report is."),
     Command(words=("prompts", "check"), run=commands.cmd_prompts_check, arguments=commands.prompts_check_arguments,
             help="what a job would read from a prompt source: rows, rejects by reason, the column and a first prompt",
             description="Read SOURCE (a file, a saved dataset directory or hf:ORG/NAME) as generate, label and "

@@ -68,7 +68,7 @@ def run_status(directory: str) -> dict[str, Any]:
         stages[name] = {"status": entry.get("status"), "out": entry.get("out"), "seconds": entry.get("seconds"),
                         **({"error": entry["error"]} if entry.get("error") else {}),
                         **stage_progress(Path(entry["out"]))}
-    return {"dir": str(root), "stages": stages, "report": record.get("report")}
+    return {"dir": str(root), "stages": stages, "analysis": record.get("analysis"), "report": record.get("report")}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -91,6 +91,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  {name:<9} {stage['status'] or '-':<8} {detail}{seconds}  {stage['out']}")
         if stage.get("error"):
             lines.append(f"            error: {stage['error']}")
+    if status.get("analysis"):
+        lines.append(f"analysis: {status['analysis']}")
     if status.get("report"):
         lines.append(f"report: {status['report']}")
     return "\n".join(lines)
