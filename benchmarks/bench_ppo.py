@@ -6,8 +6,8 @@
 Synchronous against overlapped (``--max-staleness N``), side by side: ``--vs-staleness N``
 runs the job ``--pairs`` times in each schedule, alternating, and reports each pair's ratio of
 mean step seconds. ``--pin`` gives the learner one core and the rollout engine another: the
-benchmark process (and so Ray's raylet, the learner and the engine actor it starts) runs on core
-1, and the engine's compute threads are bound to core 0 (``VLLM_CPU_OMP_THREADS_BIND``):
+benchmark process (and so Ray's processes and the learner it starts) runs on core 1, and every
+thread of the rollout engine's processes is moved to core 0:
 
     .venv/bin/python benchmarks/bench_ppo.py --model default --steps 6 --rollout-batch 8 --max-new-tokens 64 \
         --vs-staleness 1 --pairs 2 --pin
@@ -25,6 +25,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +68,56 @@ def main() -> int:
     args = parser.parse_args()
     if args.pin:
         os.sched_setaffinity(0, {1})  # inherited by Ray's processes started below: the learner gets core 1
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the engine's compute threads: core 0
+        threading.Thread(target=pin_engines, args=({0},), daemon=True).start()
     if args.vs_staleness:
         return compare_schedules(args)
     history = run_once(args, args.max_staleness)
     report(args, history)
     return 0
+
+
+ENGINE_ACTOR = "ray::RolloutWor"  # /proc/PID/comm of a rollout actor; its EngineCore is its child
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (this benchmark's local Ray instance and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pin_engines(cores: set[int]) -> None:
+    """Keep every thread of this benchmark's rollout actors and their processes (the EngineCore)
+    on ``cores`` (checked twice a second, so threads started later follow). vLLM-CPU's own binding (VLLM_CPU_OMP_THREADS_BIND)
+    applies to the worker processes of its multiprocessing executor, which an engine at tensor
+    parallel 1 on CPU does not start (actors/engine.py, engine_environment)."""
+    while True:
+        actors = [pid for pid in descendants(os.getpid()) if _comm(pid) == ENGINE_ACTOR]
+        for pid in actors + [child for actor in actors for child in descendants(actor)]:
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    if os.sched_getaffinity(int(task.name)) != cores:
+                        os.sched_setaffinity(int(task.name), cores)
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+        time.sleep(0.5)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def run_once(args, max_staleness: int) -> list[dict]:
