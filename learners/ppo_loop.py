@@ -262,6 +262,7 @@ def ppo_loop(context: PPOContext) -> None:
     across the checkpoint; a learner restarted from it samples that batch again."""
     learner, state = setup_learner(context)
     cfg, resumed_from, ahead = learner.cfg, state["step"], None
+    failed = True
     try:
         while state["step"] < cfg.steps:
             state, ahead = ppo_step(learner, state, ahead)
@@ -273,8 +274,9 @@ def ppo_loop(context: PPOContext) -> None:
             report_step({**state["history"][-1]}, state, save)
             if save is not None:
                 hold_if_drilled(context, cfg.learner, state["step"])
+        failed = False
     finally:
-        learner.schedule.close()
+        learner.schedule.close(wait=not failed)
     learner.sync.close()  # the groups, and the shared region's memory
     policy = learner.core.policy
     report_final(model_saver(policy, learner.tokenizer, full_state(policy, rank=learner.rank)),

@@ -168,5 +168,7 @@ class RolloutSchedule:
         version k)."""
         return step - self.engine_version > self.cfg.max_staleness
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the background thread: after the last step nothing is in flight; after a failure
+        (``wait=False``) a request still out is left to end with the process, not waited for."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
