@@ -189,3 +189,26 @@ def test_a_stream_that_never_finishes_ends_in_transport_error_within_the_timeout
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream())
     assert EventDone(done, 5.0, lambda: None).wait(), "a finished stream passes"
+
+
+def test_the_behaviour_weights_remove_the_gap_of_a_bf16_sampler_from_a_float32_learner(tiny_model):
+    """What a bf16 vLLM engine on a GPU does to PPO's numbers, with the policy in bf16 standing in
+    for the engine: over the whole vocabulary at each position, E_behaviour[w·A] equals the
+    float32 learner's E_proximal[A] (w: core.ppo_math.truncated_is_weights), E_behaviour[A] does not."""
+    from transformers import AutoModelForCausalLM
+
+    from core.ppo_math import truncated_is_weights
+
+    ids = torch.tensor([[1, 17, 45, 99, 230, 12, 7, 300, 64, 5]], device=DEVICE)
+
+    def logprobs(dtype):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).to(DEVICE).eval()
+        with torch.no_grad():
+            return torch.log_softmax(model(ids).logits[0].float() / 0.7, dim=-1).double()
+
+    proximal, behaviour = logprobs(torch.float32), logprobs(torch.bfloat16)
+    advantages = torch.randn(proximal.shape, generator=torch.Generator().manual_seed(0)).double().to(DEVICE)
+    weights, _ = truncated_is_weights(proximal, behaviour, torch.ones_like(proximal), cap=2.0)
+    target = (proximal.exp() * advantages).sum(-1)
+    assert ((behaviour.exp() * advantages).sum(-1) - target).abs().max() > 1e-5
+    assert ((behaviour.exp() * weights * advantages).sum(-1) - target).abs().max() < 1e-6
