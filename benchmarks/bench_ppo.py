@@ -159,8 +159,11 @@ def compare_schedules(args) -> int:
         for staleness in runs:
             history = run_once(args, staleness)
             runs[staleness].append(history)
-            steps = [row["step_seconds"] for row in history[1:]]
-            print(f"pair {pair + 1}, max-staleness {staleness}: mean step {sum(steps) / len(steps):.2f} s", flush=True)
+            rest = history[1:]
+            means = {k: sum(row.get(k, 0.0) for row in rest) / len(rest)
+                     for k in (*PHASES, *OVERLAP, "step_seconds", "response_length")}
+            print(f"pair {pair + 1}, max-staleness {staleness}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()),
+                  flush=True)
     where = "learner on core 1, engine threads on core 0" if args.pin else "learner and engine sharing both cores"
     print(f"\nmodel {args.model}, {args.steps} steps of {args.rollout_batch} prompts x {args.max_new_tokens} new "
           f"tokens, {args.learners} learner(s), {args.rollout_workers} engine(s), {where}; means of steps 2-{args.steps}\n")
