@@ -44,7 +44,8 @@ def main() -> int:
     from core.policy_source import PolicySource
     from workflows.runtime.models import resolve_model
     from workflows.runtime.ray_session import connect_ray
-    from learners.weight_sync import SyncOptions, WeightSync
+    from learners.options import SyncOptions
+    from learners.weight_sync import WeightSync
 
     policy = str(resolve_model(args.model))
     connect_ray(num_cpus=4, include_dashboard=False)

@@ -13,7 +13,7 @@ import torch
 from actors import broadcast_group
 from actors.broadcast_group import Channel, GroupSpec, TransportError, TransportUnavailable
 from core.weight_plan import plan_buckets
-from learners.weight_sync import SyncOptions
+from learners.options import SyncOptions
 
 SPEC = GroupSpec("nccl", "10.0.0.5", 29500, world_size=3, timeout_s=60.0, generation="ab12cd34-1")
 

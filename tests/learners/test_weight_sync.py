@@ -20,7 +20,8 @@ from actors.engine_config import EngineConfig
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from core.policy_source import PolicySource
 from core.sampling import SamplingConfig
-from learners.weight_sync import SyncOptions, TransportError, WeightSync
+from learners.options import SyncOptions
+from learners.weight_sync import TransportError, WeightSync
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 REFERENCE = ([10, 11, 12, 13], [20, 21, 22, 23, 24])
@@ -219,7 +220,7 @@ def test_at_bf16_a_push_that_skips_a_tensor_or_leaves_the_engine_stale_fails(bf1
     """A bf16 engine, where the check's tolerance (0.5) is wider than what a step moves: a plan
     without one tensor is refused by the engine (a parameter got nothing), and an engine still
     holding the previous weights fails the check (its gap did not shrink)."""
-    from learners.weight_sync import STALE_NOISE_16BIT
+    from learners.options import STALE_NOISE_16BIT
 
     def sync_with(source):
         return WeightSync(SyncOptions(sync_bucket_mb=1, sync_timeout=20.0), [bf16_engine], source, rank=0, world=1,
