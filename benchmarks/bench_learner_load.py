@@ -13,7 +13,7 @@ the other in the same invocation, each in fresh processes:
   (``core.sharding.load_from_rank0``).
 
 With ``--job sft``, each process builds the `cai train sft` trainer as a Ray Train worker does
-(``workflows.train.build_sft``, FSDP, on a few rows of chat data) and trains until the trainer
+(``learners.hf_trainers.build_sft``, FSDP, on a few rows of chat data) and trains until the trainer
 has prepared the model (its ``on_train_begin``, before the first step):
 
 * ``every-rank`` (before #25): every rank reads the whole model (``from_pretrained``), and
@@ -88,14 +88,15 @@ def sft_learner(rank: int, way: str, model: str, port: int, out: str) -> None:
 
     from core.config import load_config
     from core.sharding import shard_bytes
-    from workflows import train
-    from workflows.runtime import hf_sharding
+    from learners import hf_sharding
+    from learners.hf_configs import SFTConfig
+    from learners.hf_trainers import build_sft
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=300))
-    if way == "every-rank":  # workflows/train.py before #25
+    if way == "every-rank":  # the trainers' load before #25
         hf_sharding.reads_weights = lambda learner: True
         hf_sharding.FSDP_CONFIG["cpu_ram_efficient_loading"] = False
     data = Path(out, "sft.jsonl")
@@ -107,10 +108,10 @@ def sft_learner(rank: int, way: str, model: str, port: int, out: str) -> None:
     import trl  # noqa: F401  (in the start figure, as in a learner)
 
     start = rss_bytes()
-    cfg = load_config(train.SFTConfig, overrides=dict(model=model, data=[str(data)], out=str(Path(out, way)),
+    cfg = load_config(SFTConfig, overrides=dict(model=model, data=[str(data)], out=str(Path(out, way)),
                                                       workers=WORLD, batch_size=1, max_steps=1, eval_split=0.0,
                                                       strategy="fsdp"))
-    trainer, _, _ = train.build_sft(cfg, str(Path(out, way, f"rank{rank}")))
+    trainer, _, _ = build_sft(cfg, str(Path(out, way, f"rank{rank}")))
 
     class Loaded(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.manifest import RunManifest, ShardState, file_fingerprint  # noqa: E402
 from core.shards import (  # noqa: E402
-from workflows.generate import OUTPUT_SCHEMA  # noqa: E402
-from workflows.runtime.shard_pool import ShardQueue  # noqa: E402
     completed_shards,
     read_shard_inputs,
     stage_inputs,
     verify_run,
     write_shard_output,
 )
+from workflows.generate import OUTPUT_SCHEMA  # noqa: E402
+from workflows.runtime.shard_pool import ShardQueue  # noqa: E402
 
 MB = 1024 * 1024
 

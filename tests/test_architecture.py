@@ -124,3 +124,27 @@ def test_the_learners_get_a_typed_context_not_a_dict():
                  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
                  if "train_loop_config[" in line or "loop_config[" in line]
     assert offenders == []
+
+
+def test_every_benchmark_parses_and_names_what_the_project_has():
+    """Benchmarks run by hand, not in the suite: each one must still parse, and every name it
+    imports from the project (at the top or inside a function) must exist where it looks."""
+    script = (
+        "import ast, importlib, json, pathlib\n"
+        "missing = []\n"
+        "for path in sorted(pathlib.Path('benchmarks').glob('*.py')):\n"
+        "    for node in ast.walk(ast.parse(path.read_text())):\n"
+        "        if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] in "
+        f"{PACKAGES!r}:\n"
+        "            module = importlib.import_module(node.module)\n"
+        "            for alias in node.names:\n"
+        "                if not hasattr(module, alias.name):\n"
+        "                    try:\n"
+        "                        importlib.import_module(node.module + '.' + alias.name)\n"
+        "                    except ImportError:\n"
+        "                        missing.append(f'{path}: {node.module}.{alias.name}')\n"
+        "print(json.dumps(missing))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
