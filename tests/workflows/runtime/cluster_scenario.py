@@ -63,3 +63,13 @@ def generate_config(model: str, work_dir: Path, prompts: int, **values):
 def done_shards(out: Path) -> int:
     """Shards a run has finished (each writes its rejects file last)."""
     return len(list((out / "rejects").glob("shard-*.jsonl")))
+
+
+def finish_scenario(result_path: str, result: dict, cluster) -> None:
+    """A scenario's last step, whatever happened: write what it found, leave Ray, and end the
+    cluster it started (in a ``finally``)."""
+    import ray
+
+    Path(result_path).write_text(json.dumps(result, indent=1))
+    ray.shutdown()
+    cluster.shutdown()

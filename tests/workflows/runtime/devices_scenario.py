@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 from pathlib import Path
 
-import ray
 from ray.cluster_utils import Cluster
 
-from tests.workflows.runtime.cluster_scenario import REPO, generate_config
+from tests.workflows.runtime.cluster_scenario import REPO, finish_scenario, generate_config
 from workflows.cli.main import main as cai
 from workflows.generate import run_generate
 from learners.ppo_config import PPOConfig
@@ -73,9 +71,7 @@ def main(result_path: str, work: str, model: str) -> None:
         cluster.wait_for_nodes()
         result["plan_unread"] = cai_plan()
     finally:
-        Path(result_path).write_text(json.dumps(result, indent=1))
-        ray.shutdown()
-        cluster.shutdown()
+        finish_scenario(result_path, result, cluster)
 
 
 if __name__ == "__main__":

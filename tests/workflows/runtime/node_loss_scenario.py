@@ -36,7 +36,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from tests.workflows.runtime.cluster_scenario import done_shards, generate_config
+from tests.workflows.runtime.cluster_scenario import done_shards, finish_scenario, generate_config
 from workflows.generate import run_generate
 from workflows.runtime.ray_session import connect_ray
 
@@ -174,9 +174,7 @@ def main(result_path: str, work: str, model: str) -> None:
         result["prompts"] = PROMPTS
         result["placement_timeout"] = PLACEMENT_TIMEOUT_S
     finally:
-        Path(result_path).write_text(json.dumps(result, indent=1))
-        ray.shutdown()
-        cluster.shutdown()
+        finish_scenario(result_path, result, cluster)
 
 
 if __name__ == "__main__":
